@@ -1,0 +1,28 @@
+# brainscan: the two commands of the README.
+#   make setup   create .venv and install everything (Python packages, and system packages later issues need)
+#   make test    setup + the whole test suite (what CI runs)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.brainscan-installed
+
+.PHONY: setup test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "brainscan needs Python 3.11 (set PYTHON=/path/to/python3.11)")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[cpu,serve,dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+# Everything except the tests marked slow (model training), for a quick local loop.
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

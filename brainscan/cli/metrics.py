@@ -1,0 +1,58 @@
+"""``brainscan metrics``: score a predicted segmentation against the ground truth."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from brainscan.cli.output import fmt, print_json, table
+from brainscan.errors import VolumeMismatchError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    metrics = subparsers.add_parser("metrics", help="compute evaluation metrics",
+                                    description="Compute evaluation metrics for predictions.")
+    commands = metrics.add_subparsers(title="metrics commands", metavar="COMMAND", required=True)
+    seg = commands.add_parser(
+        "segmentation",
+        help="Dice, IoU, HD95 and volumes of a predicted mask against a BraTS seg file",
+        description=(
+            "Compare a predicted mask with the ground-truth segmentation (both NIfTI with BraTS labels "
+            "0/1/2/4 on the same grid). Prints, for the regions WT (whole tumour: 1,2,4), TC (tumour "
+            "core: 1,4) and ET (enhancing tumour: 4) and for each label: Dice (1.0 when both are "
+            "empty, as BraTS scores it), IoU, sensitivity, specificity, HD95 in mm (from the voxel "
+            "spacing; n/a when exactly one side is empty) and volumes in mL."
+        ),
+    )
+    seg.add_argument("--pred", type=Path, required=True, help="predicted mask (.nii or .nii.gz)")
+    seg.add_argument("--truth", type=Path, required=True, help="ground truth, e.g. <case>_seg.nii.gz")
+    seg.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    seg.set_defaults(func=run_segmentation)
+
+
+def run_segmentation(args: argparse.Namespace) -> int:
+    from brainscan.io.nifti import load_nifti
+    from brainscan.metrics.segmentation import segmentation_metrics
+
+    pred = load_nifti(args.pred)
+    truth = load_nifti(args.truth)
+    if pred.shape != truth.shape:
+        raise VolumeMismatchError(f"prediction shape {pred.shape} differs from ground truth shape {truth.shape}")
+    if not np.allclose(pred.affine, truth.affine, atol=1e-3):
+        raise VolumeMismatchError("prediction and ground truth are on different grids (their affines differ)")
+    result = segmentation_metrics(
+        np.rint(pred.data).astype(np.uint8), np.rint(truth.data).astype(np.uint8), spacing=truth.spacing
+    )
+    if args.json:
+        print_json(result)
+        return 0
+    rows = []
+    for region in ("WT", "TC", "ET"):
+        m = result[region]
+        rows.append([region, fmt(m["dice"]), fmt(m["iou"]), fmt(m["sensitivity"]), fmt(m["specificity"]),
+                     fmt(m["hd95"], 2), fmt(m["volume_ml"], 2), fmt(m["volume_ml_truth"], 2)])
+    print(table(["region", "dice", "iou", "sensitivity", "specificity", "hd95_mm", "pred_mL", "truth_mL"], rows))
+    print(f"mean IoU: {fmt(result['mean_iou'])}")
+    return 0

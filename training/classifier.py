@@ -1,0 +1,304 @@
+"""Train a 2D tumour classifier (ResNet50 or hybrid ViT-CNN) on the Kaggle Brain Tumor MRI layout.
+
+The pipeline, in order: read the Kaggle folder (Training split only: nothing called Testing is ever
+used for training or model selection), a duplicate-aware stratified train/validation split, a
+tf.data pipeline that decodes and preprocesses with the core package's ``preprocess_image`` (the
+exact function the classifier service calls), caches, augments (flips, small rotations and zoom,
+brightness/contrast), batches and prefetches; AdamW with warm-up and cosine decay, class weights,
+early stopping on validation accuracy, a checkpoint after every epoch (``--resume`` continues from
+it), TensorBoard logs, and finally a model bundle whose manifest holds the validation metrics and
+the training data fingerprint.
+
+Example:
+    brainscan train classifier --data ../shared/data/brain-tumor-mri --arch resnet50 \\
+        --out models --input-size 128 --epochs 18 --promote
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainscan.errors import DatasetLayoutError
+from brainscan.labels import KAGGLE_CLASSES
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("resnet50", "vit_cnn")
+
+
+@dataclass
+class ClassifierTrainConfig:
+    """Every knob of a classifier training run; stored in the bundle manifest for reproduction."""
+
+    data: Path
+    arch: str
+    out: Path
+    input_size: int = 128
+    preset: str = "full"
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    val_fraction: float = 0.15
+    patience: int = 6
+    seed: int = 0
+    work_dir: Path | None = None
+    version: str | None = None
+    resume: bool = False
+    promote: bool = False
+    weights_dtype: str = "float16"
+    mixed_precision: str = "auto"
+    max_per_class: int | None = None
+    command: str = field(default_factory=lambda: shlex.join(["brainscan", *sys.argv[1:]]))
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
+        if self.preset not in ("tiny", "full"):
+            raise ValueError(f"preset must be tiny or full, got {self.preset!r}")
+        if self.input_size < 32 or self.input_size % 16:
+            raise ValueError(f"input_size must be a multiple of 16 and at least 32, got {self.input_size}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.weights_dtype not in ("float16", "float32"):
+            raise ValueError(f"weights_dtype must be float16 or float32, got {self.weights_dtype!r}")
+        self.data, self.out = Path(self.data), Path(self.out)
+        if self.work_dir is None:
+            self.work_dir = Path("runs") / f"classifier-{self.arch}-{self.preset}-{self.input_size}px-seed{self.seed}"
+        self.work_dir = Path(self.work_dir)
+        if self.version is None:
+            self.version = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def architecture_args(arch: str, input_size: int, preset: str, num_classes: int) -> dict[str, Any]:
+    """The registry arguments of ``arch`` for a classifier of ``num_classes`` at ``input_size`` px."""
+    return {"input_size": input_size, "num_classes": num_classes, "channels": 3, "preset": preset}
+
+
+def training_records(data: Path, max_per_class: int | None, seed: int) -> list[Any]:
+    """Records of the Training split of a Kaggle-layout folder (never Testing)."""
+    from brainscan.data.kaggle import read_kaggle_folder
+
+    dataset = read_kaggle_folder(data)
+    for problem in dataset.problems:
+        log.warning("dataset: %s", problem)
+    records = [r for r in dataset.records if r.split.lower() != "testing"]
+    if not records:
+        raise DatasetLayoutError(
+            f"{data} holds no training images outside a Testing split; the Testing split is an "
+            "independent test set and is never used for training or model selection"
+        )
+    if max_per_class:
+        rng = np.random.default_rng(seed)
+        kept: list[Any] = []
+        for name in KAGGLE_CLASSES:
+            of_class = [r for r in records if r.label == name]
+            rng.shuffle(of_class)
+            kept.extend(of_class[:max_per_class])
+        records = sorted(kept, key=lambda r: str(r.path))
+    return records
+
+
+def make_dataset(records: list[Any], preprocess_config: Any, *, batch_size: int, training: bool, seed: int):
+    """tf.data pipeline: parallel decode + shared preprocessing, cache, (augment), batch, prefetch.
+
+    Returns:
+        A ``tf.data.Dataset`` of ``(images (B, S, S, C) float32, labels (B,) int32)``.
+    """
+    import tensorflow as tf
+
+    from brainscan.preprocess.image2d import preprocess_image
+
+    size, channels = preprocess_config.input_size, preprocess_config.channels
+
+    def load(path: bytes) -> np.ndarray:
+        return preprocess_image(Path(path.decode()).read_bytes(), preprocess_config).astype(np.float32)
+
+    def decode(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        image = tf.numpy_function(load, [path], tf.float32, stateful=False)
+        image.set_shape((size, size, channels))
+        return image, label
+
+    paths = [str(r.path) for r in records]
+    labels = np.asarray([r.label_index for r in records], dtype=np.int32)
+    dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
+    dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache()
+    if training:
+        dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+        augment = build_augmentation(seed, preprocess_config.normalization)
+        dataset = dataset.batch(batch_size).map(
+            lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    else:
+        dataset = dataset.batch(batch_size)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def build_augmentation(seed: int, normalization: str):
+    """Flips, small rotations (+-10 degrees) and zoom (+-10 %), brightness and contrast jitter."""
+    import keras
+
+    layers = [
+        keras.layers.RandomFlip("horizontal", seed=seed),
+        keras.layers.RandomRotation(10 / 360, fill_mode="constant", seed=seed + 1),
+        keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 2),
+        keras.layers.RandomContrast(0.2, seed=seed + 3),
+    ]
+    if normalization == "zero_one":
+        layers.append(keras.layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed + 4))
+    return keras.Sequential(layers, name="augmentation")
+
+
+def class_weights(records: list[Any], num_classes: int) -> dict[int, float]:
+    """Balanced class weights ``n / (K * n_k)`` from the training records."""
+    counts = np.bincount([r.label_index for r in records], minlength=num_classes).astype(np.float64)
+    if np.any(counts == 0):
+        missing = [KAGGLE_CLASSES[i] for i in np.flatnonzero(counts == 0)]
+        raise DatasetLayoutError(f"the training split has no images of class(es) {missing}")
+    return {i: float(counts.sum() / (num_classes * c)) for i, c in enumerate(counts)}
+
+
+class _StateWriter:
+    """Writes ``state.json`` after each epoch so that ``--resume`` knows where to continue."""
+
+    def __init__(self, path: Path, config: dict[str, Any]) -> None:
+        import keras
+
+        outer = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+                outer.history.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
+                state = {"epoch": epoch + 1, "history": outer.history, "config": config}
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(state, indent=2))
+                tmp.replace(path)
+
+        self.history: list[dict[str, float]] = []
+        if path.exists():
+            self.history = json.loads(path.read_text()).get("history", [])
+        self.callback = Callback()
+
+
+def train_classifier(config: ClassifierTrainConfig) -> Path:
+    """Run a whole training and write the bundle; returns the bundle's path."""
+    import keras
+
+    from brainscan.data.kaggle import dataset_fingerprint, split_train_validation
+    from brainscan.metrics.classification import classification_report
+    from brainscan.models.bundle import save_bundle
+    from brainscan.models.registry import build_model
+    from brainscan.models.store import ModelStore
+    from brainscan.preprocess.image2d import ImagePreprocessConfig
+    from training.runtime import setup_runtime
+
+    runtime = setup_runtime(config.seed, mixed_precision=config.mixed_precision)
+    work = config.work_dir
+    assert work is not None
+    work.mkdir(parents=True, exist_ok=True)
+    records = training_records(config.data, config.max_per_class, config.seed)
+    train, val = split_train_validation(records, val_fraction=config.val_fraction, seed=config.seed)
+    classes = list(KAGGLE_CLASSES)
+    log.info("training images: %d, validation images: %d (duplicate-aware split)", len(train), len(val))
+    preprocess_config = ImagePreprocessConfig(input_size=config.input_size, channels=3)
+    global_batch = config.batch_size * runtime.replicas
+    train_ds = make_dataset(train, preprocess_config, batch_size=global_batch, training=True, seed=config.seed)
+    val_ds = make_dataset(val, preprocess_config, batch_size=global_batch, training=False, seed=config.seed)
+
+    arch_args = architecture_args(config.arch, config.input_size, config.preset, len(classes))
+    steps_per_epoch = math.ceil(len(train) / global_batch)
+    state_path, last_path = work / "state.json", work / "last.keras"
+    best_path = work / "best.weights.h5"
+    initial_epoch = 0
+    with runtime.strategy.scope():
+        if config.resume and last_path.exists() and state_path.exists():
+            model = keras.models.load_model(last_path)
+            initial_epoch = int(json.loads(state_path.read_text())["epoch"])
+            log.info("resuming from %s at epoch %d", last_path, initial_epoch)
+        else:
+            if config.resume:
+                log.warning("--resume given but no checkpoint in %s: starting from scratch", work)
+            model = build_model(config.arch, arch_args)
+            schedule = keras.optimizers.schedules.CosineDecay(
+                initial_learning_rate=config.learning_rate / 100,
+                decay_steps=max(1, steps_per_epoch * (config.epochs - config.warmup_epochs)),
+                warmup_target=config.learning_rate,
+                warmup_steps=steps_per_epoch * config.warmup_epochs,
+                alpha=0.01,
+            )
+            optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
+                                               clipnorm=1.0)
+            model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+    config_dict = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    state = _StateWriter(state_path, config_dict)
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(last_path),
+        keras.callbacks.ModelCheckpoint(best_path, monitor="val_accuracy", mode="max",
+                                        save_best_only=True, save_weights_only=True),
+        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=config.patience),
+        keras.callbacks.TensorBoard(log_dir=str(work / "tensorboard")),
+        state.callback,
+    ]
+    if best_path.exists() and initial_epoch > 0:
+        # EarlyStopping and ModelCheckpoint start blind after a resume; seed "best" with the past.
+        best_so_far = max((h.get("val_accuracy", 0.0) for h in state.history), default=0.0)
+        callbacks[1].best = best_so_far
+    start = time.perf_counter()
+    if initial_epoch < config.epochs:
+        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+                  class_weight=class_weights(train, len(classes)), callbacks=callbacks,
+                  verbose=1 if sys.stdout.isatty() else 2)
+    train_seconds = time.perf_counter() - start
+    if best_path.exists():
+        model.load_weights(best_path)
+
+    probabilities = np.concatenate([model.predict_on_batch(x) for x, _ in val_ds], axis=0)
+    y_true = np.asarray([r.label_index for r in val], dtype=np.int64)
+    report = classification_report(y_true, probabilities.astype(np.float64), classes)
+    log.info("validation accuracy %.4f on %d images", report["accuracy"], len(val))
+
+    store = ModelStore(config.out)
+    bundle_dir = config.out / "classification" / config.arch / str(config.version)
+    history = state.history
+    save_bundle(
+        model,
+        bundle_dir,
+        task="classification",
+        architecture=config.arch,
+        architecture_args=arch_args,
+        preprocessing=preprocess_config,
+        classes=classes,
+        version=str(config.version),
+        demo=config.preset == "tiny" or config.max_per_class is not None,
+        metrics={"validation": report, "validation_images": len(val), "training_images": len(train)},
+        training={
+            "data_fingerprint": dataset_fingerprint(train + val),
+            "data_description": f"Kaggle Brain Tumor MRI layout at {config.data} (Training split only)",
+            "command": config.command,
+            "config": config_dict,
+            "epochs_run": len(history),
+            "best_epoch": int(np.argmax([h.get("val_accuracy", 0.0) for h in history]) + 1) if history else None,
+            "history": history,
+            "train_seconds_this_run": round(train_seconds, 1),
+            "devices": {"gpus": runtime.gpus, "mixed_precision": runtime.mixed_precision},
+        },
+        weights_dtype=config.weights_dtype,
+    )
+    if config.promote:
+        store.promote("classification", config.arch, str(config.version))
+    return bundle_dir
