@@ -67,13 +67,16 @@ def _print_case(case: dict[str, Any], indent: str = "") -> None:
     if case.get("seg"):
         print(f"{indent}  seg    {case['seg']}")
     if case.get("shape"):
-        spacing = case.get("spacing") or ()
-        print(f"{indent}  shape {tuple(case['shape'])}, voxel spacing {tuple(fmt(s, 3) for s in spacing)} mm,"
-              f" dtype {case.get('dtype', '?')}")
-    counts = case.get("label_counts")
-    if counts:
-        parts = ", ".join(f"{label}: {n}" for label, n in counts.items())
-        print(f"{indent}  labels (voxels) {parts}")
+        spacing = " x ".join(fmt(float(s), 3) for s in case.get("spacing_mm") or ())
+        dtypes = ", ".join(f"{k} {v}" for k, v in (case.get("dtypes") or {}).items())
+        print(f"{indent}  shape {tuple(case['shape'])}, voxel spacing {spacing} mm, "
+              f"orientation {case.get('orientation', '?')}")
+        if dtypes:
+            print(f"{indent}  dtypes: {dtypes}")
+    labels = case.get("labels")
+    if labels:
+        rows = [[value, info["name"], info["voxels"], fmt(info["volume_ml"], 2)] for value, info in labels.items()]
+        print("\n".join(indent + "  " + line for line in table(["label", "name", "voxels", "mL"], rows).splitlines()))
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import gzip
 import io
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +36,13 @@ from brainscan.errors import (
 
 #: Default cap on voxels per volume: 512^3 covers any clinical brain MRI with room to spare.
 DEFAULT_MAX_VOXELS = 512**3
+#: Most volumes a 4D file may stack (4 modalities in practice); bounds a header's 4th dimension
+#: the same way ``max_voxels`` bounds the first three, so a lying header cannot force a huge read.
+MAX_FRAMES = 16
 _GZIP_MAGIC = b"\x1f\x8b"
 _RAS = np.array([[0, 1], [1, 1], [2, 1]])
+_SIZEOF_HDR = {n.to_bytes(4, order) for n in (348, 540) for order in ("little", "big")}
+_NIFTI2_MAGICS = (b"n+2\x00", b"ni2\x00")
 
 
 @dataclass
@@ -76,12 +83,22 @@ def _sniff(raw_head: bytes, name: str) -> None:
         raise EmptyInputError(f"{name} is empty (0 bytes)")
     head = raw_head
     if raw_head[:2] == _GZIP_MAGIC:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
         try:
-            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw_head, 600)
+            head = inflater.decompress(raw_head, 600)
         except zlib.error as exc:
             raise CorruptFileError(f"{name} is gzip data that cannot be decompressed: {exc}") from exc
+        if len(head) < 348 and not inflater.eof and len(raw_head) < 4096:
+            # The whole input was given and the gzip stream stops before its end.
+            raise CorruptFileError(f"{name} is a truncated gzip file (too short to hold a NIfTI header)")
     if len(head) < 348:
-        raise CorruptFileError(f"{name} is too short to hold a NIfTI header ({len(head)} bytes)")
+        # Short content is only "truncated NIfTI" if it starts like a NIfTI header (sizeof_hdr
+        # 348 or 540 in either byte order); anything else is simply another format.
+        if len(head) >= 4 and head[:4] in _SIZEOF_HDR:
+            raise CorruptFileError(f"{name} is too short to hold a NIfTI header ({len(head)} bytes)")
+        raise UnsupportedFormatError(
+            f"{name} is not a NIfTI file (.nii or .nii.gz); upload NIfTI volumes, not DICOM or images"
+        )
     magic1 = head[344:348]
     magic2 = head[4:8]
     if magic1 not in (b"n+1\x00", b"ni1\x00") and magic2 not in (b"n+2\x00", b"ni2\x00"):
@@ -101,12 +118,16 @@ def _check_size(img: nib.Nifti1Image, name: str, max_voxels: int) -> None:
         raise InputTooLargeError(
             f"{name} has {voxels} voxels per volume {tuple(shape)}, more than the limit of {max_voxels}"
         )
+    if len(shape) == 4 and int(shape[3]) > MAX_FRAMES:
+        raise InputTooLargeError(
+            f"{name} stacks {int(shape[3])} volumes {tuple(shape)}; at most {MAX_FRAMES} are accepted"
+        )
 
 
 def _read(img: nib.Nifti1Image, name: str, dtype: np.dtype | type | None) -> np.ndarray:
     try:
         data = np.asanyarray(img.dataobj)
-    except (EOFError, OSError, zlib.error, ValueError, gzip.BadGzipFile) as exc:
+    except (EOFError, OSError, zlib.error, ValueError) as exc:  # incl. gzip.BadGzipFile
         raise CorruptFileError(f"{name} is truncated or damaged: {exc}") from exc
     if dtype is not None:
         data = data.astype(dtype, copy=False)
@@ -119,7 +140,8 @@ def load_nifti(
     """Read a ``.nii`` or ``.nii.gz`` file.
 
     Args:
-        path: the file. Its format is decided by content, not by extension.
+        path: the file. Its format (and whether it is gzipped) is decided by content, not by
+            extension: an upload stored as ``scan.gz`` or a gzipped ``scan.nii`` both load.
         dtype: cast the data to this dtype (``None`` keeps the scaled on-disk values).
         max_voxels: refuse volumes with more voxels than this (checked from the header, before
             any data is decompressed, so a gzip bomb never expands).
@@ -133,26 +155,55 @@ def load_nifti(
         InputTooLargeError: for the respective kind of bad file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    with path.open("rb") as fh:
-        _sniff(fh.read(4096), path.name)
-    try:
-        img = nib.load(str(path)) if path.suffix in (".nii", ".gz") else _load_from_bytes(path.read_bytes())
-    except Exception as exc:  # nibabel raises a zoo of types for bad headers
-        raise CorruptFileError(f"{path.name} has an unreadable NIfTI header: {exc}") from exc
-    _check_size(img, path.name, max_voxels)
-    data = _read(img, path.name, dtype)
+    with _open_file(path) as fileobj:
+        img = _parse(fileobj, path.name, max_voxels)
+        data = _read(img, path.name, dtype)
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path)
 
 
-def _load_from_bytes(raw: bytes) -> nib.Nifti1Image:
-    if raw[:2] == _GZIP_MAGIC:
-        fileobj: io.IOBase = gzip.GzipFile(fileobj=io.BytesIO(raw))
-    else:
-        fileobj = io.BytesIO(raw)
-    fh = nib.FileHolder(fileobj=fileobj)
-    return nib.Nifti1Image.from_file_map({"header": fh, "image": fh})
+def read_nifti_header(path: str | Path, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> nib.Nifti1Header:
+    """Read and check only the header of a NIfTI file (no voxel data is decoded).
+
+    A cheap way to learn the shape (``get_data_shape()``), spacing (``get_zooms()``), on-disk dtype
+    (``get_data_dtype()``) and affine (``get_best_affine()``) of many files, e.g. to inspect a dataset.
+
+    Raises:
+        The errors of :func:`load_nifti`, except those only found while decoding voxels
+        (a truncated data block).
+    """
+    path = Path(path)
+    with _open_file(path) as fileobj:
+        return _parse(fileobj, path.name, max_voxels).header
+
+
+@contextmanager
+def _open_file(path: Path) -> Iterator[io.IOBase]:
+    """Open ``path`` after sniffing it, transparently un-gzipping by content."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    with path.open("rb") as fh:
+        head = fh.read(4096)
+        _sniff(head, path.name)
+        fh.seek(0)
+        if head[:2] == _GZIP_MAGIC:
+            with gzip.GzipFile(fileobj=fh) as gz:
+                yield gz
+        else:
+            yield fh
+
+
+def _parse(fileobj: io.IOBase, name: str, max_voxels: int) -> nib.Nifti1Image:
+    """Parse the header (NIfTI-1 or -2) and check the size; voxel data stays unread (nibabel is lazy)."""
+    try:
+        head = fileobj.read(8)
+        fileobj.seek(0)
+        image_class = nib.Nifti2Image if head[4:8] in _NIFTI2_MAGICS else nib.Nifti1Image
+        holder = nib.FileHolder(fileobj=fileobj)
+        img = image_class.from_file_map({"header": holder, "image": holder})
+    except Exception as exc:  # nibabel raises a zoo of types for bad headers
+        raise CorruptFileError(f"{name} has an unreadable NIfTI header: {exc}") from exc
+    _check_size(img, name, max_voxels)
+    return img
 
 
 def load_nifti_bytes(
@@ -164,11 +215,10 @@ def load_nifti_bytes(
 ) -> Volume:
     """Like :func:`load_nifti` for bytes in memory (an upload). ``name`` is used in messages only."""
     _sniff(raw[:4096], name)
-    try:
-        img = _load_from_bytes(raw)
-    except Exception as exc:
-        raise CorruptFileError(f"{name} has an unreadable NIfTI header: {exc}") from exc
-    _check_size(img, name, max_voxels)
+    fileobj: io.IOBase = io.BytesIO(raw)
+    if raw[:2] == _GZIP_MAGIC:
+        fileobj = gzip.GzipFile(fileobj=fileobj)
+    img = _parse(fileobj, name, max_voxels)
     data = _read(img, name, dtype)
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header)
 
@@ -194,10 +244,13 @@ def save_nifti(
         ``path`` as a :class:`Path`.
     """
     path = Path(path)
-    dtype = np.dtype(dtype or data.dtype)
+    data = np.asarray(data)
+    dtype = np.dtype(dtype if dtype is not None else data.dtype)
+    if dtype == np.bool_:
+        dtype = np.dtype(np.uint8)  # NIfTI has no boolean type; masks are stored as 0/1 bytes
     hdr = header.copy() if header is not None else None
-    img = nib.Nifti1Image(np.asarray(data).astype(dtype, copy=False), np.asarray(affine), header=hdr)
-    img.set_data_dtype(dtype)
+    # Passing dtype explicitly also lets nibabel write int64 arrays, which it refuses by default.
+    img = nib.Nifti1Image(data.astype(dtype, copy=False), np.asarray(affine), header=hdr, dtype=dtype)
     # Labels and intensities are stored as they are: no scaling on write.
     img.header.set_slope_inter(1.0, 0.0)
     img.set_qform(np.asarray(affine), code=int(hdr["qform_code"]) if hdr is not None and hdr["qform_code"] > 0 else 1)

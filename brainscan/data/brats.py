@@ -1,0 +1,440 @@
+"""Find, load, validate and inspect BraTS cases (2018-2021 naming, 4 modalities + segmentation).
+
+A BraTS case is one folder holding ``<case>_{t1,t1ce,t2,flair}.nii[.gz]`` and, for training data,
+``<case>_seg.nii[.gz]``. The case id is the common prefix, whatever the year:
+
+- BraTS 2018: ``Brats18_2013_2_1_flair.nii.gz``, ``Brats18_CBICA_AAB_1_t1ce.nii.gz``
+- BraTS 2020: ``BraTS20_Training_001_t1.nii``, ``BraTS20_Validation_001_t2.nii``
+- BraTS 2021: ``BraTS2021_00006_flair.nii.gz``
+
+Known quirk: in the widely shared BraTS 2020 copy, case 355's segmentation is named
+``W39_1998.09.19_Segm.nii``; a single ``*Segm.nii[.gz]`` file is accepted as the segmentation when
+no ``<case>_seg`` file exists.
+
+Example:
+    >>> case = find_case(Path("BraTS2021_00006"))
+    >>> loaded = load_case(case)
+    >>> loaded.channels.shape, loaded.seg.dtype
+    ((4, 240, 240, 155), dtype('uint8'))
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from brainscan.errors import (
+    BadDimensionsError,
+    BrainscanError,
+    DatasetLayoutError,
+    InvalidLabelsError,
+    MissingModalityError,
+    NonFiniteError,
+    VolumeMismatchError,
+)
+from brainscan.io.nifti import Volume, load_nifti, read_nifti_header
+from brainscan.labels import BRATS_LABEL_NAMES, MODALITIES, check_brats_labels
+
+logger = logging.getLogger(__name__)
+
+#: Largest disagreement between two affines (in mm) that still counts as the same grid.
+AFFINE_ATOL_MM = 1e-3
+
+# Anchored at the end, so "_t1" never matches "_t1ce" and vice versa.
+_KIND_RE = re.compile(r"^(?P<case>.+)_(?P<kind>flair|t1ce|t1|t2|seg)$", re.IGNORECASE)
+_SEGM_RE = re.compile(r"segm$", re.IGNORECASE)
+# Hidden files include macOS "._name" resource forks, which would otherwise look like duplicates.
+_SKIP_DIRS = {"__MACOSX"}
+
+
+@dataclass
+class BratsCase:
+    """Where the files of one BraTS case are.
+
+    Attributes:
+        case_id: common file prefix, e.g. ``"BraTS20_Training_001"``.
+        folder: the case folder.
+        modalities: modality name -> file, in :data:`~brainscan.labels.MODALITIES` order.
+        seg: the segmentation file, or ``None`` (validation/test data).
+    """
+
+    case_id: str
+    folder: Path
+    modalities: dict[str, Path]
+    seg: Path | None = None
+
+
+@dataclass
+class LoadedCase:
+    """A validated case in memory.
+
+    Attributes:
+        case_id: as in :class:`BratsCase`.
+        channels: float32 ``(4, X, Y, Z)`` in MODALITIES order, in the files' voxel order.
+        seg: uint8 ``(X, Y, Z)`` with BraTS labels {0, 1, 2, 4}, or ``None``.
+        reference: the flair :class:`Volume` (affine, header, spacing for writing masks back).
+    """
+
+    case_id: str
+    channels: np.ndarray
+    seg: np.ndarray | None
+    reference: Volume
+
+
+@dataclass
+class CaseProblem:
+    """Why one folder of a dataset is not a usable case."""
+
+    folder: Path
+    code: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"folder": str(self.folder), "error": self.code, "detail": self.message}
+
+
+def _nifti_stem(name: str) -> str | None:
+    lower = name.lower()
+    for ext in (".nii.gz", ".nii"):
+        if lower.endswith(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def _scan_folder(folder: Path) -> tuple[dict[str, list[Path]], list[Path], list[Path]]:
+    """Sort the NIfTI files of ``folder`` into kinds (modalities and "seg"), Segm files, others."""
+    by_kind: dict[str, list[Path]] = {}
+    segm: list[Path] = []
+    unrecognised: list[Path] = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        stem = _nifti_stem(path.name)
+        if stem is None:
+            continue
+        match = _KIND_RE.match(stem)
+        if match:
+            by_kind.setdefault(match["kind"].lower(), []).append(path)
+        elif _SEGM_RE.search(stem):
+            segm.append(path)
+        else:
+            unrecognised.append(path)
+    return by_kind, segm, unrecognised
+
+
+def _case_prefix(path: Path) -> str:
+    match = _KIND_RE.match(_nifti_stem(path.name) or "")
+    assert match is not None
+    return match["case"]
+
+
+def find_case(folder: str | Path) -> BratsCase:
+    """Recognise the files of one BraTS case folder (BraTS 2018-2021 naming).
+
+    Args:
+        folder: the case folder; files other than NIfTI, and hidden files, are ignored.
+
+    Returns:
+        The :class:`BratsCase`; ``seg`` is ``None`` when the folder has no segmentation.
+
+    Raises:
+        DatasetLayoutError: ``folder`` is not a folder, its files belong to different cases, or
+            the segmentation is ambiguous.
+        MissingModalityError: a modality is missing, or present twice (e.g. ``.nii`` and ``.nii.gz``).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetLayoutError(f"{folder} is not a folder; a BraTS case is a folder of NIfTI files")
+    by_kind, segm, unrecognised = _scan_folder(folder)
+
+    missing = [m for m in MODALITIES if m not in by_kind]
+    if missing:
+        found = sorted(p.name for paths in by_kind.values() for p in paths) + [p.name for p in unrecognised]
+        raise MissingModalityError(
+            f"case folder {folder.name} lacks {', '.join(missing)} (expected files named "
+            f"<case>_{{{','.join(MODALITIES)}}}.nii[.gz]); found: {found or 'no NIfTI files'}"
+        )
+    for kind in (*MODALITIES, "seg"):
+        paths = by_kind.get(kind, [])
+        if len(paths) > 1:
+            error = MissingModalityError if kind != "seg" else DatasetLayoutError
+            raise error(
+                f"case folder {folder.name} holds {len(paths)} files for {kind}: "
+                f"{[p.name for p in paths]}; keep exactly one"
+            )
+
+    modalities = {m: by_kind[m][0] for m in MODALITIES}
+    prefixes = {_case_prefix(p) for p in modalities.values()}
+    if "seg" in by_kind:
+        prefixes.add(_case_prefix(by_kind["seg"][0]))
+    if len(prefixes) > 1:
+        raise DatasetLayoutError(
+            f"case folder {folder.name} mixes files of several cases {sorted(prefixes)}; one case per folder"
+        )
+
+    seg: Path | None = by_kind["seg"][0] if "seg" in by_kind else None
+    if seg is None and segm:
+        if len(segm) > 1:
+            raise DatasetLayoutError(
+                f"case folder {folder.name} has no <case>_seg file and several *Segm files "
+                f"{[p.name for p in segm]}; cannot tell which is the segmentation"
+            )
+        seg = segm[0]  # BraTS 2020 case 355: "W39_1998.09.19_Segm.nii"
+    return BratsCase(case_id=prefixes.pop(), folder=folder, modalities=modalities, seg=seg)
+
+
+def _validate(volumes: dict[str, Volume], seg: Volume | None, case_id: str) -> Iterator[BrainscanError]:
+    """Yield every problem of a case's volumes (``load_case`` raises the first, inspect lists all)."""
+    shapes = {name: vol.shape for name, vol in volumes.items()}
+    for name, shape in shapes.items():
+        if len(shape) != 3:
+            yield BadDimensionsError(f"{case_id} {name} has shape {shape}; each modality must be a 3D volume")
+    images = [v for n, v in volumes.items() if n != "seg"]
+    if not images:
+        return
+    reference = volumes["flair"] if "flair" in volumes else images[0]
+    if len({vol.shape for vol in volumes.values()}) > 1:
+        yield VolumeMismatchError(f"{case_id} volumes differ in shape: {shapes}")
+    for name, vol in volumes.items():
+        if vol.affine.shape == reference.affine.shape:
+            diff = float(np.max(np.abs(vol.affine - reference.affine)))
+            if not diff <= AFFINE_ATOL_MM:
+                yield VolumeMismatchError(
+                    f"{case_id} {name} is on another grid than flair: affines differ by up to "
+                    f"{diff:.4g} mm (tolerance {AFFINE_ATOL_MM} mm); resample it to the flair grid"
+                )
+    for name, vol in volumes.items():
+        if not np.isfinite(vol.data).all():
+            yield NonFiniteError(f"{case_id} {name} holds NaN or infinite values")
+    if seg is not None and np.isfinite(seg.data).all():
+        values = np.unique(seg.data)
+        if not np.array_equal(values, np.round(values)):
+            yield InvalidLabelsError(f"{case_id} seg holds non-integer values {values[:10].tolist()}")
+        else:
+            try:
+                check_brats_labels(values)
+            except InvalidLabelsError as exc:
+                hint = " (label 3 for enhancing tumour is BraTS 2023 naming; map 3 -> 4)" if 3 in values else ""
+                yield InvalidLabelsError(f"{case_id} {exc}{hint}")
+
+
+def _load_volume(path: Path) -> Volume:
+    vol = load_nifti(path)
+    # A trailing singleton axis (X, Y, Z, 1) is a 3D volume written by some tools.
+    if vol.data.ndim == 4 and vol.data.shape[3] == 1:
+        vol.data = vol.data[..., 0]
+    return vol
+
+
+def load_case(case: BratsCase, *, with_seg: bool = True) -> LoadedCase:
+    """Read and validate the volumes of a case.
+
+    Args:
+        case: from :func:`find_case`.
+        with_seg: also read the segmentation (if the case has one).
+
+    Returns:
+        :class:`LoadedCase` with float32 channels ``(4, X, Y, Z)`` in MODALITIES order and a uint8
+        segmentation ``(X, Y, Z)`` or ``None``.
+
+    Raises:
+        BadDimensionsError: a volume is not 3D.
+        VolumeMismatchError: shapes differ, or affines differ by more than 1e-3 mm.
+        NonFiniteError: a volume holds NaN/inf (the message names the modality).
+        InvalidLabelsError: the segmentation holds values outside {0, 1, 2, 4}.
+        And the file errors of :func:`~brainscan.io.nifti.load_nifti`.
+    """
+    volumes = {m: _load_volume(case.modalities[m]) for m in MODALITIES}
+    seg_volume = _load_volume(case.seg) if with_seg and case.seg is not None else None
+    if seg_volume is not None:
+        volumes["seg"] = seg_volume
+    for problem in _validate(volumes, seg_volume, case.case_id):
+        raise problem
+    channels = np.stack([volumes[m].data.astype(np.float32, copy=False) for m in MODALITIES])
+    seg = seg_volume.data.astype(np.uint8) if seg_volume is not None else None
+    return LoadedCase(case_id=case.case_id, channels=channels, seg=seg, reference=volumes["flair"])
+
+
+def scan_dataset(dataset_root: str | Path) -> tuple[list[BratsCase], list[CaseProblem]]:
+    """Find every case under a dataset root, collecting the problems of broken case folders.
+
+    Args:
+        dataset_root: folder holding one subfolder per case (e.g. ``MICCAI_BraTS2020_TrainingData``);
+            a single case folder is accepted too. Loose files (CSV tables) are ignored.
+
+    Returns:
+        ``(cases, problems)``: cases sorted by folder name; one :class:`CaseProblem` per subfolder
+        that is not a usable case (only file names are checked here, not voxel data).
+
+    Raises:
+        DatasetLayoutError: ``dataset_root`` is not a folder.
+    """
+    root = Path(dataset_root)
+    if not root.is_dir():
+        raise DatasetLayoutError(f"dataset root {root} is not a folder")
+    if any(_nifti_stem(p.name) for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            return [find_case(root)], []
+        except BrainscanError as exc:
+            return [], [CaseProblem(root, exc.code, exc.message)]
+    cases: list[BratsCase] = []
+    problems: list[CaseProblem] = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if folder.name.startswith(".") or folder.name in _SKIP_DIRS:
+            continue
+        try:
+            cases.append(find_case(folder))
+        except BrainscanError as exc:
+            problems.append(CaseProblem(folder, exc.code, exc.message))
+    return cases, problems
+
+
+def find_cases(dataset_root: str | Path, *, strict: bool = False) -> list[BratsCase]:
+    """The usable cases under ``dataset_root`` (see :func:`scan_dataset`), sorted by folder name.
+
+    Args:
+        dataset_root: dataset folder holding one subfolder per case.
+        strict: raise on the first broken case folder instead of logging and skipping it.
+
+    Raises:
+        DatasetLayoutError: not a folder, no case found, or (``strict``) a broken case folder.
+    """
+    cases, problems = scan_dataset(dataset_root)
+    if problems and (strict or not cases):
+        detail = "; ".join(f"{p.folder.name}: {p.message}" for p in problems[:5])
+        raise DatasetLayoutError(f"{len(problems)} broken case folder(s) under {dataset_root}: {detail}")
+    if not cases:
+        raise DatasetLayoutError(
+            f"no BraTS case folders under {dataset_root}; point at the folder that holds "
+            "e.g. BraTS20_Training_001/ with <case>_{t1,t1ce,t2,flair,seg}.nii[.gz]"
+        )
+    for problem in problems:
+        logger.warning("skipping %s: %s", problem.folder, problem.message)
+    return cases
+
+
+def inspect_case(folder: str | Path, *, read_data: bool = True) -> dict[str, Any]:
+    """Describe a case folder, listing its problems instead of raising (``brainscan data inspect``).
+
+    Args:
+        folder: the case folder.
+        read_data: also decode voxels to check finiteness, affines against flair, and count
+            labels; ``False`` reads headers only (fast, for whole datasets).
+
+    Returns:
+        JSON-able dict: ``case_id``, ``folder``, ``modalities`` (name -> file name, those found),
+        ``seg`` (file name or None), ``shape``, ``spacing_mm``, ``orientation`` (axis codes of
+        the voxel order, e.g. ``"LPS"``), ``dtypes`` (on-disk, per file),
+        ``labels`` (BraTS label -> ``{"name", "voxels", "volume_ml"}`` if the seg was read, else
+        None) and ``problems`` (list of ``{"error": code, "detail": message}``; empty if good).
+    """
+    folder = Path(folder)
+    report: dict[str, Any] = {
+        "case_id": None, "folder": str(folder), "modalities": {}, "seg": None, "shape": None,
+        "spacing_mm": None, "orientation": None, "dtypes": {}, "labels": None, "problems": [],
+    }
+    try:
+        case = find_case(folder)
+    except (DatasetLayoutError, MissingModalityError) as exc:
+        report["problems"].append(exc.to_dict())
+        if not folder.is_dir():
+            return report
+        case = _partial_case(folder)
+    report["case_id"] = case.case_id
+    report["modalities"] = {m: p.name for m, p in case.modalities.items()}
+    report["seg"] = case.seg.name if case.seg is not None else None
+
+    files = {**case.modalities, **({"seg": case.seg} if case.seg is not None else {})}
+    volumes: dict[str, Volume] = {}
+    headers = {}
+    for name, path in files.items():
+        try:
+            if read_data:
+                volumes[name] = _load_volume(path)
+                headers[name] = volumes[name].header
+            else:
+                headers[name] = read_nifti_header(path)
+        except BrainscanError as exc:
+            report["problems"].append({"error": exc.code, "detail": f"{path.name}: {exc.message}"})
+            continue
+        report["dtypes"][name] = str(headers[name].get_data_dtype())
+    if not headers:
+        return report
+    first = headers["flair"] if "flair" in headers else next(iter(headers.values()))
+    report["shape"] = [int(s) for s in first.get_data_shape()[:3]]
+    report["spacing_mm"] = [float(z) for z in first.get_zooms()[:3]]
+    report["orientation"] = "".join(nib.aff2axcodes(first.get_best_affine()))
+
+    if not read_data:
+        shapes = {n: tuple(int(s) for s in h.get_data_shape()) for n, h in headers.items()}
+        if len(set(shapes.values())) > 1:
+            error = VolumeMismatchError(f"{case.case_id} volumes differ in shape: {shapes}")
+            report["problems"].append(error.to_dict())
+        return report
+    report["problems"].extend(p.to_dict() for p in _validate(volumes, volumes.get("seg"), case.case_id))
+    seg = volumes.get("seg")
+    if seg is not None and np.isfinite(seg.data).all():
+        values, counts = np.unique(seg.data, return_counts=True)
+        report["labels"] = {
+            int(v): {
+                "name": BRATS_LABEL_NAMES.get(int(v), "not a BraTS label"),
+                "voxels": int(c),
+                "volume_ml": round(int(c) * seg.voxel_volume_ml, 3),
+            }
+            for v, c in zip(values.tolist(), counts.tolist())
+        }
+    return report
+
+
+def _partial_case(folder: Path) -> BratsCase:
+    """Best-effort :class:`BratsCase` of a broken folder: the first file found per kind."""
+    by_kind, segm, _ = _scan_folder(folder)
+    modalities = {m: by_kind[m][0] for m in MODALITIES if m in by_kind}
+    seg = by_kind["seg"][0] if "seg" in by_kind else (segm[0] if len(segm) == 1 else None)
+    prefixes = sorted({_case_prefix(p) for p in modalities.values()})
+    return BratsCase(case_id=prefixes[0] if prefixes else folder.name, folder=folder, modalities=modalities, seg=seg)
+
+
+def inspect_dataset(dataset_root: str | Path, *, read_data: bool = False) -> dict[str, Any]:
+    """Summarise a dataset: case count, shapes, spacings, label totals and every problem.
+
+    Args:
+        dataset_root: dataset folder holding one subfolder per case.
+        read_data: decode voxels of every case (slow on a full dataset: ~0.3 s per case).
+
+    Returns:
+        JSON-able dict: ``root``, ``n_cases`` (usable by name), ``n_with_seg``, ``shapes`` and
+        ``spacings_mm`` (value -> number of cases), ``label_voxels`` (label -> total voxels, if
+        ``read_data``), ``cases`` (per-case :func:`inspect_case` reports) and ``problems``
+        (``{"folder", "error", "detail"}`` for every broken folder or case).
+    """
+    cases, layout_problems = scan_dataset(dataset_root)
+    summary: dict[str, Any] = {
+        "root": str(dataset_root), "n_cases": len(cases), "n_with_seg": sum(c.seg is not None for c in cases),
+        "shapes": {}, "spacings_mm": {}, "label_voxels": {} if read_data else None, "cases": [],
+        "problems": [p.to_dict() for p in layout_problems],
+    }
+    for case in cases:
+        report = inspect_case(case.folder, read_data=read_data)
+        summary["cases"].append(report)
+        for key, value in (("shapes", report["shape"]), ("spacings_mm", report["spacing_mm"])):
+            if value is not None:
+                label = "x".join(f"{v:g}" for v in value)
+                summary[key][label] = summary[key].get(label, 0) + 1
+        for label, info in (report["labels"] or {}).items():
+            summary["label_voxels"][label] = summary["label_voxels"].get(label, 0) + info["voxels"]
+        summary["problems"].extend({"folder": str(case.folder), **p} for p in report["problems"])
+    return summary
+
+
+__all__ = [
+    "AFFINE_ATOL_MM", "BratsCase", "CaseProblem", "LoadedCase", "find_case", "find_cases",
+    "inspect_case", "inspect_dataset", "load_case", "scan_dataset",
+]

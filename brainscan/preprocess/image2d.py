@@ -1,0 +1,448 @@
+"""2D MRI slice decoding and preprocessing, shared by training and serving.
+
+One function, :func:`preprocess_image`, turns an upload (bytes) or a decoded array into the
+network input; the model bundle stores its :class:`ImagePreprocessConfig` so that serving rebuilds
+exactly what training used. The module is pure numpy/OpenCV (no TensorFlow): the gateway imports
+it, and training calls it through ``tf.numpy_function``.
+
+Decoding is decided by content (magic bytes), never by file extension. Image dimensions are read
+from the file header *before* the pixels are decoded, so a decompression bomb (a tiny PNG that
+claims 30000x30000 pixels) is refused without allocating its memory.
+
+Example:
+    >>> config = ImagePreprocessConfig(input_size=224, channels=3)
+    >>> x = preprocess_image(Path("Tr-gl_0010.jpg").read_bytes(), config)
+    >>> x.shape, x.dtype
+    ((224, 224, 3), dtype('float32'))
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import cv2
+import numpy as np
+
+from brainscan.errors import (
+    BadDimensionsError,
+    BrainscanError,
+    CorruptFileError,
+    EmptyInputError,
+    InputTooLargeError,
+    NonFiniteError,
+    UnsupportedFormatError,
+)
+
+#: Smallest accepted image side and largest accepted aspect ratio (longer / shorter side).
+MIN_SIDE = 16
+MAX_ASPECT_RATIO = 10.0
+#: Default pixel cap: 50 Mpx is far above any MRI slice yet refuses decompression bombs.
+DEFAULT_MAX_PIXELS = 50_000_000
+NORMALIZATIONS: tuple[str, ...] = ("zero_one", "zscore")
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+# JPEG start-of-frame markers carry the image size; C4 (DHT), C8 (JPG) and CC (DAC) do not.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def sniff_format(raw: bytes) -> str | None:
+    """Name the image format of ``raw`` from its magic bytes: ``"png"``, ``"jpeg"``, ``"bmp"``,
+    ``"tiff"``, ``"webp"``, or ``None`` when it is none of them."""
+    head = bytes(raw[:16])
+    if head.startswith(_PNG_MAGIC):
+        return "png"
+    if head.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if head.startswith(b"BM") and len(head) >= 14:
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _png_size(raw: bytes, name: str) -> tuple[int, int]:
+    if len(raw) < 24 or raw[12:16] != b"IHDR":
+        raise CorruptFileError(f"{name}: PNG header is damaged (no IHDR chunk)")
+    width, height = struct.unpack(">II", raw[16:24])
+    # Walk the chunk headers (not their data) to make sure the file reaches its IEND chunk:
+    # OpenCV would otherwise hand back a partly decoded, truncated upload.
+    pos = 8
+    while pos + 8 <= len(raw):
+        length = struct.unpack(">I", raw[pos : pos + 4])[0]
+        chunk = raw[pos + 4 : pos + 8]
+        pos += 12 + length
+        if chunk == b"IEND":
+            return width, height
+    raise CorruptFileError(f"{name}: PNG is truncated (no IEND chunk); upload the whole file")
+
+
+def _jpeg_size(raw: bytes, name: str) -> tuple[int, int]:
+    pos, n = 2, len(raw)
+    while pos + 4 <= n:
+        if raw[pos] != 0xFF:
+            raise CorruptFileError(f"{name}: JPEG marker structure is damaged at byte {pos}")
+        marker = raw[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length field
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            break
+        if marker in _JPEG_SOF:
+            if pos + 9 > n:
+                break
+            height, width = struct.unpack(">HH", raw[pos + 5 : pos + 9])
+            # Entropy-coded data escapes every 0xFF, so FFD9 after the frame header can only be
+            # the end-of-image marker; without it the scan data was cut off.
+            if raw.find(b"\xff\xd9", pos) < 0:
+                raise CorruptFileError(
+                    f"{name}: JPEG is truncated (no end-of-image marker); upload the whole file"
+                )
+            return width, height
+        pos += 2 + struct.unpack(">H", raw[pos + 2 : pos + 4])[0]
+    raise CorruptFileError(f"{name}: JPEG is truncated or damaged (no frame header found)")
+
+
+def _bmp_size(raw: bytes, name: str) -> tuple[int, int]:
+    if len(raw) < 26:
+        raise CorruptFileError(f"{name}: BMP header is truncated")
+    declared_size = struct.unpack("<I", raw[2:6])[0]
+    header_size = struct.unpack("<I", raw[14:18])[0]
+    if declared_size > len(raw):
+        raise CorruptFileError(f"{name}: BMP is truncated ({len(raw)} of {declared_size} bytes)")
+    if header_size == 12:
+        return struct.unpack("<HH", raw[18:22])
+    width, height = struct.unpack("<ii", raw[18:26])
+    return abs(width), abs(height)  # negative height means rows stored top-down
+
+
+def _tiff_size(raw: bytes, name: str) -> tuple[int, int]:
+    order = "<" if raw[:2] == b"II" else ">"
+    try:
+        ifd = struct.unpack(order + "I", raw[4:8])[0]
+        entries = struct.unpack(order + "H", raw[ifd : ifd + 2])[0]
+        size: dict[int, int] = {}
+        for i in range(entries):
+            entry = raw[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
+            tag, kind = struct.unpack(order + "HH", entry[:4])
+            if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
+                fmt = order + ("H" if kind == 3 else "I")
+                size[tag] = struct.unpack(fmt, entry[8 : 8 + struct.calcsize(fmt)])[0]
+        return size[256], size[257]
+    except (struct.error, KeyError):
+        raise CorruptFileError(f"{name}: TIFF header is truncated or lacks its size") from None
+
+
+def _webp_size(raw: bytes, name: str) -> tuple[int, int]:
+    if len(raw) < 30 or struct.unpack("<I", raw[4:8])[0] + 8 > len(raw):
+        raise CorruptFileError(f"{name}: WebP is truncated; upload the whole file")
+    chunk = raw[12:16]
+    if chunk == b"VP8 ":
+        width, height = struct.unpack("<HH", raw[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L":
+        bits = struct.unpack("<I", raw[21:25])[0]
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        return int.from_bytes(raw[24:27], "little") + 1, int.from_bytes(raw[27:30], "little") + 1
+    raise CorruptFileError(f"{name}: WebP header is damaged (unknown chunk {chunk!r})")
+
+
+_HEADER_READERS = {
+    "png": _png_size,
+    "jpeg": _jpeg_size,
+    "bmp": _bmp_size,
+    "tiff": _tiff_size,
+    "webp": _webp_size,
+}
+
+
+def check_dimensions(
+    height: int, width: int, *, name: str = "image", max_pixels: int | None = None
+) -> None:
+    """Refuse absurd image sizes before any pixel is decoded or resized.
+
+    Raises:
+        InputTooLargeError: more than ``max_pixels`` pixels.
+        BadDimensionsError: a side below :data:`MIN_SIDE` or an aspect ratio above
+            :data:`MAX_ASPECT_RATIO`.
+    """
+    if max_pixels is not None and height * width > max_pixels:
+        raise InputTooLargeError(
+            f"{name} is {width}x{height} = {width * height} pixels, more than the limit of "
+            f"{max_pixels}; downscale it before uploading"
+        )
+    if min(height, width) < MIN_SIDE:
+        raise BadDimensionsError(
+            f"{name} is {width}x{height}; each side must be at least {MIN_SIDE} px"
+        )
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise BadDimensionsError(
+            f"{name} is {width}x{height}; an aspect ratio above {MAX_ASPECT_RATIO:g} is not a slice"
+        )
+
+
+def to_grey_uint8(pixels: np.ndarray, *, name: str = "image", bgr: bool = True) -> np.ndarray:
+    """Convert a decoded image of any depth and channel count to uint8 greyscale ``(H, W)``.
+
+    Colour is converted with the ITU-R 601 weights; an alpha channel is composited on black;
+    anything that is not uint8 (16-bit PNG/TIFF, float arrays) is rescaled by its own min/max
+    range, because MRI exports rarely use the full 16-bit range.
+
+    Args:
+        pixels: ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``.
+        name: used in error messages.
+        bgr: channel order of colour input; OpenCV decodes to BGR, numpy/PIL arrays are RGB.
+
+    Raises:
+        UnsupportedFormatError, EmptyInputError, BadDimensionsError, NonFiniteError.
+    """
+    if pixels.dtype.kind not in "biuf":
+        raise UnsupportedFormatError(f"{name} must hold real numbers, got dtype {pixels.dtype}")
+    if pixels.size == 0:
+        raise EmptyInputError(f"{name} has no pixels (shape {pixels.shape})")
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    if pixels.ndim == 3 and pixels.shape[2] in (3, 4):
+        is_integer = np.issubdtype(pixels.dtype, np.integer)
+        depth_max = float(np.iinfo(pixels.dtype).max) if is_integer else 1.0
+        colour = pixels[:, :, :3].astype(np.float32)
+        if pixels.shape[2] == 4:
+            colour *= pixels[:, :, 3:4].astype(np.float32) / depth_max
+        code = cv2.COLOR_BGR2GRAY if bgr else cv2.COLOR_RGB2GRAY
+        grey = cv2.cvtColor(colour, code)
+        if pixels.dtype == np.uint8:
+            return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        pixels = grey
+    if pixels.ndim != 2:
+        raise BadDimensionsError(
+            f"{name} must be (H, W) or (H, W, 1|3|4), got shape {pixels.shape}"
+        )
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype == np.bool_:
+        return pixels.astype(np.uint8) * 255
+    values = pixels.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise NonFiniteError(f"{name} holds NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def decode_image(
+    raw: bytes,
+    *,
+    name: str = "image",
+    max_bytes: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode a PNG, JPEG, BMP, TIFF or WebP file, recognised by content, to uint8 greyscale.
+
+    Args:
+        raw: the file's bytes.
+        name: used in error messages (e.g. the upload's file name).
+        max_bytes: refuse larger inputs before looking at them (``None``: no limit).
+        max_pixels: refuse images whose header claims more pixels (``None``: no limit).
+
+    Returns:
+        uint8 array ``(H, W)``.
+
+    Raises:
+        EmptyInputError: zero bytes.
+        InputTooLargeError: more than ``max_bytes`` bytes or ``max_pixels`` pixels.
+        UnsupportedFormatError: not one of the formats above (text, random bytes, DICOM, ...).
+        CorruptFileError: a known format that is truncated or damaged.
+        BadDimensionsError: a side below 16 px or an aspect ratio above 10.
+    """
+    raw = bytes(raw)
+    if not raw:
+        raise EmptyInputError(f"{name} is empty (0 bytes)")
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise InputTooLargeError(f"{name} is {len(raw)} bytes, more than the limit of {max_bytes}")
+    kind = sniff_format(raw)
+    if kind is None:
+        raise UnsupportedFormatError(
+            f"{name} is not a PNG, JPEG, BMP, TIFF or WebP image (judged by content, not by name)"
+        )
+    width, height = _HEADER_READERS[kind](raw, name)
+    check_dimensions(height, width, name=name, max_pixels=max_pixels)
+    # UNCHANGED keeps 16-bit depth and alpha (converted above); it also ignores EXIF rotation,
+    # which scanner exports do not use.
+    pixels = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise CorruptFileError(f"{name}: the {kind.upper()} data cannot be decoded (damaged file)")
+    if pixels.shape[:2] != (height, width):
+        raise CorruptFileError(f"{name}: decoded size {pixels.shape[:2]} disagrees with its header")
+    return to_grey_uint8(pixels, name=name, bgr=True)
+
+
+def crop_to_head(grey: np.ndarray, *, threshold: float = 0.1, margin: float = 0.02) -> np.ndarray:
+    """Crop a slice to the head, dropping the variable dark border, and pad it to a square.
+
+    The image is smoothed, thresholded at ``threshold`` times its 99.5th percentile, and the
+    bounding box of the largest bright component (plus any component at least a tenth of its
+    area, e.g. a detached skull rim) is taken, so that small burnt-in letters are ignored.
+
+    Args:
+        grey: 2D array ``(H, W)`` (any real dtype; values are not changed).
+        threshold: fraction of the robust maximum that counts as head, in (0, 1).
+        margin: border kept around the head, as a fraction of the longer box side, in [0, 0.5].
+
+    Returns:
+        ``(S, S)`` array of ``grey``'s dtype; the full image, unchanged, if no head is found.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if not 0.0 <= margin <= 0.5:
+        raise ValueError(f"margin must be in [0, 0.5], got {margin}")
+    if grey.ndim != 2 or grey.size == 0:
+        raise BadDimensionsError(
+            f"crop_to_head expects a non-empty (H, W) array, got shape {grey.shape}"
+        )
+    height, width = grey.shape
+    values = grey.astype(np.float32)
+    sigma = max(1.0, min(height, width) / 100.0)
+    smooth = cv2.GaussianBlur(values, (0, 0), sigma)
+    low, high = float(np.percentile(smooth, 0.5)), float(np.percentile(smooth, 99.5))
+    if high <= low:
+        return grey
+    mask = (smooth > low + threshold * (high - low)).astype(np.uint8)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count <= 1:
+        return grey
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = stats[1:][areas >= 0.1 * areas.max()]
+    x0, y0 = int(keep[:, cv2.CC_STAT_LEFT].min()), int(keep[:, cv2.CC_STAT_TOP].min())
+    x1 = int((keep[:, cv2.CC_STAT_LEFT] + keep[:, cv2.CC_STAT_WIDTH]).max())
+    y1 = int((keep[:, cv2.CC_STAT_TOP] + keep[:, cv2.CC_STAT_HEIGHT]).max())
+    pad = int(round(margin * max(x1 - x0, y1 - y0)))
+    x0, y0, x1, y1 = max(0, x0 - pad), max(0, y0 - pad), min(width, x1 + pad), min(height, y1 + pad)
+    crop = grey[y0:y1, x0:x1]
+    # Pad with the background (median of what lies outside the head) so the crop is square
+    # without stretching the anatomy.
+    outside = grey[mask == 0]
+    background = float(np.median(outside)) if outside.size else 0.0
+    side = max(crop.shape)
+    top, left = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
+    square = np.full((side, side), background, dtype=grey.dtype)
+    square[top : top + crop.shape[0], left : left + crop.shape[1]] = crop
+    return square
+
+
+@dataclass
+class ImagePreprocessConfig:
+    """How a 2D slice becomes network input; stored in every classification model bundle.
+
+    Attributes:
+        input_size: output side ``S`` in pixels (16..2048).
+        channels: 1 (grey) or 3 (grey repeated, for backbones that expect RGB).
+        crop_to_head: crop the dark border away before resizing (see :func:`crop_to_head`).
+        normalization: ``"zero_one"`` (pixel / 255) or ``"zscore"`` (per image mean 0, std 1).
+    """
+
+    input_size: int = 224
+    channels: int = 3
+    crop_to_head: bool = True
+    normalization: str = "zero_one"
+
+    def __post_init__(self) -> None:
+        size = self.input_size
+        is_int = isinstance(size, (int, np.integer)) and not isinstance(size, bool)
+        if not is_int or not 16 <= size <= 2048:
+            raise ValueError(f"input_size must be an integer in [16, 2048], got {size!r}")
+        if isinstance(self.channels, bool) or self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
+        if not isinstance(self.crop_to_head, (bool, np.bool_)):
+            raise ValueError(f"crop_to_head must be true or false, got {self.crop_to_head!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalization must be one of {list(NORMALIZATIONS)}, got {self.normalization!r}"
+            )
+        self.input_size, self.crop_to_head = int(self.input_size), bool(self.crop_to_head)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, as written to a bundle's ``manifest.json``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImagePreprocessConfig:
+        """Rebuild from :meth:`to_dict` output; missing keys take defaults, unknown keys fail."""
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocessing config must be a dict, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown image preprocessing keys {unknown}")
+        return cls(**d)
+
+
+def _as_grey(image: bytes | np.ndarray, name: str) -> np.ndarray:
+    if isinstance(image, np.ndarray) and image.dtype.kind in "SO" and image.ndim == 0:
+        image = image.item()  # a scalar string tensor arriving through tf.numpy_function
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(image), name=name)
+    if not isinstance(image, np.ndarray):
+        raise UnsupportedFormatError(
+            f"{name} must be bytes or a numpy array, got {type(image).__name__}"
+        )
+    grey = to_grey_uint8(image, name=name, bgr=False)
+    check_dimensions(*grey.shape, name=name)
+    return grey
+
+
+def preprocess_image(image: bytes | np.ndarray, config: ImagePreprocessConfig) -> np.ndarray:
+    """Turn an encoded file or a decoded array into network input.
+
+    Args:
+        image: file bytes (any format :func:`decode_image` reads), or an array ``(H, W)``,
+            ``(H, W, 1)``, ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA; non-uint8 arrays are rescaled
+            by their min/max range.
+        config: the preprocessing the model was trained with.
+
+    Returns:
+        float32 array ``(S, S, C)`` with ``S = config.input_size``, ``C = config.channels``;
+        values in [0, 1] for ``"zero_one"``; mean 0 and std 1 (all 0 for a flat image) for
+        ``"zscore"``.
+
+    Raises:
+        The errors of :func:`decode_image` for bad bytes; EmptyInputError, BadDimensionsError,
+        NonFiniteError for bad arrays.
+    """
+    grey = _as_grey(image, "image")
+    if config.crop_to_head:
+        grey = crop_to_head(grey)
+    size = config.input_size
+    # INTER_AREA averages when shrinking (no aliasing); it degenerates to nearest when enlarging.
+    interpolation = cv2.INTER_AREA if max(grey.shape) > size else cv2.INTER_LINEAR
+    resized = cv2.resize(grey, (size, size), interpolation=interpolation).astype(np.float32)
+    if config.normalization == "zero_one":
+        resized /= 255.0
+    else:
+        std = float(resized.std())
+        mean = float(resized.mean())
+        resized = (resized - mean) / std if std > 1e-6 else np.zeros_like(resized)
+    return np.repeat(resized[:, :, None], config.channels, axis=2)
+
+
+def preprocess_batch(images: list[bytes | np.ndarray], config: ImagePreprocessConfig) -> np.ndarray:
+    """:func:`preprocess_image` over a list; returns float32 ``(N, S, S, C)`` (N may be 0).
+
+    Raises:
+        The error of the first bad image, its message prefixed with the image's index.
+    """
+    size, channels = config.input_size, config.channels
+    batch = np.empty((len(images), size, size, channels), dtype=np.float32)
+    for index, image in enumerate(images):
+        try:
+            batch[index] = preprocess_image(image, config)
+        except BrainscanError as error:
+            raise type(error)(f"image {index}: {error.message}") from error
+    return batch
