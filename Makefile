@@ -6,9 +6,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.brainscan-installed
 
-.PHONY: setup test test-fast clean
+.PHONY: setup system-deps test test-fast clean
 
 setup: $(STAMP)
+
+# Chromium (browser tests) and redis-server (Celery tests), via apt when missing.
+system-deps:
+	./scripts/install-system-deps.sh
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "brainscan needs Python 3.11 (set PYTHON=/path/to/python3.11)")'
@@ -17,11 +21,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[cpu,serve,dev]'
 	touch $(STAMP)
 
-test: setup
+test: setup system-deps
 	$(PY) -m pytest
 
 # Everything except the tests marked slow (model training), for a quick local loop.
-test-fast: setup
+test-fast: setup system-deps
 	$(PY) -m pytest -m "not slow"
 
 clean:
