@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     inspect.add_argument("path", type=Path, help="dataset or case folder")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.add_argument("--headers-only", action="store_true",
+                         help="BraTS: read NIfTI headers only (fast; no label counts, no check of voxel values)")
     inspect.set_defaults(func=run_inspect)
 
     phantoms = commands.add_parser(
@@ -79,13 +81,21 @@ def _print_case(case: dict[str, Any], indent: str = "") -> None:
         print("\n".join(indent + "  " + line for line in table(["label", "name", "voxels", "mL"], rows).splitlines()))
 
 
+def _problem_text(problem: Any) -> str:
+    if not isinstance(problem, dict):
+        return str(problem)
+    where = Path(problem["folder"]).name if problem.get("folder") else ""
+    what = problem.get("detail") or problem.get("message") or problem.get("error") or str(problem)
+    code = problem.get("error") or problem.get("code")
+    return f"{where + ': ' if where else ''}{what}{f' [{code}]' if code else ''}"
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     from brainscan.data.inspect import KAGGLE, BRATS_CASE, inspect_path
 
-    info = inspect_path(args.path)
-    problems = list(info.get("problems") or [])
-    for case in info.get("cases") or []:
-        problems.extend(f"{case.get('case_id', '?')}: {p}" for p in case.get("problems") or [])
+    info = inspect_path(args.path, read_data=not args.headers_only)
+    # A dataset report already lists every case's problems at its top level.
+    problems = [_problem_text(p) for p in info.get("problems") or []]
     if args.json:
         print_json(info)
     else:

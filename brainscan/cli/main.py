@@ -16,7 +16,8 @@ from brainscan import __version__
 from brainscan.errors import BrainscanError
 
 #: Areas of the command line, in the order ``brainscan --help`` lists them.
-AREAS = ("brainscan.cli.data", "brainscan.cli.train", "brainscan.cli.metrics", "brainscan.cli.models")
+AREAS = ("brainscan.cli.data", "brainscan.cli.train", "brainscan.cli.metrics", "brainscan.cli.models",
+         "brainscan.cli.evaluate", "brainscan.cli.predict")
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1

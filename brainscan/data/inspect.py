@@ -61,12 +61,13 @@ def detect_layout(path: str | Path) -> str:
     )
 
 
-def inspect_path(path: str | Path) -> dict[str, Any]:
+def inspect_path(path: str | Path, *, read_data: bool = True) -> dict[str, Any]:
     """Describe a dataset folder: ``{"layout": ..., "path": ..., **details, "problems": [...]}``.
 
     Kaggle: counts per split and class. BraTS case: modalities, shape, spacing, labels and their voxel
     counts. BraTS dataset: the same per case. Problems are collected, not raised, so that one broken
-    case does not hide the others.
+    case does not hide the others. ``read_data=False`` reads NIfTI headers only (fast on a whole
+    dataset, but no label counts and no check of the voxel values).
     """
     path = Path(path)
     layout = detect_layout(path)
@@ -86,5 +87,5 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     from brainscan.data import brats
 
     if layout == BRATS_CASE:
-        return {"layout": layout, "path": str(path), **brats.inspect_case(path)}
-    return {"layout": layout, "path": str(path), **brats.inspect_dataset(path)}
+        return {"layout": layout, "path": str(path), **brats.inspect_case(path, read_data=read_data)}
+    return {"layout": layout, "path": str(path), **brats.inspect_dataset(path, read_data=read_data)}

@@ -1,0 +1,241 @@
+"""``brainscan predict``: classify 2D images or segment one BraTS case with a model bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from brainscan.errors import BrainscanError, BundleError
+
+_BUNDLE_HELP = ("model bundle folder (holding manifest.json), or ARCH / TASK/ARCH for the current "
+                "version in the model store (see `brainscan models list`)")
+_MASK_SUFFIXES = (".nii", ".nii.gz")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    predict = subparsers.add_parser(
+        "predict", help="classify images or segment a BraTS case with a model bundle",
+        description="Run a model bundle on your own files. Research software: NOT for clinical use.")
+    commands = predict.add_subparsers(title="predict commands", metavar="COMMAND", required=True)
+
+    classify = commands.add_parser(
+        "classify", help="tumour class and probabilities of 2D MRI slices (JPEG, PNG, ...)",
+        description=(
+            "Print the predicted class (glioma, meningioma, notumor, pituitary) and the class probabilities "
+            "of each IMAGE. Images are recognised by content and preprocessed exactly as in training. An "
+            "image that cannot be read gets a one-line error on stderr; the others are still reported, "
+            "and the exit status is 2."
+        ),
+        epilog="example: brainscan predict classify resnet50 scan1.jpg scan2.png --json",
+    )
+    classify.add_argument("bundle", help=_BUNDLE_HELP)
+    classify.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
+    classify.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    classify.add_argument("--batch-size", type=positive_int, default=None,
+                          help="images per network call (default: the bundle's)")
+    classify.add_argument("--models-root", type=Path, default=None,
+                          help="model store for ARCH / TASK/ARCH (default: $BRAINSCAN_MODELS or ./models)")
+    classify.set_defaults(func=run_classify)
+
+    segment = commands.add_parser(
+        "segment", help="tumour mask of one BraTS case folder (t1, t1ce, t2, flair NIfTI)",
+        description=(
+            "Segment the case in CASE_DIR (files <case>_{t1,t1ce,t2,flair}.nii[.gz]; a _seg file is not "
+            "needed) and write the mask to --out on the grid of the input (same shape, affine and header), "
+            "as uint8 BraTS labels: 0 background, 1 necrotic core, 2 edema, 4 enhancing tumour. Prints the "
+            "tumour volumes in mL (WT whole tumour, TC tumour core, ET enhancing tumour) and the timings."
+        ),
+        epilog="example: brainscan predict segment unet3d BraTS2021_00006 --out BraTS2021_00006_pred.nii.gz",
+    )
+    segment.add_argument("bundle", help=_BUNDLE_HELP)
+    segment.add_argument("case_dir", type=Path, metavar="CASE_DIR", help="BraTS case folder")
+    segment.add_argument("--out", type=Path, required=True, metavar="MASK.nii.gz", help="mask file to write")
+    segment.add_argument("--json", action="store_true", help="print JSON instead of text")
+    segment.add_argument("--overlap", type=overlap_fraction, default=None,
+                         help="sliding-window overlap in [0, 1) (default: the bundle's; 0 is fastest)")
+    segment.add_argument("--quiet", action="store_true", help="no progress bar")
+    segment.add_argument("--models-root", type=Path, default=None,
+                         help="model store for ARCH / TASK/ARCH (default: $BRAINSCAN_MODELS or ./models)")
+    segment.set_defaults(func=run_segment)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def overlap_fraction(text: str) -> float:
+    """argparse type: a float in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return value
+
+
+def resolve_bundle(spec: str, *, task: str | None = None, models_root: Path | None = None) -> Path:
+    """The bundle folder that ``spec`` names.
+
+    Args:
+        spec: a bundle folder (or its ``manifest.json``), else ``ARCH`` or ``TASK/ARCH``: the
+            current version of that architecture in the model store.
+        task: the task the command needs; used to look ``ARCH`` up, and checked.
+        models_root: the model store (default ``$BRAINSCAN_MODELS`` or ``./models``).
+
+    Returns:
+        the bundle folder.
+
+    Raises:
+        BundleError: no such folder nor store entry, or a bundle of the other task.
+    """
+    from brainscan.models.bundle import read_manifest
+    from brainscan.models.registry import TASKS
+    from brainscan.models.store import ModelStore
+
+    path = Path(spec)
+    if not path.exists():
+        store = ModelStore(models_root)
+        parts = spec.strip("/").split("/")
+        if len(parts) == 2 and parts[0] in TASKS:
+            candidates = [tuple(parts)]
+        elif len(parts) == 1 and parts[0]:
+            tasks = [task] if task else [t for t in TASKS if (store.root / t / parts[0]).is_dir()]
+            candidates = [(t, parts[0]) for t in tasks]
+        else:
+            candidates = []
+        found = [(t, a) for t, a in candidates if (store.root / t / a).is_dir()]
+        if not found:
+            raise BundleError(
+                f"{spec!r} is neither a bundle folder nor an architecture in the model store {store.root} "
+                "(see `brainscan models list`, or set --models-root / $BRAINSCAN_MODELS)",
+                code="bundle_not_found",
+            )
+        if len(found) > 1:
+            raise BundleError(f"{spec!r} names bundles of several tasks; write TASK/ARCH, e.g. {found[0][0]}/{spec}")
+        path = store.current(*found[0])
+    manifest = read_manifest(path)
+    if task is not None and manifest["task"] != task:
+        raise BundleError(f"bundle {manifest['name']} ({path}) is a {manifest['task']} model; this command needs "
+                          f"a {task} bundle")
+    return path
+
+
+def model_info(bundle: Any) -> dict[str, Any]:
+    """``{"name", "arch", "version", "demo"}`` of a loaded bundle, as the services report it."""
+    return {"name": bundle.name, "arch": bundle.architecture, "version": bundle.version, "demo": bundle.demo}
+
+
+def _model_line(bundle: Any) -> str:
+    demo = ", DEMO model: not for real use" if bundle.demo else ""
+    return f"model: {bundle.name} ({bundle.architecture}, version {bundle.version}{demo})"
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from brainscan.cli.output import print_json, table
+    from brainscan.evaluation.classify import make_predict_fn, predict_probabilities, preprocess_one
+    from brainscan.models.bundle import load_bundle
+
+    bundle = load_bundle(resolve_bundle(args.bundle, task="classification", models_root=args.models_root))
+    classes = list(bundle.classes)
+    results: list[dict[str, Any]] = []
+    inputs, positions = [], []
+    for image in args.images:
+        try:
+            inputs.append(preprocess_one(bundle, image, name=str(image)))
+            positions.append(len(results))
+            results.append({"image": str(image)})
+        except BrainscanError as exc:
+            results.append({"image": str(image), "error": exc.code, "detail": exc.message})
+        except OSError as exc:
+            results.append({"image": str(image), "error": "not_readable",
+                            "detail": f"{image}: {exc.strerror or exc}"})
+    if inputs:
+        probabilities = predict_probabilities(bundle, np.stack(inputs),
+                                              predict_fn=make_predict_fn(bundle, args.batch_size))
+        for position, row in zip(positions, probabilities):
+            results[position]["label"] = classes[int(np.argmax(row))]
+            results[position]["probabilities"] = {c: round(float(p), 6) for c, p in zip(classes, row)}
+    failed = [r for r in results if "error" in r]
+    for result in failed:
+        print(f"brainscan: error: {result['detail']}", file=sys.stderr)
+    if args.json:
+        print_json(results)
+    else:
+        print(_model_line(bundle))
+        rows = [[r["image"], r["label"], *[f"{r['probabilities'][c]:.4f}" for c in classes]]
+                for r in results if "error" not in r]
+        if rows:
+            print(table(["image", "label", *classes], rows))
+    return 2 if failed else 0
+
+
+def _progress_bar(quiet: bool, unit: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=None, unit=unit, file=sys.stderr, disable=quiet, dynamic_ncols=True, leave=False)
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from brainscan.cli.output import fmt, print_json, table
+    from brainscan.data.brats import find_case, load_case
+    from brainscan.evaluation.segment import inference_settings, segment_case
+    from brainscan.io.nifti import save_like
+    from brainscan.labels import REGION_NAMES
+    from brainscan.metrics.segmentation import volumes_ml
+    from brainscan.models.bundle import load_bundle
+
+    if not args.out.name.lower().endswith(_MASK_SUFFIXES):
+        raise BrainscanError(f"--out must end in .nii or .nii.gz, got {args.out}", code="bad_argument")
+    started = time.perf_counter()
+    case = find_case(args.case_dir)
+    bundle = load_bundle(resolve_bundle(args.bundle, task="segmentation", models_root=args.models_root))
+    loaded = load_case(case, with_seg=False)
+    load_s = time.perf_counter() - started
+    overrides = {"overlap": args.overlap}
+    with _progress_bar(args.quiet, "patch") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        segment_started = time.perf_counter()
+        mask = segment_case(bundle, loaded, progress=progress, inference=overrides)
+        segment_s = time.perf_counter() - segment_started
+    write_started = time.perf_counter()
+    out = save_like(mask, loaded.reference, args.out)
+    write_s = time.perf_counter() - write_started
+    volumes = volumes_ml(mask, loaded.reference.spacing)
+    timings = {"load_s": load_s, "segment_s": segment_s, "write_s": write_s,
+               "total_s": time.perf_counter() - started}
+    result = {
+        "case_id": loaded.case_id, "input": str(args.case_dir), "mask": str(out), "shape": list(mask.shape),
+        "spacing_mm": list(loaded.reference.spacing),
+        "labels_present": [int(v) for v in np.unique(mask) if v != 0],
+        "volumes_ml": volumes, "model": model_info(bundle),
+        "inference": {k: list(v) if isinstance(v, tuple) else v
+                      for k, v in inference_settings(bundle, overrides).items()},
+        "timings": timings,
+    }
+    if args.json:
+        print_json(result)
+        return 0
+    print(_model_line(bundle))
+    print(f"case {loaded.case_id}: mask written to {out} (shape {tuple(mask.shape)}, labels {result['labels_present']})")
+    names = {**REGION_NAMES, "NCR": "necrotic / non-enhancing core (label 1)", "ED": "edema (label 2)"}
+    print(table(["region", "volume (mL)", "meaning"], [[k, fmt(v, 2), names.get(k, "")] for k, v in volumes.items()]))
+    print("time: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items()))
+    return 0
