@@ -145,29 +145,20 @@ def run_classify(args: argparse.Namespace) -> int:
     import numpy as np
 
     from brainscan.cli.output import print_json, table
-    from brainscan.evaluation.classify import make_predict_fn, predict_probabilities, preprocess_one
+    from brainscan.evaluation.classify import classify_images
     from brainscan.models.bundle import load_bundle
 
     bundle = load_bundle(resolve_bundle(args.bundle, task="classification", models_root=args.models_root))
     classes = list(bundle.classes)
+    errors: dict[int, BrainscanError] = {}
+    probabilities = classify_images(bundle, args.images, batch_size=args.batch_size, errors=errors)
     results: list[dict[str, Any]] = []
-    inputs, positions = [], []
-    for image in args.images:
-        try:
-            inputs.append(preprocess_one(bundle, image, name=str(image)))
-            positions.append(len(results))
-            results.append({"image": str(image)})
-        except BrainscanError as exc:
-            results.append({"image": str(image), "error": exc.code, "detail": exc.message})
-        except OSError as exc:
-            results.append({"image": str(image), "error": "not_readable",
-                            "detail": f"{image}: {exc.strerror or exc}"})
-    if inputs:
-        probabilities = predict_probabilities(bundle, np.stack(inputs),
-                                              predict_fn=make_predict_fn(bundle, args.batch_size))
-        for position, row in zip(positions, probabilities):
-            results[position]["label"] = classes[int(np.argmax(row))]
-            results[position]["probabilities"] = {c: round(float(p), 6) for c, p in zip(classes, row)}
+    for index, (image, row) in enumerate(zip(args.images, probabilities)):
+        if index in errors:
+            results.append({"image": str(image), "error": errors[index].code, "detail": errors[index].message})
+        else:
+            results.append({"image": str(image), "label": classes[int(np.argmax(row))],
+                            "probabilities": {c: round(float(p), 6) for c, p in zip(classes, row)}})
     failed = [r for r in results if "error" in r]
     for result in failed:
         print(f"brainscan: error: {result['detail']}", file=sys.stderr)
@@ -234,7 +225,8 @@ def run_segment(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     print(_model_line(bundle))
-    print(f"case {loaded.case_id}: mask written to {out} (shape {tuple(mask.shape)}, labels {result['labels_present']})")
+    print(f"case {loaded.case_id}: mask written to {out} "
+          f"(shape {tuple(mask.shape)}, labels {result['labels_present']})")
     names = {**REGION_NAMES, "NCR": "necrotic / non-enhancing core (label 1)", "ED": "edema (label 2)"}
     print(table(["region", "volume (mL)", "meaning"], [[k, fmt(v, 2), names.get(k, "")] for k, v in volumes.items()]))
     print("time: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items()))
