@@ -1,0 +1,336 @@
+// brainscan web page: classification of one 2D MRI slice through the gateway's /api/v1.
+//
+// Layout of this module:
+//   1. constants (class names, plain-language error messages)
+//   2. api: fetch wrapper adding a request id and the API key, turning error bodies into ApiError
+//   3. render functions (models, busy state, errors, results)
+//   4. event wiring (drop zone, file picker, heatmap controls, API key)
+// No build step and no dependencies: the page is served as-is by the gateway.
+
+// ---------------------------------------------------------------- 1. constants
+
+/** Class names in words, in the order the bars are drawn. Keys are the API's labels. */
+const CLASS_NAMES = {
+  glioma: "Glioma",
+  meningioma: "Meningioma",
+  notumor: "No tumour",
+  pituitary: "Pituitary tumour",
+};
+
+/** Plain-language messages for the API's error codes (the server's detail is kept as a hint). */
+const ERROR_MESSAGES = {
+  unsupported_format: "That file is not an image we can read. Upload a JPG or PNG slice.",
+  unsupported_media_type: "That file is not an image we can read. Upload a JPG or PNG slice.",
+  too_large: "That file is too large. Upload a single JPG or PNG slice under 20 MB.",
+  corrupt_file: "That image file is damaged or incomplete. Export the slice again and upload the new file.",
+  empty_input: "That file is empty. Choose the image file again.",
+  bad_dimensions: "That image has an unusual size or shape. Upload a normal MRI slice (at least 16 pixels on each side).",
+  service_unavailable: "The classifier is not running right now. Try again in a minute.",
+  upstream_timeout: "The classifier took too long to answer. Try again in a minute.",
+  bad_gateway: "The classifier sent an answer we could not read. Try again; if it keeps happening, tell the operator.",
+  unauthorized: "This server needs an API key. Enter it below, then upload the slice again.",
+  unknown_model: "That model is not available any more. Reload the page to see the current models.",
+  model_unavailable: "That model is not loaded on the server right now. Choose another model, or try again later.",
+  invalid_request: "The upload did not arrive as an image file. Choose the file again.",
+  network_error: "Cannot reach the server. Check your connection and try again.",
+};
+const ERROR_BY_STATUS = {
+  401: "unauthorized", 413: "too_large", 415: "unsupported_format", 502: "bad_gateway",
+  503: "service_unavailable", 504: "upstream_timeout",
+};
+const API_KEY_STORAGE = "brainscan.apiKey";
+
+// ---------------------------------------------------------------- 2. api
+
+/** An API answer that was not a success, with the server's error code and the request id. */
+class ApiError extends Error {
+  constructor(status, code, detail, requestId) {
+    super(detail || code);
+    this.status = status;
+    this.code = code;
+    this.detail = detail;
+    this.requestId = requestId;
+  }
+}
+
+/** A random request id (crypto.randomUUID needs a secure context; getRandomValues does not). */
+function newRequestId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function storedApiKey() {
+  try {
+    return sessionStorage.getItem(API_KEY_STORAGE) || "";
+  } catch {
+    return "";  // storage disabled: the key field still works for this page view
+  }
+}
+
+/**
+ * Call the gateway and return the parsed JSON body.
+ * @param {string} path relative URL, e.g. "api/v1/models"
+ * @param {RequestInit} options fetch options (method, body)
+ * @throws {ApiError} for network failures, non-2xx answers and unreadable bodies
+ */
+async function apiFetch(path, options = {}) {
+  const requestId = newRequestId();
+  const headers = new Headers(options.headers || {});
+  headers.set("X-Request-ID", requestId);
+  headers.set("Accept", "application/json");
+  const key = storedApiKey();
+  if (key) headers.set("X-API-Key", key);
+
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers });
+  } catch (err) {
+    throw new ApiError(0, "network_error", String(err), requestId);
+  }
+  const answeredId = response.headers.get("X-Request-ID") || requestId;
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    body = null;
+  }
+  if (!response.ok) {
+    const code = (body && body.error) || ERROR_BY_STATUS[response.status] || `http_${response.status}`;
+    throw new ApiError(response.status, code, body && body.detail, answeredId);
+  }
+  if (body === null || typeof body !== "object") {
+    throw new ApiError(response.status, "bad_gateway", "The answer was not JSON.", answeredId);
+  }
+  return body;
+}
+
+const api = {
+  listModels: () => apiFetch("api/v1/models"),
+  classify(file, model) {
+    const form = new FormData();
+    form.append("file", file, file.name || "slice");
+    const query = model ? `?model=${encodeURIComponent(model)}` : "";
+    return apiFetch(`api/v1/classifications${query}`, { method: "POST", body: form });
+  },
+};
+
+/** The sentence to show a person for an ApiError. */
+function messageFor(error) {
+  if (error.code === "unauthorized" && storedApiKey()) {
+    return "That API key was not accepted. Check it, enter it again below, and retry.";
+  }
+  if (ERROR_MESSAGES[error.code]) return ERROR_MESSAGES[error.code];
+  if (error.status === 404) return "That model is not available any more. Reload the page to see the current models.";
+  const code = ERROR_BY_STATUS[error.status];
+  if (code) return ERROR_MESSAGES[code];
+  return "Something went wrong on the server. Try again; if it keeps happening, tell the operator.";
+}
+
+// ---------------------------------------------------------------- 3. render
+
+const $ = (id) => document.getElementById(id);
+const el = {
+  modelSelect: $("model-select"), modelBadge: $("model-badge"), modelInfo: $("model-info"),
+  apiKeyField: $("api-key-field"), apiKeyInput: $("api-key-input"), apiKeySave: $("api-key-save"),
+  fileInput: $("file-input"), dropZone: $("drop-zone"), status: $("status"), error: $("error"),
+  results: $("results"), label: $("result-label"), probability: $("result-probability"),
+  model: $("result-model"), demoWarning: $("demo-warning"), bars: $("probability-bars"),
+  scanImage: $("scan-image"), heatmapImage: $("heatmap-image"), heatmapCaption: $("heatmap-caption"),
+  heatmapToggle: $("heatmap-toggle"), opacity: $("heatmap-opacity"), opacityValue: $("heatmap-opacity-value"),
+  timings: $("timings"),
+};
+const state = { models: new Map(), busy: false };
+
+const percent = (p) => `${(100 * p).toFixed(1)}%`;
+const className = (label) => CLASS_NAMES[label] || label;
+
+function renderModels(catalogue) {
+  state.models = new Map(catalogue.models.map((m) => [m.name, m]));
+  el.modelSelect.replaceChildren(...catalogue.models.map((m) => {
+    const option = document.createElement("option");
+    option.value = m.name;
+    option.textContent = `${m.name} — version ${m.version}${m.demo ? " (demo)" : ""}`;
+    option.selected = m.name === catalogue.default;
+    return option;
+  }));
+  renderSelectedModel();
+}
+
+function renderSelectedModel() {
+  const model = state.models.get(el.modelSelect.value);
+  el.modelBadge.hidden = !(model && model.demo);
+  el.modelInfo.textContent = model
+    ? `Architecture ${model.arch}, version ${model.version}${model.demo ? ": a demo model, not trained for real use." : "."}`
+    : "";
+}
+
+function renderBusy(busy) {
+  state.busy = busy;
+  el.results.setAttribute("aria-busy", String(busy));
+  el.dropZone.setAttribute("aria-disabled", String(busy));
+  el.dropZone.classList.toggle("is-busy", busy);
+  el.status.textContent = busy ? "Analysing…" : "";
+}
+
+function renderError(error) {
+  el.error.replaceChildren();
+  if (!error) return;
+  const message = document.createElement("p");
+  message.textContent = messageFor(error);
+  el.error.append(message);
+  if (error.requestId && error.code !== "network_error") {
+    const reference = document.createElement("p");
+    reference.className = "reference";
+    reference.textContent = `Reference for support: request ${error.requestId}`;
+    el.error.append(reference);
+  }
+  if (error.code === "unauthorized") showApiKeyField();
+}
+
+function renderBars(probabilities, predicted) {
+  const labels = [...Object.keys(CLASS_NAMES), ...Object.keys(probabilities).filter((k) => !(k in CLASS_NAMES))]
+    .filter((k) => k in probabilities);
+  el.bars.replaceChildren(...labels.map((label) => {
+    const value = Number(probabilities[label]);
+    const row = document.createElement("li");
+    row.className = "bar-row" + (label === predicted ? " is-predicted" : "");
+    const name = document.createElement("span");
+    name.className = "bar-label";
+    name.textContent = className(label);
+    const track = document.createElement("div");
+    track.className = "bar-track";
+    track.setAttribute("role", "img");
+    track.setAttribute("aria-label", `${className(label)}: ${percent(value)}`);
+    const fill = document.createElement("div");
+    fill.className = "bar-fill";
+    fill.style.width = `${Math.max(0, Math.min(100, 100 * value))}%`;
+    track.append(fill);
+    const number = document.createElement("span");
+    number.className = "bar-value";
+    number.textContent = percent(value);
+    row.append(name, track, number);
+    return row;
+  }));
+}
+
+function renderHeatmap(heatmap) {
+  const figure = el.scanImage.closest("figure");
+  figure.hidden = !heatmap;
+  if (!heatmap) return;
+  el.scanImage.src = heatmap.image_png;
+  el.heatmapImage.src = heatmap.overlay_png;
+  el.heatmapCaption.textContent = `Heatmap method: ${heatmap.method}. It shows where the model looked, not where a tumour is.`;
+  applyHeatmapControls();
+}
+
+function renderTimings(timings) {
+  const names = { decode_ms: "Decoding", queue_ms: "Waiting in queue", inference_ms: "Model", explain_ms: "Heatmap", total_ms: "Total" };
+  el.timings.replaceChildren(...Object.entries(timings || {}).flatMap(([key, ms]) => {
+    const term = document.createElement("dt");
+    term.textContent = names[key] || key;
+    const value = document.createElement("dd");
+    value.textContent = `${Number(ms).toFixed(0)} ms`;
+    return [term, value];
+  }));
+}
+
+function renderResult(result) {
+  el.label.textContent = className(result.label);
+  el.probability.textContent = percent(result.probabilities[result.label]);
+  const model = result.model || {};
+  el.model.textContent = `Model: ${model.name} (architecture ${model.arch}), version ${model.version}.`;
+  el.demoWarning.hidden = !model.demo;
+  renderBars(result.probabilities, result.label);
+  renderHeatmap(result.heatmap);
+  renderTimings(result.timings);
+  el.results.hidden = false;
+}
+
+function applyHeatmapControls() {
+  el.heatmapImage.hidden = !el.heatmapToggle.checked;
+  el.heatmapImage.style.opacity = String(Number(el.opacity.value) / 100);
+  el.opacityValue.textContent = `${el.opacity.value}%`;
+  el.opacity.disabled = !el.heatmapToggle.checked;
+}
+
+function showApiKeyField() {
+  el.apiKeyField.hidden = false;
+  el.apiKeyInput.value = storedApiKey();
+}
+
+// ---------------------------------------------------------------- 4. events
+
+async function loadModels() {
+  try {
+    renderModels(await api.listModels());
+    renderError(null);
+  } catch (error) {
+    el.modelSelect.replaceChildren(new Option("Server default", ""));
+    renderSelectedModel();
+    renderError(error);
+  }
+}
+
+async function classifyFile(file) {
+  if (!file || state.busy) return;
+  renderError(null);
+  renderBusy(true);
+  let result = null;
+  let failure = null;
+  try {
+    result = await api.classify(file, el.modelSelect.value);
+  } catch (error) {
+    failure = error;
+  }
+  renderBusy(false);
+  if (failure) {
+    el.results.hidden = true;  // an old result next to a new error would be misread
+    renderError(failure);
+    return;
+  }
+  renderResult(result);
+  el.status.textContent = `Done: ${el.label.textContent}, ${el.probability.textContent}.`;
+}
+
+function wireEvents() {
+  el.dropZone.addEventListener("click", () => {
+    if (!state.busy) el.fileInput.click();
+  });
+  el.fileInput.addEventListener("change", () => {
+    classifyFile(el.fileInput.files[0]);
+    el.fileInput.value = "";  // choosing the same file again must trigger a new analysis
+  });
+  for (const type of ["dragenter", "dragover"]) {
+    el.dropZone.addEventListener(type, (event) => {
+      event.preventDefault();
+      el.dropZone.classList.add("is-dragover");
+    });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    el.dropZone.addEventListener(type, () => el.dropZone.classList.remove("is-dragover"));
+  }
+  el.dropZone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    classifyFile(event.dataTransfer && event.dataTransfer.files[0]);
+  });
+  // A file dropped next to the zone must not make the browser navigate away to it.
+  window.addEventListener("dragover", (event) => event.preventDefault());
+  window.addEventListener("drop", (event) => event.preventDefault());
+
+  el.modelSelect.addEventListener("change", renderSelectedModel);
+  el.heatmapToggle.addEventListener("change", applyHeatmapControls);
+  el.opacity.addEventListener("input", applyHeatmapControls);
+  el.apiKeySave.addEventListener("click", () => {
+    try {
+      sessionStorage.setItem(API_KEY_STORAGE, el.apiKeyInput.value.trim());
+    } catch {
+      // storage disabled: nothing to keep
+    }
+    loadModels();
+  });
+}
+
+wireEvents();
+applyHeatmapControls();
+if (storedApiKey()) showApiKeyField();
+loadModels();

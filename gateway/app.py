@@ -1,0 +1,304 @@
+"""The public gateway: one JSON API under ``/api``, the web page at ``/``, metrics at ``/metrics``.
+
+The gateway holds no model and never imports TensorFlow: it checks API keys, bounds uploads
+while they stream in, forwards them to the classifier service and maps that service's failures
+to 502/503/504 JSON. Run it with ``uvicorn gateway.app:app --port 8000`` (settings: see
+:mod:`gateway.settings`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from brainscan import __version__
+from gateway.metrics import GatewayMetrics, RequestContextMiddleware, configure_logging
+from gateway.proxy import GatewayError, Upstream, read_limited_body
+from gateway.security import ApiKeyError, SecurityHeadersMiddleware, add_cors, require_api_key
+from gateway.settings import GatewaySettings, get_settings
+
+logger = logging.getLogger("brainscan.gateway")
+
+CLASSIFIER_START_HINT = " (uvicorn services.classifier.app:app --port 8101)"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+def _error_example(code: str, detail: str) -> dict[str, Any]:
+    return {"application/json": {"example": {"error": code, "detail": detail, "request_id": "3f2b9c0e8d7a4e1f"}}}
+
+
+_CLASSIFICATION_EXAMPLE = {
+    "label": "glioma",
+    "probabilities": {"glioma": 0.91, "meningioma": 0.03, "notumor": 0.02, "pituitary": 0.04},
+    "model": {"name": "resnet50", "arch": "resnet50", "version": "1", "demo": False},
+    "heatmap": {"method": "grad-cam", "image_png": "data:image/png;base64,iVBORw0KGgo...",
+                "overlay_png": "data:image/png;base64,iVBORw0KGgo..."},
+    "image": {"width": 512, "height": 512, "format": "jpeg"},
+    "timings": {"decode_ms": 3.1, "queue_ms": 0.4, "inference_ms": 58.2, "explain_ms": 71.0, "total_ms": 134.9},
+    "request_id": "3f2b9c0e8d7a4e1f",
+}
+_MODELS_EXAMPLE = {
+    "default": "resnet50",
+    "models": [{"name": "resnet50", "arch": "resnet50", "version": "1", "demo": False,
+                "classes": ["glioma", "meningioma", "notumor", "pituitary"], "input_size": 224,
+                "metrics": {"accuracy": 0.95, "macro_f1": 0.94}, "created_at": "2026-11-27T12:00:00Z",
+                "manifest": {}}],
+}
+_UPSTREAM_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or wrong X-API-Key (only when the server has keys configured)",
+          "content": _error_example("unauthorized", "This gateway needs an API key. Send it in the X-API-Key header.")},
+    502: {"description": "The service answered something unreadable",
+          "content": _error_example("bad_gateway", "The connection to the classifier service broke. Try again.")},
+    503: {"description": "The service is not running, or the model asked for is not loaded (model_unavailable)",
+          "content": _error_example("service_unavailable", "The classifier service is not reachable right now. "
+                                                           "Try again in a minute.")},
+    504: {"description": "The service did not answer in time",
+          "content": _error_example("upstream_timeout", "The classifier service took too long to answer. Try again.")},
+}
+_CLASSIFY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Predicted class, probabilities, heatmap and timings",
+          "content": {"application/json": {"example": _CLASSIFICATION_EXAMPLE}}},
+    400: {"description": "Empty upload", "content": _error_example("empty_input", "The uploaded file is empty.")},
+    404: {"description": "Unknown model", "content": _error_example("unknown_model", "No model named 'x'.")},
+    413: {"description": "Upload over the size limit",
+          "content": _error_example("too_large", "The upload is larger than this server accepts (20.1 MB).")},
+    415: {"description": "Not an image (decided by content) or not multipart/form-data",
+          "content": _error_example("unsupported_format", "The file is not a JPEG or PNG image.")},
+    422: {"description": "Corrupt image or absurd dimensions",
+          "content": _error_example("corrupt_file", "The image is truncated or damaged.")},
+    **_UPSTREAM_ERRORS,
+}
+_MULTIPART_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {
+            "schema": {"type": "object", "required": ["file"],
+                       "properties": {"file": {"type": "string", "format": "binary",
+                                               "description": "One 2D MRI slice (JPEG or PNG)"}}}}},
+    }
+}
+
+
+def get_app_settings(request: Request) -> GatewaySettings:
+    """The settings the app was created with."""
+    return request.app.state.settings
+
+
+def get_classifier(request: Request) -> Upstream:
+    """The classifier service client (created in the lifespan)."""
+    return request.app.state.classifier
+
+
+SettingsDep = Annotated[GatewaySettings, Depends(get_app_settings)]
+ClassifierDep = Annotated[Upstream, Depends(get_classifier)]
+
+
+def error_response(request: Request, status: int, code: str, detail: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The gateway's error body ``{"error", "detail", "request_id"}``."""
+    request_id = getattr(request.state, "request_id", None)
+    return JSONResponse({"error": code, "detail": detail, "request_id": request_id}, status_code=status,
+                        headers=headers)
+
+
+def passthrough(response: httpx.Response) -> Response:
+    """The upstream answer unchanged: same status, same JSON bytes."""
+    headers = {"Retry-After": response.headers["retry-after"]} if "retry-after" in response.headers else None
+    return Response(response.content, status_code=response.status_code, media_type="application/json",
+                    headers=headers)
+
+
+async def probe_ready(client: httpx.AsyncClient, name: str, base_url: str, timeout_s: float) -> dict[str, Any]:
+    """Ask one service's ``/readyz``; never raises.
+
+    Returns:
+        ``{"status": "ready" | "not ready" | "unreachable" | "not configured", "detail": str}``.
+    """
+    if not base_url:
+        return {"status": "not configured", "detail": f"No {name} URL is configured; its features are off."}
+    try:
+        response = await client.get(f"{base_url}/readyz", timeout=timeout_s)
+    except httpx.TimeoutException:
+        return {"status": "unreachable", "detail": f"The {name} did not answer within {timeout_s:g} s."}
+    except httpx.TransportError as exc:
+        return {"status": "unreachable", "detail": f"The {name} is not reachable ({type(exc).__name__})."}
+    if response.status_code == 200:
+        return {"status": "ready", "detail": f"The {name} is ready."}
+    try:
+        upstream_detail = response.json().get("detail", "")
+    except (ValueError, AttributeError):
+        upstream_detail = ""
+    return {"status": "not ready",
+            "detail": f"The {name} answered HTTP {response.status_code}. {upstream_detail}".strip()}
+
+
+def _build_api_router() -> APIRouter:
+    router = APIRouter(prefix="/api")
+
+    @router.get("/health", tags=["probes"], summary="The gateway process is alive",
+                responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}})
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "service": "gateway", "version": __version__}
+
+    @router.get("/ready", tags=["probes"], summary="All configured services are ready",
+                responses={200: {"content": {"application/json": {"example": {
+                    "status": "ready", "services": {"classifier": {"status": "ready", "detail": "The classifier is ready."},
+                                                    "segmenter": {"status": "not configured", "detail": "..."}}}}}},
+                           503: {"description": "At least one configured service is not ready",
+                                 "content": {"application/json": {"example": {
+                                     "status": "not ready", "error": "service_unavailable",
+                                     "detail": "Not ready: classifier.", "request_id": "3f2b9c0e8d7a4e1f",
+                                     "services": {"classifier": {"status": "unreachable", "detail": "..."}}}}}}})
+    async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
+        client: httpx.AsyncClient = request.app.state.http
+        names = ("classifier", "segmenter")
+        results = await asyncio.gather(*(
+            probe_ready(client, name, url, settings.ready_timeout_s)
+            for name, url in zip(names, (settings.classifier_url, settings.segmenter_url))))
+        services = dict(zip(names, results))
+        failing = [name for name, result in services.items() if result["status"] not in ("ready", "not configured")]
+        if not failing:
+            return JSONResponse({"status": "ready", "services": services})
+        return JSONResponse({"status": "not ready", "error": "service_unavailable",
+                             "detail": f"Not ready: {', '.join(failing)}. See 'services' for each one.",
+                             "request_id": request.state.request_id, "services": services}, status_code=503)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["classification"])
+
+    @v1.get("/models", summary="Classification models available", response_class=Response,
+            responses={200: {"description": "Models and the default one",
+                             "content": {"application/json": {"example": _MODELS_EXAMPLE}}}, **_UPSTREAM_ERRORS})
+    async def list_models(request: Request, classifier: ClassifierDep) -> Response:
+        response = await classifier.request("GET", "/v1/models", request_id=request.state.request_id)
+        return passthrough(response)
+
+    @v1.post("/classifications", summary="Classify one 2D MRI slice", response_class=Response,
+             responses=_CLASSIFY_RESPONSES, openapi_extra=_MULTIPART_BODY,
+             description="Upload one image as multipart/form-data field `file`. Answers the predicted "
+                         "class, all four probabilities, a heatmap of the regions that drove the "
+                         "prediction, and timings. Research software: not for clinical use.")
+    async def create_classification(
+        request: Request,
+        settings: SettingsDep,
+        classifier: ClassifierDep,
+        model: Annotated[str | None, Query(pattern=MODEL_NAME_PATTERN,
+                                           description="Model name from /api/v1/models (default: the server's)")] = None,
+        explain: Annotated[bool | None, Query(description="false skips the heatmap (faster)")] = None,
+    ) -> Response:
+        content_type = request.headers.get("content-type", "")
+        if not content_type.lower().startswith("multipart/form-data"):
+            raise GatewayError(415, "unsupported_media_type",
+                               "Send the image as multipart/form-data in a field named 'file' "
+                               "(a browser form upload or `curl -F file=@slice.jpg`).")
+        body = await read_limited_body(request, settings.max_upload_bytes)
+        params = {}
+        if model is not None:
+            params["model"] = model
+        if explain is not None:
+            params["explain"] = "true" if explain else "false"
+        response = await classifier.request("POST", "/v1/classify", request_id=request.state.request_id,
+                                            content=body, content_type=content_type, params=params)
+        return passthrough(response)
+
+    router.include_router(v1)
+    return router
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        return error_response(request, exc.status, exc.code, exc.detail, exc.headers or None)
+
+    @app.exception_handler(ApiKeyError)
+    async def api_key_error(request: Request, exc: ApiKeyError) -> JSONResponse:
+        return error_response(request, 401, "unauthorized", exc.detail, {"WWW-Authenticate": "X-API-Key"})
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', '')}"
+                             for error in exc.errors())
+        return error_response(request, 422, "invalid_request", f"The request is not valid ({problems}). "
+                                                               "See /docs for the expected parameters.")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        details = {404: "There is nothing at this address. The API lives under /api/v1; see /docs.",
+                   405: "This address does not accept that HTTP method. See /docs."}
+        return error_response(request, exc.status_code, codes.get(exc.status_code, f"http_{exc.status_code}"),
+                              details.get(exc.status_code, str(exc.detail)), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error", extra={"request_id": getattr(request.state, "request_id", None)})
+        return error_response(request, 500, "internal_error", "The gateway failed unexpectedly. Try again; if "
+                                                              "it persists, report the request id to the operator.")
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """Build the gateway app.
+
+    Args:
+        settings: configuration; ``None`` reads the ``GATEWAY_*`` environment.
+
+    Returns:
+        The FastAPI app: ``/api/*`` routes, ``/metrics``, ``/docs``, and the static page at ``/``
+        (mounted last so that it never shadows an API route).
+    """
+    settings = settings or get_settings()
+    metrics = GatewayMetrics()
+    app_logger = configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timeout = httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s)
+        # trust_env=False: calls to internal services must never go through a proxy from the env.
+        async with httpx.AsyncClient(timeout=timeout, trust_env=False,
+                                     limits=httpx.Limits(max_connections=64, max_keepalive_connections=16)) as client:
+            app.state.http = client
+            app.state.classifier = Upstream("classifier", settings.classifier_url, client, metrics,
+                                            start_hint=CLASSIFIER_START_HINT)
+            app_logger.info("gateway started", extra={"classifier_url": settings.classifier_url,
+                                                      "segmenter_url": settings.segmenter_url or None,
+                                                      "api_keys": settings.api_keys_enabled})
+            yield
+
+    app = FastAPI(title="brainscan gateway", version=__version__, lifespan=lifespan,
+                  description="Public API of brainscan: brain MRI tumour classification. "
+                              "**Research software — not for clinical use.**")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    _install_error_handlers(app)
+    app.include_router(_build_api_router())
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        payload, content_type = metrics.render()
+        return Response(payload, media_type=content_type)
+
+    # Outermost last: request id + metrics see every answer, security headers go on all of them.
+    add_cors(app, settings)
+    app.add_middleware(SecurityHeadersMiddleware)
+    known_paths = frozenset(app.openapi()["paths"]) | {"/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
+                                                       "/openapi.json"}
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, logger=app_logger, known_paths=known_paths)
+
+    if settings.frontend_dir.is_dir():
+        app.mount("/", StaticFiles(directory=settings.frontend_dir, html=True), name="frontend")
+    else:
+        app_logger.warning("frontend folder not found; / will answer 404",
+                           extra={"frontend_dir": str(settings.frontend_dir)})
+    return app
+
+
+app = create_app()

@@ -1,0 +1,148 @@
+"""Gateway observability: request ids, Prometheus metrics and JSON logs.
+
+Each app owns its :class:`prometheus_client.CollectorRegistry`, so several apps in one process
+(tests) never share or double-register counters. One pure-ASGI middleware gives every request an
+id (the client's ``X-Request-ID`` when it is well formed, else a new one), echoes it, and records
+the route, status and latency of the request once it has been answered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# Ids travel into logs and upstream headers: accept only a safe alphabet and length.
+_REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+LOGGER_NAME = "brainscan.gateway"
+
+
+class GatewayMetrics:
+    """The gateway's Prometheus metrics, in a registry of their own.
+
+    Metrics:
+        ``gateway_requests_total{route, method, status}``: answered requests.
+        ``gateway_request_duration_seconds{route}``: latency histogram.
+        ``gateway_upstream_errors_total{service, kind}``: refused connections, timeouts and bad
+        answers of the internal services (``kind`` is the error code sent to the client).
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("gateway_requests_total", "HTTP requests answered by the gateway",
+                                ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram("gateway_request_duration_seconds", "Time to answer a request",
+                                 ["route"], registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.upstream_errors = Counter("gateway_upstream_errors_total", "Failed calls to internal services",
+                                       ["service", "kind"], registry=self.registry)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type, for the ``/metrics`` route."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def clean_request_id(value: str | None) -> str:
+    """The client's request id when it is safe to log and forward, else a fresh one."""
+    if value and _REQUEST_ID_PATTERN.match(value):
+        return value
+    return uuid.uuid4().hex
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the request id and any ``extra`` fields a call adds."""
+
+    _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({key: value for key, value in vars(record).items() if key not in self._STANDARD})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str) -> logging.Logger:
+    """Send the gateway logger's records to stderr as JSON lines (idempotent)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(level)
+    if not any(getattr(handler, "_brainscan_json", False) for handler in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        handler._brainscan_json = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    return logger
+
+
+def route_label(path: str, known_paths: frozenset[str]) -> str:
+    """A low-cardinality route name: the path of a known route, else ``unmatched``/``static``.
+
+    The gateway's routes have no path parameters, so a known path is its own template; anything
+    else is bucketed so that scanners cannot blow up the number of time series.
+    """
+    if path in known_paths:
+        return path
+    return "unmatched" if path.startswith("/api") else "static"
+
+
+class RequestContextMiddleware:
+    """Request id, access log and metrics for every HTTP request (pure ASGI, streams untouched).
+
+    The id is stored in ``scope["state"]["request_id"]`` (``request.state.request_id`` in routes)
+    and sent back in the ``X-Request-ID`` response header.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, logger: logging.Logger,
+                 known_paths: frozenset[str] = frozenset()) -> None:
+        self.app = app
+        self.known_paths = known_paths
+        self.metrics = metrics
+        self.logger = logger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for name, value in scope.get("headers", []):
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        request_id = clean_request_id(incoming)
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = route_label(scope["path"], self.known_paths)
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(elapsed)
+            self.logger.info("request", extra={
+                "request_id": request_id, "method": scope["method"], "path": scope["path"],
+                "route": route, "status": status, "duration_ms": round(elapsed * 1000, 1),
+            })

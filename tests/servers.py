@@ -1,0 +1,168 @@
+"""Start real HTTP servers for integration tests: uvicorn in a subprocess, or an ASGI app in a thread.
+
+Every server gets a free port on 127.0.0.1 (never the default ports of the project) and the
+helpers return only once it answers its readiness path, so tests never sleep blindly. Subprocess
+output goes to a log file whose tail is put into the error when a server fails to start.
+
+Example::
+
+    with serve_uvicorn("services.classifier.app:app", env={"BRAINSCAN_MODELS": str(store)},
+                       ready_path="/readyz", log_dir=tmp_path) as classifier:
+        httpx.get(f"{classifier.url}/v1/models")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_ready(url: str, *, timeout_s: float, is_alive=lambda: True, expect_status: int = 200) -> None:
+    """Poll ``url`` until it answers ``expect_status``.
+
+    Raises:
+        RuntimeError: ``is_alive()`` turned false (the server died) or ``timeout_s`` passed.
+    """
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if not is_alive():
+            raise RuntimeError(f"server died before {url} was ready ({last})")
+        try:
+            response = httpx.get(url, timeout=2.0, trust_env=False)
+            if response.status_code == expect_status:
+                return
+            last = f"HTTP {response.status_code}"
+        except httpx.TransportError as exc:
+            last = type(exc).__name__
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout_s:g} s ({last})")
+
+
+@dataclass
+class RunningServer:
+    """A uvicorn subprocess serving on ``url``."""
+
+    url: str
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+    _log_file: object = field(repr=False, default=None)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        """The end of the server's combined stdout/stderr."""
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Terminate the process (SIGTERM, then SIGKILL after ``timeout_s``)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout_s)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+def start_uvicorn(target: str, *, env: dict[str, str] | None = None, factory: bool = False,
+                  ready_path: str = "/healthz", ready_timeout_s: float = 90.0,
+                  log_dir: Path | None = None) -> RunningServer:
+    """Run ``uvicorn target`` in a subprocess on a free port and wait until it is ready.
+
+    Args:
+        target: ``"module:attribute"``, e.g. ``"gateway.app:app"``.
+        env: extra environment variables (added to this process's environment; the repository
+            root is put on ``PYTHONPATH``).
+        factory: ``target`` is an app factory (uvicorn ``--factory``).
+        ready_path: path that must answer 200 before this returns.
+        ready_timeout_s: how long to wait for it (servers that load TensorFlow need seconds).
+        log_dir: folder for the log file (a temporary folder when None).
+
+    Returns:
+        The running server; call :meth:`RunningServer.stop` (or use :func:`serve_uvicorn`).
+
+    Raises:
+        RuntimeError: the server exited or was not ready in time; the message holds its log tail.
+    """
+    if not target or ":" not in target:
+        raise ValueError(f"target must look like 'module:attribute', got {target!r}")
+    port = free_port()
+    log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="brainscan-server-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{target.replace(':', '_').replace('.', '_')}-{port}.log"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), full_env.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port),
+               "--log-level", "warning", *(["--factory"] if factory else [])]
+    log_file = open(log_path, "wb")  # noqa: SIM115 - closed by RunningServer.stop
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    server = RunningServer(f"http://127.0.0.1:{port}", port, process, log_path, log_file)
+    try:
+        wait_until_ready(server.url + ready_path, timeout_s=ready_timeout_s,
+                         is_alive=lambda: process.poll() is None)
+    except RuntimeError as exc:
+        server.stop()
+        raise RuntimeError(f"{target}: {exc}\n--- server log ---\n{server.log_tail()}") from exc
+    return server
+
+
+@contextlib.contextmanager
+def serve_uvicorn(target: str, **kwargs) -> Iterator[RunningServer]:
+    """:func:`start_uvicorn` as a context manager that always stops the server."""
+    server = start_uvicorn(target, **kwargs)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, *, ready_path: str = "/", ready_status: int = 200,
+                    ready_timeout_s: float = 15.0) -> Iterator[str]:
+    """Serve an ASGI ``app`` with uvicorn in a background thread of this process; yields its URL.
+
+    Meant for tiny stand-ins (e.g. a deliberately slow upstream), not for the real services:
+    those run in subprocesses so that their imports and threads never leak into the test process.
+    """
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                            timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url + ready_path, timeout_s=ready_timeout_s, is_alive=thread.is_alive,
+                         expect_status=ready_status)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
