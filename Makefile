@@ -1,12 +1,13 @@
 # brainscan: the two commands of the README.
 #   make setup   create .venv and install everything (Python packages, and system packages later issues need)
+#   make run     setup + start the services locally (brainscan up), Ctrl-C stops them
 #   make test    setup + the whole test suite (what CI runs)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.brainscan-installed
 
-.PHONY: setup system-deps test test-fast clean
+.PHONY: setup system-deps run test test-fast clean
 
 setup: $(STAMP)
 
@@ -20,6 +21,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[cpu,serve,dev]'
 	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/brainscan up $(ARGS)
 
 test: setup system-deps
 	$(PY) -m pytest

@@ -1,0 +1,37 @@
+"""``brainscan up``: start the whole stack on this machine and stop it with Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    up = subparsers.add_parser(
+        "up", help="start every service locally and print the URL to open",
+        description=(
+            "Start the classifier service and the gateway (which serves the web page) as child "
+            "processes, wait until each is ready, and print the URL to open. Internal services listen "
+            "on 127.0.0.1 only. Ctrl-C stops every process this command started. Exits non-zero with "
+            "a message when the port is taken or no model bundle is found."
+        ),
+    )
+    up.add_argument("--host", default="127.0.0.1",
+                    help="address the gateway listens on (default 127.0.0.1: this machine only)")
+    up.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    up.add_argument("--models", type=Path, default=None,
+                    help="model store folder (default: $BRAINSCAN_MODELS or ./models)")
+    up.add_argument("--api-key", action="append", default=None,
+                    help="require this X-API-Key on /api/v1 (repeatable; default: $GATEWAY_API_KEYS or open)")
+    up.add_argument("--logs", action="store_true", help="print the services' logs")
+    up.set_defaults(func=run_up)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from brainscan.launcher import run
+    from brainscan.models.store import default_root
+
+    models = (args.models or default_root()).resolve()
+    keys = ",".join(args.api_key) if args.api_key else os.environ.get("GATEWAY_API_KEYS")
+    return run(host=args.host, port=args.port, models_root=models, api_keys=keys, echo_logs=args.logs)
