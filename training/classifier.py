@@ -85,8 +85,15 @@ class ClassifierTrainConfig:
 
 
 def architecture_args(arch: str, input_size: int, preset: str, num_classes: int) -> dict[str, Any]:
-    """The registry arguments of ``arch`` for a classifier of ``num_classes`` at ``input_size`` px."""
-    return {"input_size": input_size, "num_classes": num_classes, "channels": 3, "preset": preset}
+    """The registry arguments of ``arch`` for a classifier of ``num_classes`` at ``input_size`` px.
+
+    The full ViT-CNN stem has stride 16 (14x14 tokens at 224 px). Below 224 px the stem loses its last
+    stride-2 block (stride 8), so that the token grid stays at least 14x14 (16x16 at 128 px).
+    """
+    args: dict[str, Any] = {"input_size": input_size, "num_classes": num_classes, "channels": 3, "preset": preset}
+    if arch == "vit_cnn" and preset == "full" and input_size < 224:
+        args["stem_filters"] = [32, 64, 128]
+    return args
 
 
 def training_records(data: Path, max_per_class: int | None, seed: int) -> list[Any]:

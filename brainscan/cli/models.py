@@ -24,6 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     promote.add_argument("version")
     promote.set_defaults(func=run_promote)
 
+    from training.demo import add_demo_parser
+
+    add_demo_parser(commands)
+
 
 def _store(args: argparse.Namespace):
     from brainscan.models.store import ModelStore, default_root

@@ -51,6 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="use at most N training images per class (smoke runs; marks the bundle as demo)")
     clf.set_defaults(func=run_classifier)
 
+    from training.segmenter_cli import add_segmenter_parser
+
+    add_segmenter_parser(commands)
+
 
 def run_classifier(args: argparse.Namespace) -> int:
     from training.classifier import ClassifierTrainConfig, train_classifier

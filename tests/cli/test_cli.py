@@ -25,6 +25,9 @@ COMMANDS = [
     ["models", "promote"],
     ["train"],
     ["train", "classifier"],
+    ["train", "segmenter"],
+    ["models", "ensure-demo"],
+    ["up"],
 ]
 
 

@@ -1,0 +1,279 @@
+"""End-to-end tests of segmenter training: tiny U-Nets on BraTS phantoms, bundles, resume, CLI, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from brainscan.data.brats import find_case, find_cases, load_case  # noqa: E402
+from brainscan.data.phantoms import write_brats_phantoms  # noqa: E402
+from brainscan.errors import DatasetLayoutError  # noqa: E402
+from brainscan.io.nifti import load_nifti, save_like  # noqa: E402
+from brainscan.labels import index_to_brats, region_mask  # noqa: E402
+from brainscan.metrics.segmentation import dice  # noqa: E402
+from training.patches import dataset_fingerprint  # noqa: E402
+from training.segmenter import SegmenterTrainConfig, split_cases, train_segmenter  # noqa: E402
+
+PHANTOM_SHAPE = (64, 64, 48)
+TRAIN_EPOCHS, TRAIN_STEPS = 8, 25
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    """6 training + 1 validation phantom (seed 0)."""
+    root = tmp_path_factory.mktemp("brats")
+    write_brats_phantoms(root, n=7, seed=0, shape=PHANTOM_SHAPE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    """A phantom of another dataset seed: never seen in training or validation."""
+    return write_brats_phantoms(tmp_path_factory.mktemp("held_out"), n=1, seed=1, shape=PHANTOM_SHAPE)[0]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def tiny_config(data: Path, arch: str, out: Path, work_dir: Path, **overrides) -> SegmenterTrainConfig:
+    settings = dict(data=data, arch=arch, out=out, preset="tiny", epochs=TRAIN_EPOCHS, steps_per_epoch=TRAIN_STEPS,
+                    val_cases=1, val_every=TRAIN_EPOCHS, work_dir=work_dir, version="test-1", progress="none")
+    return SegmenterTrainConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module", params=["unet3d", "attention_unet3d"])
+def trained(request, phantoms, store, tmp_path_factory) -> tuple[str, Path, SegmenterTrainConfig]:
+    arch = request.param
+    config = tiny_config(phantoms, arch, store, tmp_path_factory.mktemp(f"work-{arch}"), promote=True)
+    start = time.perf_counter()
+    bundle = train_segmenter(config)
+    print(f"{arch}: trained in {time.perf_counter() - start:.0f} s")
+    return arch, bundle, config
+
+
+def segment_like_serving(bundle_path: Path, case_folder: Path):
+    """Bundle -> preprocess -> sliding window -> restore: the path a segmenter service takes."""
+    from brainscan.inference.sliding_window import keras_predict_fn, predict_segmentation
+    from brainscan.models.bundle import load_bundle
+    from brainscan.preprocess.volume3d import restore_to_original
+
+    bundle = load_bundle(bundle_path)
+    loaded = load_case(find_case(case_folder))
+    image, info = bundle.preprocess(loaded.channels)
+    settings = bundle.inference
+    index = predict_segmentation(image, keras_predict_fn(bundle.model, settings["batch_size"]),
+                                 patch_size=tuple(settings["patch_size"]), overlap=settings["overlap"],
+                                 batch_size=settings["batch_size"], mirror_axes=tuple(settings["mirror_axes"]))
+    return loaded, index_to_brats(restore_to_original(index, info, fill=0))
+
+
+@pytest.fixture(scope="module")
+def held_out_prediction(trained, held_out):
+    arch, bundle, _ = trained
+    loaded, prediction = segment_like_serving(bundle, held_out)
+    return arch, loaded, prediction
+
+
+@pytest.mark.slow
+def test_trained_segmenter_beats_chance_on_held_out_phantom(held_out_prediction):
+    arch, loaded, prediction = held_out_prediction
+    truth = region_mask(loaded.seg, "WT")
+    rng = np.random.default_rng(0)
+    baselines = {
+        "all background": dice(np.zeros_like(truth), truth),
+        "random labels": dice(region_mask(rng.choice([0, 1, 2, 4], size=truth.shape), "WT"), truth),
+    }
+    whole_tumour = dice(region_mask(prediction, "WT"), truth)
+    print(f"{arch}: held-out whole-tumour Dice {whole_tumour:.3f}, baselines {baselines}")
+    assert whole_tumour > 0.3
+    assert whole_tumour > max(baselines.values()) + 0.25
+
+
+@pytest.mark.slow
+def test_prediction_maps_back_to_input_grid_and_affine(held_out_prediction, tmp_path):
+    _, loaded, prediction = held_out_prediction
+    assert prediction.shape == loaded.reference.shape and prediction.dtype == np.uint8
+    assert set(np.unique(prediction)) <= {0, 1, 2, 4}
+    written = load_nifti(save_like(prediction, loaded.reference, tmp_path / "prediction.nii.gz"))
+    np.testing.assert_allclose(written.affine, loaded.reference.affine)
+    np.testing.assert_array_equal(written.data, prediction)
+    from brainscan.preprocess.volume3d import brain_bounding_box
+
+    outside = np.ones(prediction.shape, dtype=bool)
+    outside[tuple(slice(a, b) for a, b in brain_bounding_box(np.any(loaded.channels != 0, axis=0)))] = False
+    assert not np.any(prediction[outside]), "labels outside the brain's bounding box: the crop was not undone"
+    assert np.any(prediction), "the trained network found no tumour at all"
+
+
+@pytest.mark.slow
+def test_bundle_manifest_records_training(trained, phantoms, store):
+    from brainscan.models.bundle import read_manifest
+    from brainscan.models.store import ModelStore
+
+    arch, bundle, config = trained
+    manifest = read_manifest(bundle)
+    assert bundle == store / "segmentation" / arch / "test-1"
+    assert ModelStore(store).current("segmentation", arch) == bundle
+    assert (manifest["task"], manifest["demo"], manifest["architecture"]["name"]) == ("segmentation", False, arch)
+    assert manifest["label_map"] == {"0": 0, "1": 1, "2": 2, "3": 4}
+    assert manifest["preprocessing"]["params"]["divisor"] == 8
+    assert manifest["inference"] == {"patch_size": [32, 32, 32], "overlap": 0.5, "batch_size": 2, "mirror_axes": []}
+    validation = manifest["metrics"]["validation"]
+    assert validation["n_cases"] == 1
+    assert validation["WT"]["dice"]["mean"] == pytest.approx(manifest["metrics"]["dice"]["WT"])
+    assert validation["WT"]["dice"]["median"] is not None
+    training = manifest["training"]
+    assert training["data_fingerprint"] == dataset_fingerprint(find_cases(phantoms))
+    assert training["epochs_run"] == TRAIN_EPOCHS and training["best_epoch"] == TRAIN_EPOCHS
+    state = json.loads((config.work_dir / "state.json").read_text())
+    assert state["epoch"] == TRAIN_EPOCHS
+    assert "val_dice_mean" in state["history"][-1] and "foreground_dice" in state["history"][0]
+    assert (config.work_dir / "best.weights.h5").is_file() and (config.work_dir / "tensorboard").is_dir()
+
+
+@pytest.mark.slow
+def test_resume_continues_from_checkpoint(phantoms, tmp_path):
+    common = dict(steps_per_epoch=3, val_every=1, warmup_epochs=0, out=tmp_path / "models")
+    first = train_segmenter(tiny_config(phantoms, "unet3d", work_dir=tmp_path / "work", epochs=1, version="one",
+                                        **common))
+    state = json.loads((tmp_path / "work" / "state.json").read_text())
+    assert state["epoch"] == 1 and first.is_dir()
+    train_segmenter(tiny_config(phantoms, "unet3d", work_dir=tmp_path / "work", epochs=2, version="two",
+                                resume=True, **common))
+    resumed = json.loads((tmp_path / "work" / "state.json").read_text())
+    assert resumed["epoch"] == 2
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert resumed["history"][0] == state["history"][0]
+
+    import keras
+
+    import training.losses  # noqa: F401  (registers the custom loss the checkpoint names)
+
+    checkpoint = keras.models.load_model(tmp_path / "work" / "last.keras")
+    assert int(checkpoint.optimizer.iterations.numpy()) == 6  # 3 steps per epoch, two epochs
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"arch": "resnet50"}, "arch"), ({"preset": "huge"}, "preset"), ({"patch_size": 20}, "multiple of 8"),
+     ({"foreground_fraction": 1.5}, "foreground_fraction"), ({"overlap": 1.0}, "overlap"),
+     ({"val_cases": 0}, "val_cases"), ({"epochs": 2, "warmup_epochs": 2}, "warmup_epochs"),
+     ({"weights_dtype": "int8"}, "weights_dtype"), ({"progress": "loud"}, "progress"),
+     ({"max_cases": 1}, "max_cases"), ({"batch_size": 0}, "batch_size")],
+)
+def test_config_rejects_bad_values(overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        SegmenterTrainConfig(**{"data": tmp_path, "arch": "unet3d", **overrides})
+
+
+@pytest.mark.parametrize("preset, patch, lr, epochs", [("full", 128, 1e-3, 100), ("tiny", 32, 1e-2, 8)])
+def test_config_takes_preset_defaults(preset, patch, lr, epochs, tmp_path):
+    config = SegmenterTrainConfig(data=tmp_path, arch="unet3d", preset=preset)
+    assert (config.patch_size, config.learning_rate, config.epochs) == (patch, lr, epochs)
+    assert config.inference()["patch_size"] == [patch] * 3
+    assert config.work_dir == Path("runs") / f"segmenter-unet3d-{preset}-{patch}px-seed0"
+
+
+@pytest.mark.parametrize("n, val_fraction, val_cases, expected_val", [(7, 0.15, None, 1), (10, 0.3, None, 3),
+                                                                      (7, 0.15, 2, 2)])
+def test_split_is_seeded_and_disjoint(n, val_fraction, val_cases, expected_val):
+    cases = [argparse.Namespace(case_id=f"case{i:02d}") for i in range(n)]
+    train, val = split_cases(cases, val_fraction=val_fraction, val_cases=val_cases, seed=3)
+    again = split_cases(cases, val_fraction=val_fraction, val_cases=val_cases, seed=3)
+    assert (train, val) == again and len(val) == expected_val
+    assert {c.case_id for c in train} | {c.case_id for c in val} == {c.case_id for c in cases}
+    assert not {c.case_id for c in train} & {c.case_id for c in val}
+
+
+@pytest.mark.parametrize("n, val_cases", [(1, None), (3, 3)])
+def test_split_refuses_too_few_cases(n, val_cases):
+    cases = [argparse.Namespace(case_id=f"case{i}") for i in range(n)]
+    with pytest.raises(DatasetLayoutError):
+        split_cases(cases, val_fraction=0.2, val_cases=val_cases, seed=0)
+
+
+def cli(*register):
+    parser = argparse.ArgumentParser(prog="brainscan")
+    commands = parser.add_subparsers(required=True)
+    for add in register:
+        add(commands)
+    return parser
+
+
+def test_segmenter_cli_builds_config_and_help_is_helpful(tmp_path, capsys):
+    from training.segmenter_cli import add_segmenter_parser, config_from_args
+
+    parser = cli(add_segmenter_parser)
+    args = parser.parse_args(["segmenter", "--data", str(tmp_path), "--arch", "attention_unet3d", "--preset", "tiny",
+                              "--val-cases", "2", "--mirror-tta", "--no-augment", "--version", "v1"])
+    config = config_from_args(args)
+    assert (config.arch, config.preset, config.patch_size, config.val_cases) == ("attention_unet3d", "tiny", 32, 2)
+    assert config.mirror_axes == (0, 1, 2) and config.augment is False and config.version == "v1"
+    assert args.func.__name__ == "run_segmenter"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["segmenter", "--help"])
+    text = capsys.readouterr().out
+    for phrase in ("BraTS 2020", "GPU", "--resume", "brainscan train segmenter --data"):
+        assert phrase in text
+
+
+def add_real_bundle(root: Path, arch: str) -> Path:
+    """An untrained but real (``demo: false``) tiny bundle, promoted: what a user's trained model looks like."""
+    from brainscan.models.bundle import save_bundle
+    from brainscan.models.registry import build_model
+    from brainscan.models.store import ModelStore
+    from brainscan.preprocess.volume3d import VolumePreprocessConfig
+
+    args = {"preset": "tiny"}
+    path = save_bundle(build_model(arch, args), root / "segmentation" / arch / "real-1", task="segmentation",
+                       architecture=arch, architecture_args=args, preprocessing=VolumePreprocessConfig(divisor=8),
+                       version="real-1", inference={"patch_size": [32, 32, 32]})
+    ModelStore(root).promote("segmentation", arch, "real-1")
+    return path
+
+
+@pytest.mark.slow
+def test_ensure_demo_trains_promotes_once_and_respects_real_bundles(monkeypatch, tmp_path):
+    import training.demo as demo
+    from brainscan.models.bundle import read_manifest
+
+    for name, value in {"DEMO_CASES": 3, "DEMO_VAL_CASES": 1, "DEMO_SHAPE": (48, 48, 32), "DEMO_EPOCHS": 1,
+                        "DEMO_STEPS_PER_EPOCH": 2}.items():
+        monkeypatch.setattr(demo, name, value)
+    root = tmp_path / "models"
+    [path] = demo.ensure_demo_bundles(root, archs=("unet3d",), progress=False)
+    manifest = read_manifest(path)
+    assert path == root / "segmentation" / "unet3d" / "demo-1"
+    assert manifest["demo"] is True and manifest["version"] == "demo-1"
+    stamp = (path / "manifest.json").stat().st_mtime_ns
+    assert demo.ensure_demo_bundles(root, archs=("unet3d",), progress=False) == [path]
+    assert (path / "manifest.json").stat().st_mtime_ns == stamp, "a current bundle must not be retrained"
+
+    real = add_real_bundle(root, "unet3d")
+    assert demo.ensure_demo_bundles(root, archs=("unet3d",), force=True, progress=False) == [real]
+    assert (path / "manifest.json").stat().st_mtime_ns != stamp, "--force retrains the demo"
+    assert read_manifest(path)["demo"] is True
+
+
+def test_ensure_demo_rejects_unknown_arch(tmp_path):
+    from training.demo import ensure_demo_bundles
+
+    with pytest.raises(ValueError, match="resnet50"):
+        ensure_demo_bundles(tmp_path, archs=("resnet50",))
+
+
+def test_demo_cli_parses_root_and_force(tmp_path):
+    from training.demo import add_demo_parser
+
+    args = cli(add_demo_parser).parse_args(["ensure-demo", "--root", str(tmp_path), "--force", "--arch", "unet3d"])
+    assert (args.ensure_root, args.force, args.demo_archs) == (tmp_path, True, ["unet3d"])
+    assert args.func.__name__ == "run_ensure_demo"

@@ -1,0 +1,448 @@
+"""Train a 3D tumour segmenter (U-Net or Attention U-Net) on BraTS cases and write a model bundle.
+
+The pipeline, in order: find the labelled cases under ``--data`` (BraTS 2018-2021 layout), a seeded
+train/validation split by case, preprocessing with the serving function (cached as memory-mapped
+``.npy`` in the work folder), a tf.data stream of random patches with tumour oversampling and
+augmentation (:mod:`training.patches`), AdamW with warm-up and cosine decay on soft Dice +
+cross-entropy (:mod:`training.losses`), a checkpoint after every epoch (``--resume`` continues
+from it, patch stream included), TensorBoard logs, and every ``val_every`` epochs a validation on
+WHOLE validation volumes exactly as serving predicts them (load, preprocess, sliding window,
+restore to the input grid) scored with the BraTS region Dice (WT/TC/ET). Their mean selects the
+best weights and drives early stopping. Finally the best weights go into a bundle whose manifest
+holds the validation metrics, the preprocessing and the sliding-window settings.
+
+Example (a GPU machine with BraTS 2020):
+    brainscan train segmenter --data MICCAI_BraTS2020_TrainingData --arch unet3d --out models --promote
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainscan.errors import DatasetLayoutError
+from brainscan.labels import BRATS_LABELS, REGIONS
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("unet3d", "attention_unet3d")
+#: per preset: patch side, steps per epoch, epochs, peak learning rate. The tiny network (4-32
+#: filters) needs a 10x larger AdamW step to leave the all-background solution within minutes.
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "full": {"patch_size": 128, "steps_per_epoch": 250, "epochs": 100, "learning_rate": 1e-3},
+    "tiny": {"patch_size": 32, "steps_per_epoch": 25, "epochs": 8, "learning_rate": 1e-2},
+}
+
+
+@dataclass
+class SegmenterTrainConfig:
+    """Every knob of a segmenter training run; stored in the bundle manifest for reproduction.
+
+    ``None`` for ``patch_size``, ``steps_per_epoch``, ``epochs`` or ``learning_rate`` takes the preset's default
+    (:data:`PRESET_DEFAULTS`). ``val_cases`` (a count) overrides ``val_fraction``.
+    """
+
+    data: Path
+    arch: str
+    out: Path = Path("models")
+    preset: str = "full"
+    patch_size: int | None = None
+    batch_size: int = 2
+    epochs: int | None = None
+    steps_per_epoch: int | None = None
+    learning_rate: float | None = None
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    val_fraction: float = 0.15
+    val_cases: int | None = None
+    val_every: int = 5
+    patience: int = 30
+    max_cases: int | None = None
+    seed: int = 0
+    work_dir: Path | None = None
+    version: str | None = None
+    resume: bool = False
+    promote: bool = False
+    overwrite: bool = False
+    weights_dtype: str = "float16"
+    mixed_precision: str = "auto"
+    foreground_fraction: float = 1 / 3
+    augment: bool = True
+    overlap: float = 0.5
+    mirror_tta: bool = False
+    demo: bool = False
+    progress: str = "keras"
+    command: str = field(default_factory=lambda: shlex.join(["brainscan", *sys.argv[1:]]))
+
+    def __post_init__(self) -> None:
+        from brainscan.models.unet3d import PRESETS, spatial_divisor
+
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
+        if self.preset not in PRESET_DEFAULTS:
+            raise ValueError(f"preset must be one of {tuple(PRESET_DEFAULTS)}, got {self.preset!r}")
+        for name, value in PRESET_DEFAULTS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        divisor = spatial_divisor(PRESETS[self.preset]["levels"])
+        if self.patch_size < divisor or self.patch_size % divisor:
+            raise ValueError(f"patch_size must be a positive multiple of {divisor} (the U-Net's downsampling), "
+                             f"got {self.patch_size}")
+        for name in ("epochs", "batch_size", "steps_per_epoch", "val_every", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.val_cases is not None and self.val_cases < 1:
+            raise ValueError(f"val_cases must be at least 1, got {self.val_cases}")
+        if self.max_cases is not None and self.max_cases < 2:
+            raise ValueError(f"max_cases must be at least 2 (one to train, one to validate), got {self.max_cases}")
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if not (self.learning_rate > 0 and self.weight_decay >= 0):
+            raise ValueError(f"learning_rate must be > 0 and weight_decay >= 0, got {self.learning_rate}, "
+                             f"{self.weight_decay}")
+        if self.weights_dtype not in ("float16", "float32"):
+            raise ValueError(f"weights_dtype must be float16 or float32, got {self.weights_dtype!r}")
+        if self.progress not in ("keras", "tqdm", "none"):
+            raise ValueError(f"progress must be keras, tqdm or none, got {self.progress!r}")
+        self.data, self.out = Path(self.data), Path(self.out)
+        if self.work_dir is None:
+            self.work_dir = Path("runs") / f"segmenter-{self.arch}-{self.preset}-{self.patch_size}px-seed{self.seed}"
+        self.work_dir = Path(self.work_dir)
+        if self.version is None:
+            self.version = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+    @property
+    def divisor(self) -> int:
+        """Every preprocessed size is a multiple of this (the U-Net's total downsampling)."""
+        from brainscan.models.unet3d import PRESETS, spatial_divisor
+
+        return spatial_divisor(PRESETS[self.preset]["levels"])
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...]:
+        return (0, 1, 2) if self.mirror_tta else ()
+
+    def inference(self) -> dict[str, Any]:
+        """The bundle's sliding-window settings."""
+        return {"patch_size": [self.patch_size] * 3, "overlap": self.overlap, "batch_size": self.batch_size,
+                "mirror_axes": list(self.mirror_axes)}
+
+
+def split_cases(cases: list[Any], *, val_fraction: float, val_cases: int | None, seed: int) -> tuple[list, list]:
+    """Seeded split of labelled cases into (train, validation), each sorted by case id.
+
+    Raises:
+        DatasetLayoutError: fewer than 2 cases, or no case left to train on.
+    """
+    if len(cases) < 2:
+        raise DatasetLayoutError(f"training needs at least 2 labelled cases (1 to validate), found {len(cases)}")
+    n_val = val_cases if val_cases is not None else max(1, round(val_fraction * len(cases)))
+    if n_val >= len(cases):
+        raise DatasetLayoutError(f"{n_val} validation cases leave none of the {len(cases)} cases to train on")
+    order = np.random.default_rng(seed).permutation(len(cases))
+    val = sorted((cases[i] for i in order[:n_val]), key=lambda c: c.case_id)
+    train = sorted((cases[i] for i in order[n_val:]), key=lambda c: c.case_id)
+    return train, val
+
+
+def labelled_cases(data: Path, max_cases: int | None, seed: int) -> list[Any]:
+    """The cases under ``data`` that have a segmentation (at most ``max_cases``, a seeded choice)."""
+    from brainscan.data.brats import find_cases
+
+    cases = find_cases(data)
+    labelled = [c for c in cases if c.seg is not None]
+    if len(labelled) < len(cases):
+        log.warning("skipping %d case(s) without a segmentation under %s", len(cases) - len(labelled), data)
+    if max_cases is not None and len(labelled) > max_cases:
+        pick = np.random.default_rng(seed).choice(len(labelled), size=max_cases, replace=False)
+        labelled = [labelled[i] for i in sorted(pick)]
+    return labelled
+
+
+def evaluate_cases(model: Any, cases: list[Any], preprocess_config: Any, *, patch_size: int, overlap: float,
+                   batch_size: int, mirror_axes: tuple[int, ...] = (), cache_dir: Path | None = None,
+                   predict_fn: Any = None) -> dict[str, dict]:
+    """Segment whole cases as serving does and score them against their label files, on their own grid.
+
+    Args:
+        model: the Keras segmenter (``(B, P, P, P, 4) -> (B, P, P, P, 4)`` probabilities).
+        cases: labelled :class:`~brainscan.data.brats.BratsCase` objects.
+        preprocess_config: the bundle's ``VolumePreprocessConfig``.
+        patch_size, overlap, batch_size, mirror_axes: the sliding-window settings.
+        cache_dir: preprocessed-case cache shared with training (same function, computed once).
+        predict_fn: a ready ``keras_predict_fn(model)`` to reuse its traced graph across rounds.
+
+    Returns:
+        ``{case_id: segmentation_metrics(...)}`` (BraTS regions WT/TC/ET, labels, mean IoU).
+    """
+    from brainscan.inference.sliding_window import keras_predict_fn, sliding_window_inference
+    from brainscan.io.nifti import load_nifti
+    from brainscan.labels import index_to_brats
+    from brainscan.metrics.segmentation import segmentation_metrics
+    from brainscan.preprocess.volume3d import restore_to_original
+    from training.patches import prepare_case
+
+    predict_fn = predict_fn or keras_predict_fn(model, batch_size)
+    background_wins = tuple(1.0 if k == 0 else 0.0 for k in range(len(BRATS_LABELS)))
+    results = {}
+    for case in cases:
+        prepared = prepare_case(case, preprocess_config, cache_dir)
+        probabilities = sliding_window_inference(
+            np.asarray(prepared.image), predict_fn, patch_size=(patch_size,) * 3, overlap=overlap,
+            batch_size=batch_size, num_classes=len(BRATS_LABELS), mirror_axes=mirror_axes,
+        )
+        probabilities = restore_to_original(probabilities, prepared.info, fill=background_wins)
+        prediction = index_to_brats(np.argmax(probabilities, axis=-1))
+        # The truth is the label file itself, not the cropped training labels: a tumour voxel the
+        # crop lost would count as missed.
+        truth = load_nifti(case.seg)
+        labels = truth.data.reshape(truth.data.shape[:3]).astype(np.uint8)
+        results[case.case_id] = segmentation_metrics(prediction, labels, truth.spacing[:3])
+    return results
+
+
+def region_dice(per_case: dict[str, dict]) -> dict[str, float]:
+    """Mean Dice per region over cases, and ``mean`` (their average: the model-selection score)."""
+    scores = {r: float(np.mean([m[r]["dice"] for m in per_case.values()])) for r in REGIONS}
+    scores["mean"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def _callbacks(config: SegmenterTrainConfig, state: dict[str, Any], val_cases: list[Any], preprocess_config: Any,
+               initial_epoch: int) -> list[Any]:
+    """Whole-volume validation + best weights + early stopping, checkpoint, TensorBoard, state.json."""
+    import keras
+
+    work = config.work_dir
+    assert work is not None
+
+    class WholeVolumeValidation(keras.callbacks.Callback):
+        """Every ``val_every`` epochs (and at the last one): region Dice on whole validation volumes."""
+
+        predict_fn = None
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            done = epoch + 1
+            if done % config.val_every and done != config.epochs:
+                return
+            from brainscan.inference.sliding_window import keras_predict_fn
+
+            self.predict_fn = self.predict_fn or keras_predict_fn(self.model, config.batch_size)
+            start = time.perf_counter()
+            per_case = evaluate_cases(self.model, val_cases, preprocess_config, patch_size=config.patch_size,
+                                      overlap=config.overlap, batch_size=config.batch_size, cache_dir=work / "cache",
+                                      predict_fn=self.predict_fn)
+            scores = region_dice(per_case)
+            if logs is not None:
+                logs.update({f"val_dice_{k}": v for k, v in scores.items()})
+            log.info("epoch %d validation on %d whole volumes (%.0f s): Dice WT %.3f TC %.3f ET %.3f mean %.3f",
+                     done, len(per_case), time.perf_counter() - start, scores["WT"], scores["TC"], scores["ET"],
+                     scores["mean"])
+            if state["best"] is None or scores["mean"] > state["best"]["val_dice_mean"]:
+                state["best"] = {"epoch": done, "val_dice_mean": scores["mean"]}
+                self.model.save_weights(work / "best.weights.h5")
+                _write_json(work / "best_validation.json", {"epoch": done, "per_case": per_case})
+            elif done - state["best"]["epoch"] >= config.patience:
+                log.info("early stopping: no better validation Dice since epoch %d", state["best"]["epoch"])
+                self.model.stop_training = True
+
+    class StateWriter(keras.callbacks.Callback):
+        """Writes ``state.json`` after each epoch so that ``--resume`` knows where to continue."""
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            state["history"].append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
+            state["epoch"] = epoch + 1
+            _write_json(work / "state.json", state)
+
+    callbacks = [
+        WholeVolumeValidation(),
+        keras.callbacks.ModelCheckpoint(work / "last.keras"),
+        keras.callbacks.TensorBoard(log_dir=str(work / "tensorboard"), write_graph=False, profile_batch=0),
+        StateWriter(),
+    ]
+    if config.progress == "tqdm":
+        callbacks.append(tqdm_callback(config.epochs * config.steps_per_epoch, initial_epoch * config.steps_per_epoch,
+                                      desc=f"training {config.arch}"))
+    return callbacks
+
+
+def tqdm_callback(total: int, initial: int, desc: str) -> Any:
+    """A Keras callback drawing one tqdm bar over all training steps, with loss and patch Dice."""
+    import keras
+    from tqdm.auto import tqdm
+
+    class TqdmProgress(keras.callbacks.Callback):
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            self.bar.update(1)
+            if logs and batch % 5 == 0:
+                shown = {k: f"{float(v):.3f}" for k, v in logs.items() if k in ("loss", "foreground_dice")}
+                self.bar.set_postfix(shown, refresh=False)
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            if logs and "val_dice_mean" in logs:
+                self.bar.write(f"epoch {epoch + 1}: validation Dice (mean of WT/TC/ET) {logs['val_dice_mean']:.3f}")
+
+        def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+            self.bar.close()
+
+    return TqdmProgress()
+
+
+def _build_and_compile(config: SegmenterTrainConfig, arch_args: dict[str, Any]) -> Any:
+    import keras
+
+    from brainscan.models.registry import build_model
+    from training.losses import DiceCELoss, ForegroundDice
+
+    model = build_model(config.arch, arch_args)
+    steps = config.steps_per_epoch
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.learning_rate / 100 if config.warmup_epochs else config.learning_rate,
+        decay_steps=max(1, steps * (config.epochs - config.warmup_epochs)),
+        warmup_target=config.learning_rate if config.warmup_epochs else None,
+        warmup_steps=steps * config.warmup_epochs,
+        alpha=0.01,
+    )
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay, clipnorm=12.0)
+    model.compile(optimizer=optimizer, loss=DiceCELoss(), metrics=[ForegroundDice()], jit_compile=False)
+    return model
+
+
+def train_segmenter(config: SegmenterTrainConfig) -> Path:
+    """Run a whole training and write the bundle; returns the bundle's path.
+
+    Raises:
+        DatasetLayoutError: no usable labelled cases, or too few to split.
+        And the data errors of :func:`brainscan.data.brats.load_case` for a broken case.
+    """
+    import keras
+
+    import training.losses  # noqa: F401  (registers the loss and metric that last.keras names)
+    from brainscan.metrics.segmentation import aggregate_cases
+    from brainscan.models.bundle import save_bundle
+    from brainscan.models.store import ModelStore
+    from brainscan.preprocess.volume3d import VolumePreprocessConfig
+    from training.patches import AugmentConfig, PatchSampler, dataset_fingerprint, prepare_cases
+    from training.runtime import setup_runtime
+
+    previous_policy = keras.mixed_precision.global_policy()
+    runtime = setup_runtime(config.seed, mixed_precision=config.mixed_precision)
+    try:
+        work = config.work_dir
+        assert work is not None
+        work.mkdir(parents=True, exist_ok=True)
+        cases = labelled_cases(config.data, config.max_cases, config.seed)
+        train, val = split_cases(cases, val_fraction=config.val_fraction, val_cases=config.val_cases, seed=config.seed)
+        log.info("training cases: %d, validation cases: %d (whole volumes)", len(train), len(val))
+        preprocess_config = VolumePreprocessConfig(divisor=config.divisor)
+        prepared = prepare_cases(train, preprocess_config, cache_dir=work / "cache")
+        # Validation cases go through the same cache now: a broken one fails here, not epochs later.
+        prepare_cases(val, preprocess_config, cache_dir=work / "cache")
+
+        arch_args = {"num_classes": len(BRATS_LABELS), "in_channels": 4, "preset": config.preset}
+        state_path, last_path, best_path = work / "state.json", work / "last.keras", work / "best.weights.h5"
+        config_dict = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+        state: dict[str, Any] = {"epoch": 0, "history": [], "best": None, "config": config_dict}
+        with runtime.strategy.scope():
+            if config.resume and last_path.exists() and state_path.exists():
+                model = keras.models.load_model(last_path)
+                state.update({k: v for k, v in json.loads(state_path.read_text()).items() if k != "config"})
+                log.info("resuming from %s at epoch %d", last_path, state["epoch"])
+            else:
+                if config.resume:
+                    log.warning("--resume given but no checkpoint in %s: starting from scratch", work)
+                model = _build_and_compile(config, arch_args)
+        initial_epoch = int(state["epoch"])
+
+        global_batch = config.batch_size * runtime.replicas
+        sampler = PatchSampler(prepared, patch_size=config.patch_size, foreground_fraction=config.foreground_fraction,
+                               augment=AugmentConfig() if config.augment else None, seed=config.seed)
+        # Continue the patch stream where the checkpoint left it, not from its first patch.
+        dataset = sampler.dataset(global_batch, start=initial_epoch * config.steps_per_epoch * global_batch)
+        callbacks = _callbacks(config, state, val, preprocess_config, initial_epoch)
+        start = time.perf_counter()
+        if initial_epoch < config.epochs:
+            verbose = (1 if sys.stdout.isatty() else 2) if config.progress == "keras" else 0
+            model.fit(dataset, epochs=config.epochs, initial_epoch=initial_epoch,
+                      steps_per_epoch=config.steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=verbose)
+        train_seconds = time.perf_counter() - start
+
+        best_file = work / "best_validation.json"
+        if best_path.exists() and best_file.exists() and not config.mirror_tta:
+            model.load_weights(best_path)
+            per_case = json.loads(best_file.read_text())["per_case"]
+        else:
+            if best_path.exists():
+                model.load_weights(best_path)
+            per_case = evaluate_cases(model, val, preprocess_config, patch_size=config.patch_size,
+                                      overlap=config.overlap, batch_size=config.batch_size,
+                                      mirror_axes=config.mirror_axes, cache_dir=work / "cache")
+        scores = region_dice(per_case)
+        log.info("validation Dice of the bundled weights: WT %.3f TC %.3f ET %.3f (%d cases)",
+                 scores["WT"], scores["TC"], scores["ET"], len(per_case))
+
+        bundle_dir = config.out / "segmentation" / config.arch / str(config.version)
+        history = state["history"]
+        save_bundle(
+            model,
+            bundle_dir,
+            task="segmentation",
+            architecture=config.arch,
+            architecture_args=arch_args,
+            preprocessing=preprocess_config,
+            label_map=dict(enumerate(BRATS_LABELS)),
+            version=str(config.version),
+            demo=config.demo,
+            inference=config.inference(),
+            metrics={
+                "dice": scores,
+                "validation": aggregate_cases(list(per_case.values())),
+                "validation_per_case": {cid: {r: m[r]["dice"] for r in REGIONS} for cid, m in per_case.items()},
+                "validation_cases": len(val),
+                "training_cases": len(train),
+            },
+            training={
+                "data_fingerprint": dataset_fingerprint(train + val),
+                "data_description": f"BraTS-layout cases at {config.data} ({len(train)} train, {len(val)} validation)",
+                "command": config.command,
+                "epochs": config.epochs,
+                "seed": config.seed,
+                "config": config_dict,
+                "validation_case_ids": [c.case_id for c in val],
+                "epochs_run": len(history),
+                "best_epoch": state["best"]["epoch"] if state["best"] else None,
+                "history": history,
+                "train_seconds_this_run": round(train_seconds, 1),
+                "devices": {"gpus": runtime.gpus, "mixed_precision": runtime.mixed_precision},
+            },
+            weights_dtype=config.weights_dtype,
+            overwrite=config.overwrite,
+        )
+        if config.promote:
+            ModelStore(config.out).promote("segmentation", config.arch, str(config.version))
+        return bundle_dir
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
