@@ -10,6 +10,7 @@ STAMP  := $(VENV)/.brainscan-installed
 .PHONY: setup system-deps run test test-fast clean
 
 setup: $(STAMP)
+	./scripts/vendor-frontend.sh
 
 # Chromium (browser tests) and redis-server (Celery tests), via apt when missing.
 system-deps:

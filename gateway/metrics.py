@@ -8,6 +8,7 @@ the route, status and latency of the request once it has been answered.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -87,14 +88,25 @@ def configure_logging(level: str) -> logging.Logger:
     return logger
 
 
-def route_label(path: str, known_paths: frozenset[str]) -> str:
-    """A low-cardinality route name: the path of a known route, else ``unmatched``/``static``.
+@functools.lru_cache(maxsize=256)
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """``/a/{job_id}/b`` -> a regex matching ``/a/<one segment>/b``."""
+    parts = re.split(r"\{[^/{}]+\}", template)
+    return re.compile("^" + "[^/]+".join(re.escape(part) for part in parts) + "$")
 
-    The gateway's routes have no path parameters, so a known path is its own template; anything
-    else is bucketed so that scanners cannot blow up the number of time series.
+
+def route_label(path: str, known_paths: frozenset[str]) -> str:
+    """A low-cardinality route name: the route template a path matches, else ``unmatched``/``static``.
+
+    A known path without parameters is its own label; one with parameters (``/api/v1/
+    segmentations/{job_id}``) is labelled by its template, never by the id. Anything else is
+    bucketed so that scanners cannot blow up the number of time series.
     """
     if path in known_paths:
         return path
+    for template in known_paths:
+        if "{" in template and _template_pattern(template).match(path):
+            return template
     return "unmatched" if path.startswith("/api") else "static"
 
 

@@ -90,9 +90,10 @@ def add_cors(app: FastAPI, settings: GatewaySettings) -> None:
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
-        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
         allow_headers=["Content-Type", API_KEY_HEADER, "X-Request-ID"],
-        expose_headers=["X-Request-ID"],
+        # No credentials: the session cookie is SameSite=Strict, so other sites use API keys.
+        expose_headers=["X-Request-ID", "Location"],
         max_age=600,
     )
 

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +19,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The classifier accepts 20 MB files; the gateway limit is on the whole multipart body, so it
 # leaves room for the part headers and boundaries around a file of exactly that size.
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024 + 64 * 1024
+# A 3D case is four NIfTI volumes (a BraTS case is ~35 MB gzipped, up to ~140 MB uncompressed);
+# the segmenter's own limit (512 MiB) stays below this, so its more specific 413 is what users see.
+DEFAULT_MAX_SEGMENTATION_UPLOAD_BYTES = 600 * 1024 * 1024
 
 
 def _split_csv(value: object) -> object:
@@ -33,14 +36,17 @@ class GatewaySettings(BaseSettings):
 
     Attributes:
         classifier_url: base URL of the classifier service (``GATEWAY_CLASSIFIER_URL``).
-        segmenter_url: base URL of the segmenter API; empty means "not configured", and
-            ``/api/ready`` then reports it as such instead of failing.
+        segmenter_url: base URL of the segmenter API; empty means "not configured": the
+            segmentation routes answer 503 and ``/api/ready`` reports it as such instead of failing.
         api_keys: comma-separated keys; when non-empty every ``/api/v1/*`` request needs a
             matching ``X-API-Key`` header.
         cors_origins: comma-separated origins allowed to call the API from a browser (none by
             default: the page is served by the gateway itself, same origin).
-        max_upload_bytes: largest request body accepted on upload routes, enforced while the
-            body streams in.
+        max_upload_bytes: largest request body accepted for a classification, enforced while
+            the body streams in.
+        max_segmentation_upload_bytes: largest request body accepted for a segmentation (a 3D
+            case), enforced while the body streams through to the segmenter
+            (``GATEWAY_MAX_SEGMENTATION_UPLOAD_BYTES``).
         timeout_s: how long to wait for an upstream answer (a classification) before a 504.
         connect_timeout_s: how long to wait for an upstream TCP connection.
         ready_timeout_s: per-service timeout of the ``/api/ready`` probes (short, so that a
@@ -56,6 +62,7 @@ class GatewaySettings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_segmentation_upload_bytes: int = DEFAULT_MAX_SEGMENTATION_UPLOAD_BYTES
     timeout_s: float = 60.0
     connect_timeout_s: float = 3.0
     ready_timeout_s: float = 2.0
@@ -82,11 +89,11 @@ class GatewaySettings(BaseSettings):
             raise ValueError("classifier_url must be set (e.g. http://127.0.0.1:8101): classification needs it")
         return value
 
-    @field_validator("max_upload_bytes")
+    @field_validator("max_upload_bytes", "max_segmentation_upload_bytes")
     @classmethod
-    def _check_max_upload(cls, value: int) -> int:
+    def _check_max_upload(cls, value: int, info: ValidationInfo) -> int:
         if value < 1:
-            raise ValueError(f"max_upload_bytes must be >= 1, got {value}")
+            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
         return value
 
     @field_validator("timeout_s", "connect_timeout_s", "ready_timeout_s")
@@ -103,6 +110,11 @@ class GatewaySettings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {value!r}")
         return level
+
+    @property
+    def segmenter_enabled(self) -> bool:
+        """Whether a segmenter URL is configured (the segmentation routes answer 503 otherwise)."""
+        return bool(self.segmenter_url)
 
     @property
     def api_keys_enabled(self) -> bool:

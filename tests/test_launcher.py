@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,12 +48,16 @@ def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[st
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_classifier_store(tmp_path_factory.mktemp("models"), archs=("resnet50",))
+    root = make_classifier_store(tmp_path_factory.mktemp("models"), archs=("resnet50",))
+    # The demo segmentation bundles that ship in the repo (training them here would take minutes).
+    shutil.copytree(REPO / "models" / "segmentation", root / "segmentation")
+    return root
 
 
 def test_up_serves_and_ctrl_c_stops_everything(store: Path) -> None:
     port = free_port()
-    proc = launch("--port", str(port), "--models", str(store))
+    proc = launch("--port", str(port), "--models", str(store), "--workers", "2",
+                  "--data-dir", str(store.parent / "var"))
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 240
@@ -66,7 +71,8 @@ def test_up_serves_and_ctrl_c_stops_everything(store: Path) -> None:
             pytest.fail("launcher never became ready:\n" + "".join(lines))
         assert f"http://127.0.0.1:{port}/" in lines[-1]
         children = children_of(proc.pid)
-        assert len(children) == 2, children  # classifier + gateway
+        assert len(children) == 6, children  # redis, classifier, segmenter API, 2 workers, gateway
+        worker_pools = [grandchild for pid in children for grandchild in children_of(pid)]
         assert httpx.get(f"http://127.0.0.1:{port}/api/ready", timeout=10).status_code == 200
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
         assert page.status_code == 200 and "not for clinical use" in page.text.lower()
@@ -82,13 +88,44 @@ def test_up_serves_and_ctrl_c_stops_everything(store: Path) -> None:
                             files={"file": ("scan.jpg", raw, "image/jpeg")}, timeout=60)
         assert result.status_code == 200, result.text
         assert result.json()["label"] in ("glioma", "meningioma", "notumor", "pituitary")
+        segment_one_case(f"http://127.0.0.1:{port}", store.parent / "case")
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "stopping" in out
     time.sleep(0.5)
-    assert [pid for pid in children if alive(pid)] == []
+    assert [pid for pid in children + worker_pools if alive(pid)] == []
+
+
+def segment_one_case(base: str, workdir: Path) -> None:
+    """A phantom case through the launched gateway, segmenter API, broker and worker, to a mask."""
+    import nibabel as nib
+    import numpy as np
+
+    from brainscan.data.phantoms import write_brats_phantoms
+
+    case = write_brats_phantoms(workdir, n=1, seed=11, shape=(64, 64, 48))[0]
+    files = {m: (p.name, p.read_bytes(), "application/gzip")
+             for m in ("t1", "t1ce", "t2", "flair") for p in case.glob(f"*_{m}.nii.gz")}
+    with httpx.Client(base_url=base, timeout=60) as client:  # keeps the session cookie: job ownership
+        created = client.post("/api/v1/segmentations", files=files)
+        assert created.status_code == 202, created.text
+        job = created.json()
+        deadline = time.monotonic() + 240
+        while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.5)
+            job = client.get(f"/api/v1/segmentations/{job['id']}").json()
+        assert job["status"] == "succeeded", job
+        mask = client.get(job["result"]["mask_url"])
+        assert mask.status_code == 200
+    out = workdir / "mask.nii.gz"
+    out.write_bytes(mask.content)
+    reference = nib.load(str(next(case.glob("*_flair.nii.gz"))))
+    result = nib.load(str(out))
+    assert result.shape == reference.shape
+    assert np.allclose(result.affine, reference.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(result.dataobj)).tolist()) <= {0, 1, 2, 4}
 
 
 def test_up_refuses_a_taken_port(store: Path) -> None:
@@ -105,7 +142,7 @@ def test_up_refuses_a_taken_port(store: Path) -> None:
 
 
 def test_up_refuses_a_store_without_models(tmp_path: Path) -> None:
-    proc = launch("--port", str(free_port()), "--models", str(tmp_path))
+    proc = launch("--port", str(free_port()), "--models", str(tmp_path), "--no-demo")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "no classifier bundle" in out and "Traceback" not in out

@@ -1,0 +1,513 @@
+"""Upload validation for segmentation jobs: four files, a zipped case folder, or one 4D volume.
+
+Everything here runs BEFORE a job exists, so a bad upload never reaches the queue. The upload is
+checked in the order of what costs least:
+
+1. the form: exactly one of the three shapes (``t1``/``t1ce``/``t2``/``flair`` files, ``case``
+   zip, ``volume`` 4D file), no unknown or repeated field (400);
+2. each NIfTI header, from at most a few KB of (decompressed) bytes, before nibabel or any
+   decompression of the voxel data: NIfTI by content (415), not truncated (422), 3D (or 4D with 4
+   channels for ``volume``; 2D / 5D: 422), each axis at most ``max_dim`` (422), at most
+   ``max_voxels`` voxels (413), an intensity data type (415), a plausible header size. The
+   decompressed size is therefore known and capped from the header alone: a gzip bomb whose
+   header claims 2000^3 voxels is refused without inflating a byte of it;
+3. across the case: same shape (422 ``volume_mismatch`` naming the shapes), affines within
+   ``AFFINE_ATOL_MM`` (422), every modality present (422 ``missing_modality`` naming it);
+4. the voxel data, one modality at a time: finite (422 ``non_finite``), then written normalised as
+   ``input_<modality>.nii.gz`` (NIfTI-1, gzip, no intensity scaling) with the upload's affine and
+   header geometry, through :func:`brainscan.io.nifti.save_nifti`.
+
+Zip members are never used as paths: only their base names are matched to modalities (BraTS
+naming ``<case>_<modality>.nii[.gz]``; ``seg`` and other files are ignored), and each is copied,
+with a size cap, to a staging file named after its modality.
+
+Example:
+    >>> limits = IntakeLimits(max_upload_bytes=512 << 20, max_voxels=2**25)
+    >>> with store.staging_dir() as staging:
+    ...     intake = accept_upload(parts, staging, limits)    # raises BrainscanError subclasses
+    ...     job_id = store.create(owner, model, intake.meta, files=intake.files)
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zipfile
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any
+
+import nibabel as nib
+import numpy as np
+
+from brainscan.data.brats import AFFINE_ATOL_MM
+from brainscan.errors import (
+    BadDimensionsError,
+    BrainscanError,
+    CorruptFileError,
+    DatasetLayoutError,
+    EmptyInputError,
+    InputTooLargeError,
+    MissingModalityError,
+    NonFiniteError,
+    UnsupportedFormatError,
+    VolumeMismatchError,
+)
+from brainscan.io.nifti import load_nifti, read_nifti_header, save_nifti
+from brainscan.labels import MODALITIES
+
+SOURCES = ("files", "zip", "4d")
+CASE_FIELD = "case"
+VOLUME_FIELD = "volume"
+UPLOAD_FIELDS = (*MODALITIES, CASE_FIELD, VOLUME_FIELD)
+#: NIfTI data types that hold intensities (complex, RGB and 128-bit types are refused)
+INTENSITY_DTYPES = {2: "uint8", 4: "int16", 8: "int32", 16: "float32", 64: "float64", 256: "int8",
+                    512: "uint16", 768: "uint32", 1024: "int64", 1280: "uint64"}
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+_COPY_CHUNK = 1 << 20
+# BraTS file naming, anchored at the end so "_t1" never matches "_t1ce" (as brainscan.data.brats).
+_MEMBER_RE = re.compile(r"^(?P<case>.+)_(?P<kind>flair|t1ce|t1|t2|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
+_PRINTABLE = re.compile(r"[^\w .()+,-]")
+
+
+@dataclass(frozen=True)
+class IntakeLimits:
+    """Caps applied to one upload.
+
+    Attributes:
+        max_upload_bytes: largest request body (also caps each staged file).
+        max_voxels: most voxels in one 3D volume (413 above).
+        max_dim: longest axis (422 above).
+        max_header_bytes: largest NIfTI header plus extensions (``vox_offset``); real files need
+            a few KB, and nibabel reads extensions whole, so a lying header must not get further.
+        max_zip_members: most entries in a case zip.
+    """
+
+    max_upload_bytes: int
+    max_voxels: int
+    max_dim: int = 512
+    max_header_bytes: int = 4 << 20
+    max_zip_members: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_bytes", "max_voxels", "max_dim", "max_header_bytes", "max_zip_members"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def max_nifti_bytes(self) -> int:
+        """Largest plausible decompressed NIfTI: header, then 4 float64 volumes at the voxel cap."""
+        return self.max_header_bytes + self.max_voxels * len(MODALITIES) * 8
+
+
+@dataclass(frozen=True)
+class UploadPart:
+    """One file field of the multipart form: its field name, client file name and content."""
+
+    field: str
+    filename: str
+    file: IO[bytes]
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    """What the first bytes of a NIfTI file say, checked against the limits."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    vox_offset: int
+    gzipped: bool
+
+    @property
+    def data_bytes(self) -> int:
+        """Decompressed size of the voxel data the header announces."""
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass
+class IntakeResult:
+    """A validated upload.
+
+    Attributes:
+        files: ``input_<modality>.nii.gz`` -> normalised file in the staging folder.
+        meta: ``{"shape", "spacing_mm", "source", "orientation", "filenames"}`` for the job.
+    """
+
+    files: dict[str, Path]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def input_file_name(modality: str) -> str:
+    """``input_<modality>.nii.gz``, the job file of one modality."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    return f"input_{modality}.nii.gz"
+
+
+def display_name(filename: str | None, fallback: str) -> str:
+    """A client file name made safe for messages and JSON (base name, printable, at most 100 chars)."""
+    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    cleaned = _PRINTABLE.sub("_", base)[:100]
+    return cleaned or fallback
+
+
+# -- the form -----------------------------------------------------------------------------------
+
+
+def select_source(parts: Sequence[UploadPart], texts: Sequence[str] = ()) -> str:
+    """Decide which of the three upload shapes ``parts`` is, or raise a 400/422.
+
+    Args:
+        parts: the file fields of the form, in order.
+        texts: names of non-file fields (refused: every field is a file).
+
+    Returns:
+        ``"files"``, ``"zip"`` or ``"4d"``.
+
+    Raises:
+        BrainscanError: (400) an unknown, repeated or non-file field, or two shapes at once
+            (code ``ambiguous_upload``, e.g. files and a zip).
+        EmptyInputError: (400) no field at all.
+        MissingModalityError: (422) some but not all of the four modality files.
+    """
+    if texts:
+        raise BrainscanError(f"form fields {sorted(set(texts))[:6]} must be files; send volumes as file "
+                             f"parts named {list(UPLOAD_FIELDS)}", code="invalid_upload")
+    names = [part.field for part in parts]
+    unknown = sorted({name for name in names if name not in UPLOAD_FIELDS})
+    if unknown:
+        raise BrainscanError(f"unknown upload field(s) {unknown[:6]}; use {list(MODALITIES)} (four files), "
+                             f"'{CASE_FIELD}' (a zip) or '{VOLUME_FIELD}' (one 4D NIfTI)", code="invalid_upload")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise BrainscanError(f"field(s) {repeated} sent more than once; send each once", code="invalid_upload")
+    given = set(names)
+    shapes = [source for source, present in (("files", bool(given & set(MODALITIES))), ("zip", CASE_FIELD in given),
+                                             ("4d", VOLUME_FIELD in given)) if present]
+    if not shapes:
+        raise EmptyInputError(f"no volumes uploaded; send four files {list(MODALITIES)}, a zip as "
+                              f"'{CASE_FIELD}', or one 4D NIfTI as '{VOLUME_FIELD}'")
+    if len(shapes) > 1:
+        raise BrainscanError(f"the upload mixes {' and '.join(shapes)}; send exactly one of: four files "
+                             f"{list(MODALITIES)}, a zip as '{CASE_FIELD}', a 4D NIfTI as '{VOLUME_FIELD}'",
+                             code="ambiguous_upload")
+    if shapes[0] == "files":
+        missing = [m for m in MODALITIES if m not in given]
+        if missing:
+            raise MissingModalityError(f"missing modality {', '.join(missing)}: a case needs all of "
+                                       f"{list(MODALITIES)} (or send them as a zip or one 4D volume)")
+    return shapes[0]
+
+
+def accept_upload(parts: Sequence[UploadPart], staging: Path, limits: IntakeLimits,
+                  texts: Sequence[str] = ()) -> IntakeResult:
+    """Validate an upload and write the normalised inputs into ``staging``.
+
+    Args:
+        parts: the file fields of the multipart form.
+        staging: an empty private folder (e.g. ``JobStore.staging_dir()``).
+        limits: the caps.
+        texts: names of non-file form fields (refused).
+
+    Returns:
+        the normalised files and the input description of the job.
+
+    Raises:
+        BrainscanError subclasses, each with its own status: see the module docstring.
+    """
+    source = select_source(parts, texts)
+    by_field = {part.field: part for part in parts}
+    if source == "files":
+        staged = {m: _stage_stream(by_field[m].file, staging / f"{m}.upload", limits, m) for m in MODALITIES}
+        names = {m: display_name(by_field[m].filename, m) for m in MODALITIES}
+    elif source == "zip":
+        staged, names = _stage_zip(by_field[CASE_FIELD], staging, limits)
+    else:
+        part = by_field[VOLUME_FIELD]
+        path = _stage_stream(part.file, staging / "volume.upload", limits, VOLUME_FIELD)
+        return _accept_4d(path, display_name(part.filename, VOLUME_FIELD), staging, limits)
+    return _accept_modalities(staged, names, staging, limits, source)
+
+
+# -- staging ------------------------------------------------------------------------------------
+
+
+def _stage_stream(stream: IO[bytes], dest: Path, limits: IntakeLimits, what: str, cap: int | None = None) -> Path:
+    """Copy ``stream`` to ``dest``, refusing more than ``cap`` bytes (413)."""
+    cap = limits.max_upload_bytes if cap is None else cap
+    written = 0
+    with dest.open("wb") as out:
+        while chunk := stream.read(_COPY_CHUNK):
+            written += len(chunk)
+            if written > cap:
+                raise InputTooLargeError(f"{what} is larger than the limit of {cap} bytes")
+            out.write(chunk)
+    if written == 0:
+        raise EmptyInputError(f"{what} is empty (0 bytes)")
+    return dest
+
+
+def _stage_zip(part: UploadPart, staging: Path, limits: IntakeLimits) -> tuple[dict[str, Path], dict[str, str]]:
+    """Copy the four modality members of a case zip to ``staging/<modality>.upload``.
+
+    Raises:
+        UnsupportedFormatError: (415) not a zip. CorruptFileError: (422) a damaged or encrypted zip.
+        InputTooLargeError: (413) too many members, or a member larger than a NIfTI can be.
+        MissingModalityError: (422) a modality missing or present twice. DatasetLayoutError: (422)
+            files of several cases.
+    """
+    head = part.file.read(4)
+    part.file.seek(0)
+    if not head:
+        raise EmptyInputError(f"{CASE_FIELD} is empty (0 bytes)")
+    if head not in _ZIP_MAGICS:
+        raise UnsupportedFormatError(f"{CASE_FIELD} is not a zip file; zip the case folder "
+                                     "(<case>_{t1,t1ce,t2,flair}.nii.gz) or send the four files")
+    try:
+        archive = zipfile.ZipFile(part.file)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CorruptFileError(f"{CASE_FIELD} is a damaged zip file: {exc}") from exc
+    with archive:
+        members = archive.infolist()
+        if len(members) > limits.max_zip_members:
+            raise InputTooLargeError(f"{CASE_FIELD} holds {len(members)} entries; a case zip holds at most "
+                                     f"{limits.max_zip_members}")
+        found: dict[str, list[zipfile.ZipInfo]] = {}
+        cases: dict[str, str] = {}
+        for info in members:
+            parts_of_name = info.filename.replace("\\", "/").split("/")
+            base = parts_of_name[-1]
+            if info.is_dir() or not base or base.startswith(".") or "__MACOSX" in parts_of_name:
+                continue
+            match = _MEMBER_RE.match(base)
+            if not match or match["kind"].lower() == "seg":
+                continue  # the segmentation and unrelated files are not inputs
+            kind = match["kind"].lower()
+            found.setdefault(kind, []).append(info)
+            cases[kind] = match["case"]
+        missing = [m for m in MODALITIES if m not in found]
+        if missing:
+            seen = [display_name(i.filename, "?") for i in members if not i.is_dir()][:8]
+            raise MissingModalityError(f"the {CASE_FIELD} zip has no {', '.join(missing)} volume (files must be named "
+                                       f"<case>_{{{','.join(MODALITIES)}}}.nii[.gz]); found {seen}")
+        twice = {m: [display_name(i.filename, "?") for i in infos] for m, infos in found.items() if len(infos) > 1}
+        if twice:
+            raise MissingModalityError(f"{CASE_FIELD} holds several files for {sorted(twice)}: {twice}; keep one each")
+        if len({cases[m] for m in MODALITIES}) > 1:
+            raise DatasetLayoutError(f"{CASE_FIELD} mixes files of several cases {sorted(set(cases.values()))}; "
+                                     "zip one case folder")
+        staged, names = {}, {}
+        for modality in MODALITIES:
+            info = found[modality][0]
+            name = display_name(info.filename, modality)
+            if info.flag_bits & 0x1:
+                raise CorruptFileError(f"{CASE_FIELD} member {name} is encrypted; zip without a password")
+            if info.file_size > limits.max_nifti_bytes:
+                raise InputTooLargeError(f"{CASE_FIELD} member {name} unpacks to {info.file_size} bytes, more "
+                                         f"than a volume within the limits can take ({limits.max_nifti_bytes})")
+            try:
+                with archive.open(info) as member:
+                    staged[modality] = _stage_stream(member, staging / f"{modality}.upload", limits, name,
+                                                     cap=limits.max_nifti_bytes)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                raise CorruptFileError(f"{CASE_FIELD} member {name} is damaged: {exc}") from exc
+            except NotImplementedError as exc:
+                raise UnsupportedFormatError(f"{CASE_FIELD} member {name} uses an unsupported compression: "
+                                             f"{exc}; use deflate") from exc
+            names[modality] = name
+    return staged, names
+
+
+# -- headers ------------------------------------------------------------------------------------
+
+
+def inspect_header(path: Path, name: str, limits: IntakeLimits) -> HeaderInfo:
+    """Read what a NIfTI file's header announces, inflating at most a few KB.
+
+    Args:
+        path: the staged file (``.nii`` or ``.nii.gz``, decided by content).
+        name: the file's name in messages.
+        limits: the caps.
+
+    Returns:
+        the announced shape (1 to 7 axes), data type, data offset and compression.
+
+    Raises:
+        EmptyInputError: (400) no bytes. UnsupportedFormatError: (415) not NIfTI, a ``.hdr/.img``
+            pair, or a non-intensity data type. CorruptFileError: (422) truncated or inconsistent.
+        BadDimensionsError: (422) fewer than 3 or more than 4 axes, an empty or absurd axis.
+        InputTooLargeError: (413) more voxels than ``limits.max_voxels``.
+    """
+    with path.open("rb") as handle:
+        raw = handle.read(64 * 1024)
+    if not raw:
+        raise EmptyInputError(f"{name} is empty (0 bytes)")
+    gzipped = raw[:2] == _GZIP_MAGIC
+    head = raw
+    if gzipped:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            head = inflater.decompress(raw, 540)  # at most one NIfTI-2 header, whatever the ratio
+        except zlib.error as exc:
+            raise CorruptFileError(f"{name} is gzip data that cannot be decompressed: {exc}") from exc
+        if len(head) < 348:
+            raise CorruptFileError(f"{name} is a truncated gzip file: it ends before the NIfTI header does")
+    info = replace(_parse_header_prefix(head, name), gzipped=gzipped)
+    shape = info.shape
+    if len(shape) < 3:
+        raise BadDimensionsError(f"{name} is {len(shape)}D {shape}; upload 3D volumes (one per modality)")
+    if len(shape) > 4:
+        raise BadDimensionsError(f"{name} is {len(shape)}D {shape}; upload 3D volumes, or one 4D volume "
+                                 f"(X, Y, Z, {len(MODALITIES)})")
+    if min(shape) < 1:
+        raise BadDimensionsError(f"{name} has an empty axis {shape}")
+    if max(shape[:3]) > limits.max_dim:
+        raise BadDimensionsError(f"{name} has shape {shape}; axes longer than {limits.max_dim} voxels are not "
+                                 "brain MRI this service can segment")
+    voxels = int(np.prod(shape[:3]))
+    if voxels > limits.max_voxels:
+        raise InputTooLargeError(f"{name} has {voxels} voxels {shape}, more than the limit of {limits.max_voxels}")
+    if info.vox_offset > limits.max_header_bytes:
+        raise CorruptFileError(f"{name} claims its voxel data starts at byte {info.vox_offset}; a NIfTI header "
+                               f"with extensions is at most {limits.max_header_bytes} bytes here")
+    if not gzipped and path.stat().st_size < info.vox_offset + info.data_bytes:
+        raise CorruptFileError(f"{name} is truncated: {path.stat().st_size} bytes, but its header announces "
+                               f"{info.vox_offset + info.data_bytes}")
+    return info
+
+
+def _parse_header_prefix(head: bytes, name: str) -> HeaderInfo:
+    """Decode sizeof_hdr, magic, dim, datatype, bitpix and vox_offset of NIfTI-1 or NIfTI-2 bytes."""
+    not_nifti = UnsupportedFormatError(f"{name} is not a NIfTI file (.nii or .nii.gz); upload NIfTI volumes, "
+                                       "not DICOM, images or archives")
+    if len(head) < 4:
+        raise not_nifti
+    for order in ("<", ">"):
+        size = struct.unpack(order + "i", head[:4])[0]
+        if size in (348, 540):
+            break
+    else:
+        raise not_nifti
+    if len(head) < size:
+        raise CorruptFileError(f"{name} is too short to hold a NIfTI header ({len(head)} of {size} bytes)")
+    if size == 348:
+        magic = head[344:348]
+        dims = struct.unpack(order + "8h", head[40:56])
+        datatype, bitpix = struct.unpack(order + "2h", head[70:74])
+        vox_offset = struct.unpack(order + "f", head[108:112])[0]
+        pair, single = b"ni1\x00", b"n+1\x00"
+    else:
+        magic = head[4:8]
+        datatype, bitpix = struct.unpack(order + "2h", head[12:16])
+        dims = struct.unpack(order + "8q", head[16:80])
+        vox_offset = struct.unpack(order + "q", head[168:176])[0]
+        pair, single = b"ni2\x00", b"n+2\x00"
+    if magic == pair:
+        raise UnsupportedFormatError(f"{name} is the header of a .hdr/.img pair; convert it to a single .nii file")
+    if magic != single:
+        raise not_nifti
+    ndim = dims[0]
+    if not 1 <= ndim <= 7:
+        raise CorruptFileError(f"{name} has an invalid dimension count {ndim} in its header")
+    if datatype not in INTENSITY_DTYPES:
+        raise UnsupportedFormatError(f"{name} stores voxels as NIfTI data type {datatype} (complex, RGB or "
+                                     f"unknown); upload intensities as integers or floats", code="unsupported_dtype")
+    dtype = INTENSITY_DTYPES[datatype]
+    if bitpix != np.dtype(dtype).itemsize * 8:
+        raise CorruptFileError(f"{name} header is inconsistent: data type {dtype} with bitpix {bitpix}")
+    if not np.isfinite(vox_offset) or vox_offset < 0:
+        raise CorruptFileError(f"{name} header has an invalid data offset {vox_offset}")
+    # nibabel reads the data at vox_offset, but never inside the header itself
+    offset = max(int(vox_offset), size + 4 if size == 348 else size)
+    return HeaderInfo(shape=tuple(int(d) for d in dims[1:ndim + 1]), dtype=dtype, vox_offset=offset, gzipped=False)
+
+
+# -- the case -----------------------------------------------------------------------------------
+
+
+def _header_geometry(path: Path, name: str, limits: IntakeLimits) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...]]:
+    """Shape, affine and spacing from nibabel's header parse (after :func:`inspect_header`)."""
+    header = read_nifti_header(path, max_voxels=limits.max_voxels)
+    shape = tuple(int(s) for s in header.get_data_shape())
+    spacing = tuple(float(z) for z in header.get_zooms()[:3])
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise BadDimensionsError(f"{name} has an invalid voxel size {spacing} mm; it must be positive")
+    return shape, np.asarray(header.get_best_affine(), dtype=np.float64), spacing
+
+
+def _accept_modalities(staged: Mapping[str, Path], names: Mapping[str, str], staging: Path,
+                       limits: IntakeLimits, source: str) -> IntakeResult:
+    geometry = {}
+    for modality in MODALITIES:
+        name = names[modality]
+        info = inspect_header(staged[modality], name, limits)
+        if len(info.shape) == 4 and info.shape[3] != 1:
+            raise BadDimensionsError(f"{modality} ({name}) is 4D {info.shape}; each modality must be a 3D volume "
+                                     f"(send a 4D (X, Y, Z, {len(MODALITIES)}) stack as '{VOLUME_FIELD}')")
+        geometry[modality] = _header_geometry(staged[modality], name, limits)
+    shapes = {m: g[0][:3] for m, g in geometry.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{m} {shape}" for m, shape in shapes.items())
+        raise VolumeMismatchError(f"the modalities differ in shape: {listed}; all four must be on one grid")
+    reference = geometry["flair"][1]
+    for modality, (_, affine, _) in geometry.items():
+        diff = float(np.max(np.abs(affine - reference)))
+        if not diff <= AFFINE_ATOL_MM:
+            raise VolumeMismatchError(f"{modality} is on another grid than flair: affines differ by up to {diff:.4g} mm "
+                                      f"(tolerance {AFFINE_ATOL_MM} mm); resample it to the flair grid")
+    files = {}
+    for modality in MODALITIES:
+        volume = load_nifti(staged[modality], max_voxels=limits.max_voxels)
+        data = volume.data[..., 0] if volume.data.ndim == 4 else volume.data
+        files[input_file_name(modality)] = _write_input(data, volume.affine, volume.header, modality,
+                                                        names[modality], staging)
+        del volume, data
+        staged[modality].unlink()
+    shape, _, spacing = geometry["flair"]
+    return IntakeResult(files=files, meta=_meta(shape[:3], spacing, reference, source, dict(names)))
+
+
+def _accept_4d(path: Path, name: str, staging: Path, limits: IntakeLimits) -> IntakeResult:
+    info = inspect_header(path, name, limits)
+    if len(info.shape) != 4 or info.shape[3] != len(MODALITIES):
+        raise BadDimensionsError(f"{VOLUME_FIELD} ({name}) has shape {info.shape}; a 4D upload must be "
+                                 f"(X, Y, Z, {len(MODALITIES)}) with channels in the order {list(MODALITIES)}")
+    shape, affine, spacing = _header_geometry(path, name, limits)
+    volume = load_nifti(path, max_voxels=limits.max_voxels)
+    files = {}
+    for channel, modality in enumerate(MODALITIES):
+        files[input_file_name(modality)] = _write_input(volume.data[..., channel], volume.affine, volume.header,
+                                                        modality, f"{name} channel {channel} ({modality})", staging)
+    del volume
+    path.unlink()
+    return IntakeResult(files=files, meta=_meta(shape[:3], spacing, affine, "4d", {VOLUME_FIELD: name}))
+
+
+def _write_input(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header, modality: str, name: str,
+                 staging: Path) -> Path:
+    """Check one modality's voxels and write it as ``input_<modality>.nii.gz`` in ``staging``."""
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all():
+            bad = int(data.size - np.count_nonzero(finite))
+            raise NonFiniteError(f"{modality} ({name}) holds {bad} NaN or infinite voxel(s); replace them "
+                                 "(e.g. with 0) before uploading")
+        if data.dtype == np.float64:
+            data = data.astype(np.float32)  # MRI intensities need no double precision; half the storage
+    return save_nifti(data, staging / input_file_name(modality), affine=affine, header=header, dtype=data.dtype)
+
+
+def _meta(shape: Sequence[int], spacing: Sequence[float], affine: np.ndarray, source: str,
+          filenames: dict[str, str]) -> dict[str, Any]:
+    return {
+        "shape": [int(s) for s in shape],
+        "spacing_mm": [round(float(s), 6) for s in spacing],
+        "source": source,
+        "orientation": "".join(nib.aff2axcodes(affine)),
+        "filenames": filenames,
+    }
+

@@ -1,0 +1,181 @@
+"""Settings of the segmenter API and worker, read from the environment (``SEGMENTER_*`` and a few shared names).
+
+The API and the Celery worker read the same :class:`Settings`, so both agree on the broker, the
+job store and the limits.
+
+======================================  =============================  =====================================
+environment variable                    default                        meaning
+======================================  =============================  =====================================
+``BRAINSCAN_MODELS``                    ``<repo>/models``              model store root
+``SEGMENTER_BROKER_URL``                ``redis://127.0.0.1:6379/0``   Celery broker (Redis)
+``SEGMENTER_RESULT_BACKEND``            the broker URL                 Celery result backend (Redis)
+``SEGMENTER_JOBS_DIR``                  ``<repo>/var/jobs``            job store (one folder per job)
+``SEGMENTER_JOB_TTL_S``                 86400                          jobs are deleted this long after
+                                                                       they were created
+``SEGMENTER_EXPIRE_INTERVAL_S``         300                            how often the API sweeps expired jobs
+``SEGMENTER_MAX_UPLOAD_BYTES``          512 MiB                        larger request bodies get 413
+``SEGMENTER_MAX_VOXELS``                2**25 (33.5 M)                 larger volumes get 413
+``SEGMENTER_MAX_DIM``                   512                            longer axes get 422
+``SEGMENTER_DEFAULT_MODEL``             ``unet3d``                     architecture when ``?model=`` is absent
+``SEGMENTER_TIME_LIMIT_S``              3600                           hard limit of one job (worker killed)
+``SEGMENTER_SOFT_TIME_LIMIT_S``         time limit - 60                job fails cleanly with ``time_limit``
+``SEGMENTER_VISIBILITY_TIMEOUT_S``      7200                           broker redelivers an unacknowledged
+                                                                       job after this; must exceed the
+                                                                       time limit or long jobs run twice
+``SEGMENTER_UNACKED_RESTORE_INTERVAL_S`` 10                            how often the worker looks for
+                                                                       abandoned jobs (kombu)
+``SEGMENTER_MAX_ATTEMPTS``              3                              a job whose worker died this many
+                                                                       times fails (e.g. out of memory)
+``SEGMENTER_PROGRESS_INTERVAL_S``       0.5                            least time between progress writes
+``SEGMENTER_BROKER_TIMEOUT_S``          2.0                            connect / publish timeout (API)
+``SEGMENTER_WARMUP``                    true                           worker traces each network at start
+``SEGMENTER_LOG_LEVEL``                 ``INFO``                       level of the JSON logs
+``WORKER_CONCURRENCY``                  1                              worker processes (each loads the
+                                                                       models; one job already uses every
+                                                                       core)
+======================================  =============================  =====================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+#: 33.5 M voxels: a 512 x 512 x 128 series, or 3.8 BraTS cases; the sliding-window accumulator
+#: of a volume this size holds 4 float32 classes per voxel (~540 MB), so the cap bounds memory.
+DEFAULT_MAX_VOXELS = 2**25
+#: the longest accepted axis; longer ones are not brain MRI at any clinical resolution
+DEFAULT_MAX_DIM = 512
+#: the queue every segmentation job goes through
+QUEUE = "segmentation"
+#: the Celery task name the API enqueues (by name, so the API never imports the worker's code)
+TASK_NAME = "segmenter.segment"
+
+
+class Settings(BaseSettings):
+    """Segmenter settings; every field can be set by keyword (tests) or by environment variable."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGMENTER_", populate_by_name=True, extra="ignore")
+
+    models_root: Path | None = Field(
+        default=None, validation_alias=AliasChoices("BRAINSCAN_MODELS", "models_root"),
+        description="model store root; None: brainscan.models.store.default_root()",
+    )
+    broker_url: str = Field(default="redis://127.0.0.1:6379/0", description="Celery broker URL (Redis)")
+    result_backend: str | None = Field(default=None, description="Celery result backend; None: the broker URL")
+    jobs_dir: Path = Field(default=REPO_ROOT / "var" / "jobs", description="job store folder")
+    job_ttl_s: float = Field(default=86400.0, gt=0, description="seconds a job is kept after creation")
+    expire_interval_s: float = Field(default=300.0, gt=0, description="seconds between expiry sweeps in the API")
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1, description="largest request body")
+    max_voxels: int = Field(default=DEFAULT_MAX_VOXELS, ge=1, description="largest volume, in voxels")
+    max_dim: int = Field(default=DEFAULT_MAX_DIM, ge=1, description="longest accepted axis, in voxels")
+    default_model: str = Field(default="unet3d", description="architecture used when ?model= is absent")
+    time_limit_s: float = Field(default=3600.0, gt=0, description="hard time limit of one job")
+    soft_time_limit_s: float | None = Field(default=None, gt=0, description="soft limit; None: time limit - 60 s")
+    visibility_timeout_s: float = Field(default=7200.0, gt=0, description="broker redelivery timeout")
+    unacked_restore_interval_s: float = Field(default=10.0, gt=0, description="abandoned-job sweep interval")
+    max_attempts: int = Field(default=3, ge=1, description="worker deaths a job survives before failing")
+    progress_interval_s: float = Field(default=0.5, ge=0, description="least seconds between progress writes")
+    broker_timeout_s: float = Field(default=2.0, gt=0, description="broker connect / publish timeout")
+    warmup: bool = Field(default=True, description="worker runs each network once at process start")
+    log_level: str = Field(default="INFO", description=f"one of {LOG_LEVELS}")
+    worker_concurrency: int = Field(
+        default=1, ge=1, le=64, validation_alias=AliasChoices("WORKER_CONCURRENCY", "worker_concurrency"),
+        description="worker processes",
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {value!r}")
+        return value.upper()
+
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"the segmenter needs a Redis URL (redis://host:port/db), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        soft = self.soft_limit_s
+        if soft >= self.time_limit_s:
+            raise ValueError(f"soft_time_limit_s ({soft}) must be below time_limit_s ({self.time_limit_s})")
+        if self.visibility_timeout_s <= self.time_limit_s:
+            # A message not acknowledged within the visibility timeout is handed to another worker:
+            # a job longer than it would run twice at once.
+            raise ValueError(f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed "
+                             f"time_limit_s ({self.time_limit_s}), the longest a job can run")
+        return self
+
+    @property
+    def soft_limit_s(self) -> float:
+        """The soft time limit: the setting, else the hard limit minus a minute (at least half of it)."""
+        if self.soft_time_limit_s is not None:
+            return self.soft_time_limit_s
+        return max(self.time_limit_s - 60.0, self.time_limit_s / 2)
+
+    @property
+    def backend_url(self) -> str:
+        """The result backend URL (the broker's when unset)."""
+        return self.result_backend or self.broker_url
+
+    def store_root(self) -> Path:
+        """The model store root: ``models_root``, else the store's default."""
+        from brainscan.models.store import default_root
+
+        return self.models_root if self.models_root is not None else default_root()
+
+
+# -- logging (shared by the API and the worker) ----------------------------------------------------
+
+_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and every ``extra=`` field."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        payload.update({k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS and not k.startswith("_")})
+        if record.exc_info:
+            payload["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (test runners swap it), like ``logging.lastResort``."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def configure_logging(logger: logging.Logger, level: str) -> None:
+    """Send ``logger``'s records to stderr as JSON lines (once per process and logger)."""
+    logger.setLevel(level)
+    logger.propagate = False  # Celery configures the root logger with its own plain format
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(JsonFormatter())
+        logger.addHandler(handler)

@@ -1,0 +1,75 @@
+"""Tests of services/segmenter, and the small NIfTI / zip / model-store builders they share."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from brainscan.labels import MODALITIES
+
+#: an oblique-free LPS grid with anisotropic voxels, like many clinical series
+LPS_AFFINE = np.array([[-1.0, 0, 0, 90.0], [0, -1.2, 0, 110.0], [0, 0, 1.5, -60.0], [0, 0, 0, 1]])
+SMALL_SHAPE = (20, 18, 12)
+
+
+def nifti_bytes(data: np.ndarray, affine: np.ndarray = LPS_AFFINE, *, gz: bool = True,
+                dtype: np.dtype | type | None = None) -> bytes:
+    """``data`` as the bytes of a ``.nii.gz`` (or ``.nii``) file."""
+    array = np.asarray(data)
+    img = nib.Nifti1Image(array.astype(dtype or array.dtype), affine)
+    img.header.set_xyzt_units("mm")
+    raw = img.to_bytes()
+    return gzip.compress(raw, compresslevel=1) if gz else raw
+
+
+def modality_volume(modality: str, shape: Sequence[int] = SMALL_SHAPE, seed: int = 0) -> np.ndarray:
+    """A brain-like int16 volume: zero background, a noisy ellipsoid whose level depends on the modality."""
+    rng = np.random.default_rng([seed, MODALITIES.index(modality)])
+    grid = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    inside = sum(g**2 for g in grid) < 0.8
+    level = 100 * (MODALITIES.index(modality) + 1)
+    return np.where(inside, level + rng.normal(0, 10, shape), 0).astype(np.int16)
+
+
+def case_files(shape: Sequence[int] = SMALL_SHAPE, affine: np.ndarray = LPS_AFFINE, *, gz: bool = True,
+               seed: int = 0) -> dict[str, bytes]:
+    """modality -> NIfTI bytes of one consistent case."""
+    return {m: nifti_bytes(modality_volume(m, shape, seed), affine, gz=gz) for m in MODALITIES}
+
+
+def case_zip(members: Mapping[str, bytes], *, compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    """A zip holding ``members`` (name -> bytes), names used verbatim (``../`` included)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
+        for name, data in members.items():
+            archive.writestr(zipfile.ZipInfo(name), data, compress_type=compression)
+    return buffer.getvalue()
+
+
+def brats_zip(files: Mapping[str, bytes], case_id: str = "BraTS2021_00001", folder: str = "BraTS2021_00001/") -> bytes:
+    """A zipped BraTS case folder: ``<folder><case>_<modality>.nii.gz`` per modality."""
+    return case_zip({f"{folder}{case_id}_{m}.nii.gz": data for m, data in files.items()})
+
+
+def stack_4d(files: Mapping[str, bytes], affine: np.ndarray = LPS_AFFINE) -> bytes:
+    """One 4D ``.nii.gz`` with the modalities of ``files`` stacked in MODALITIES order."""
+    volumes = [np.asanyarray(nib.Nifti1Image.from_bytes(gzip.decompress(files[m])).dataobj) for m in MODALITIES]
+    return nifti_bytes(np.stack(volumes, axis=-1), affine)
+
+
+def make_segmenter_store(root: Path, *, patch_size: Sequence[int] = (64, 64, 64), overlap: float = 0.25,
+                         version: str = "test-1") -> Path:
+    """A model store with one tiny seeded ``unet3d`` segmentation bundle, promoted; returns ``root``."""
+    from brainscan.models.store import ModelStore
+    from tests.evaluation import make_segmenter_bundle
+
+    make_segmenter_bundle(root / "segmentation" / "unet3d" / version, patch_size=patch_size, overlap=overlap,
+                          version=version)
+    ModelStore(root).promote("segmentation", "unet3d", version)
+    return root

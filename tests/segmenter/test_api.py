@@ -1,0 +1,561 @@
+"""Segmenter API (services/segmenter/app.py) with the queue replaced by a recorder, and the worker's
+job logic (services/segmenter/worker.JobRunner) called directly on jobs the API created: statuses of
+bad uploads, ownership, cancel/delete, caps while streaming, readiness, expiry, TF-free imports,
+results equal to the evaluation path, cancellation and failures recorded in the job, previews
+oriented as radiologists read them. The real broker and worker are in test_worker_integration.py."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import nibabel as nib
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from brainscan.labels import MODALITIES
+from services.segmenter.app import ServiceUnavailableError, create_app
+from services.segmenter.previews import render_previews, tumour_centre
+from services.segmenter.settings import Settings
+from services.segmenter.store import LocalJobStore
+from services.segmenter.worker import JobRunner, ModelCache
+from tests.paths import REPO_ROOT
+from tests.segmenter import SMALL_SHAPE, brats_zip, case_files, make_segmenter_store, nifti_bytes, stack_4d
+from tests.servers import free_port
+
+OWNER = {"X-Brainscan-Owner": "alice"}
+OTHER = {"X-Brainscan-Owner": "bob"}
+GOOD = case_files()
+# a case large enough for several 16^3 patches, so a job can be cancelled between them
+MEDIUM_SHAPE = (40, 36, 24)
+MEDIUM = case_files(MEDIUM_SHAPE)
+
+
+class RecordingQueue:
+    """Stands in for the Celery queue: records what would be enqueued."""
+
+    def __init__(self) -> None:
+        self.enqueued: list[str] = []
+        self.down = False
+
+    def enqueue(self, job_id: str) -> str:
+        if self.down:
+            raise ServiceUnavailableError("the job queue is unreachable (test)")
+        self.enqueued.append(job_id)
+        return f"task-{len(self.enqueued)}"
+
+    def ping(self) -> None:
+        if self.down:
+            raise ConnectionError("broker down (test)")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_segmenter_store(tmp_path_factory.mktemp("models"), patch_size=(16, 16, 16), overlap=0.5)
+
+
+def settings_for(models: Path, jobs: Path, **overrides: Any) -> Settings:
+    values = {"models_root": models, "jobs_dir": jobs, "max_upload_bytes": 3_000_000,
+              "broker_url": f"redis://127.0.0.1:{free_port()}/0", "progress_interval_s": 0.0}
+    return Settings(**{**values, **overrides})
+
+
+@pytest.fixture()
+def app_parts(models: Path, tmp_path: Path) -> Iterator[tuple[TestClient, RecordingQueue, LocalJobStore]]:
+    queue = RecordingQueue()
+    app = create_app(settings_for(models, tmp_path / "jobs"), queue=queue)
+    with TestClient(app) as client:
+        yield client, queue, app.state.store
+
+
+@pytest.fixture()
+def client(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore]) -> TestClient:
+    return app_parts[0]
+
+
+def upload(fields: dict[str, bytes]) -> dict[str, tuple[str, bytes]]:
+    return {name: (f"{name}.nii.gz", data) for name, data in fields.items()}
+
+
+def submit(client: TestClient, fields: dict[str, bytes] = GOOD, headers: dict[str, str] = OWNER,
+           **params: str) -> Any:
+    return client.post("/v1/jobs", files=upload(fields), headers=headers, params=params)
+
+
+def job_folders(store: LocalJobStore) -> list[str]:
+    return [p.name for p in store.root.iterdir() if not p.name.startswith(".")] if store.root.is_dir() else []
+
+
+# -- TensorFlow stays out -----------------------------------------------------------------------
+
+def test_api_process_never_imports_tensorflow(models: Path, tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from fastapi.testclient import TestClient\n"
+        "import services.segmenter.app as api, services.segmenter.worker\n"
+        "with TestClient(api.create_app()) as client:\n"
+        "    assert client.get('/v1/models').status_code == 200\n"
+        "loaded = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
+        "assert not loaded, loaded\n"
+    )
+    env = {**os.environ, "BRAINSCAN_MODELS": str(models), "SEGMENTER_JOBS_DIR": str(tmp_path / "jobs"),
+           "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# -- submission ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, source", [(GOOD, "files"), ({"case": brats_zip(GOOD)}, "zip"),
+                                            ({"volume": stack_4d(GOOD)}, "4d")], ids=["files", "zip", "4d"])
+def test_submit_stores_inputs_and_enqueues_by_id(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore],
+                                                 fields: dict[str, bytes], source: str) -> None:
+    client, queue, store = app_parts
+    response = submit(client, fields)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{body['id']}"
+    assert (body["status"], body["stage"], body["progress"], body["result"]) == ("queued", "queued", 0.0, None)
+    assert body["input"]["shape"] == list(SMALL_SHAPE) and body["input"]["source"] == source
+    assert body["model"] == {"name": "unet3d", "arch": "unet3d", "version": "test-1", "demo": True}
+    assert queue.enqueued == [body["id"]]
+    assert store.get(body["id"])["task_id"] == "task-1"
+    assert client.get(body["links"]["self"], headers=OWNER).json()["id"] == body["id"]
+    for modality in MODALITIES:
+        download = client.get(body["links"]["inputs"][modality], headers=OWNER)
+        assert download.status_code == 200 and download.headers["content-type"] == "application/gzip"
+        stored = nib.Nifti1Image.from_bytes(gzip.decompress(download.content))
+        original = nib.Nifti1Image.from_bytes(gzip.decompress(GOOD[modality]))
+        np.testing.assert_array_equal(np.asanyarray(stored.dataobj), np.asanyarray(original.dataobj))
+        np.testing.assert_allclose(stored.affine, original.affine, atol=1e-5)
+
+
+BAD = {
+    "not nifti": ({**GOOD, "t1": b"\x89PNG\r\n\x1a\n" + bytes(500)}, 415, "unsupported_format"),
+    "shapes differ": ({**GOOD, "flair": case_files((20, 18, 14))["flair"]}, 422, "volume_mismatch"),
+    "missing modality": ({m: GOOD[m] for m in MODALITIES[:3]}, 422, "missing_modality"),
+    "files and zip": ({**GOOD, "case": brats_zip(GOOD)}, 400, "ambiguous_upload"),
+    "NaN": ({**GOOD, "t2": nifti_bytes(np.full(SMALL_SHAPE, np.nan, np.float32))}, 422, "non_finite"),
+    "truncated": ({**GOOD, "t1ce": GOOD["t1ce"][:300]}, 422, "corrupt_file"),
+    "2D": ({**GOOD, "t1": nifti_bytes(np.ones((20, 18), np.int16))}, 422, "bad_dimensions"),
+}
+
+
+@pytest.mark.parametrize("fields, status, code", BAD.values(), ids=BAD.keys())
+def test_bad_uploads_get_json_errors_and_never_reach_the_queue(
+        app_parts: tuple[TestClient, RecordingQueue, LocalJobStore], fields: dict[str, bytes], status: int,
+        code: str) -> None:
+    client, queue, store = app_parts
+    response = submit(client, fields)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"] == code and body["detail"] and body["request_id"] == response.headers["x-request-id"]
+    assert queue.enqueued == [] and job_folders(store) == []
+    assert f'segmenter_uploads_rejected_total{{error="{code}"}} 1.0' in client.get("/metrics").text
+
+
+def test_body_must_be_multipart(client: TestClient) -> None:
+    response = client.post("/v1/jobs", json={"t1": "x"}, headers=OWNER)
+    assert (response.status_code, response.json()["error"]) == (415, "unsupported_media_type")
+
+
+def test_declared_body_over_the_cap_is_refused_before_reading(client: TestClient) -> None:
+    big = {**GOOD, "t1": bytes(3_200_000)}
+    response = submit(client, big)
+    assert (response.status_code, response.json()["error"]) == (413, "too_large")
+
+
+def test_streamed_body_over_the_cap_is_refused_while_reading(
+        app_parts: tuple[TestClient, RecordingQueue, LocalJobStore]) -> None:
+    client, queue, store = app_parts
+    boundary = "segmenterboundary"
+    sent = [0]
+
+    def chunks() -> Iterator[bytes]:
+        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"t1\"; filename=\"t1.nii\"\r\n"
+               "Content-Type: application/octet-stream\r\n\r\n").encode()
+        for _ in range(100):  # 100 x 64 KB = 6.4 MB, twice the cap, never announced
+            sent[0] += 1
+            yield bytes(65536)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = client.post("/v1/jobs", content=chunks(), headers={
+        **OWNER, "content-type": f"multipart/form-data; boundary={boundary}"})
+    assert (response.status_code, response.json()["error"]) == (413, "too_large")
+    assert queue.enqueued == [] and job_folders(store) == []
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-Brainscan-Owner": ""}, {"X-Brainscan-Owner": "has space"}],
+                         ids=["absent", "empty", "malformed"])
+def test_owner_header_is_required(client: TestClient, headers: dict[str, str]) -> None:
+    response = submit(client, headers=headers)
+    assert (response.status_code, response.json()["error"]) == (400, "missing_owner")
+
+
+def test_unknown_model_is_404_and_an_absent_default_is_503(client: TestClient, tmp_path: Path) -> None:
+    response = submit(client, model="resnet9000")
+    assert (response.status_code, response.json()["error"]) == (404, "unknown_model")
+    empty_store = tmp_path / "empty-models"
+    with TestClient(create_app(settings_for(empty_store, tmp_path / "jobs2"), queue=RecordingQueue())) as bare:
+        response = submit(bare)
+        assert (response.status_code, response.json()["error"]) == (503, "model_unavailable")
+        ready = bare.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["models"] != "ok"
+
+
+# -- reading, ownership, cancel, delete ---------------------------------------------------------
+
+def test_jobs_are_visible_to_their_owner_only(client: TestClient) -> None:
+    job = submit(client).json()
+    for method, path in (("GET", job["links"]["self"]), ("GET", job["links"]["inputs"]["t1"]),
+                         ("DELETE", job["links"]["self"])):
+        response = client.request(method, path, headers=OTHER)
+        assert (response.status_code, response.json()["error"]) == (404, "not_found")
+    assert client.get(job["links"]["self"], headers=OWNER).json()["status"] == "queued"
+
+
+@pytest.mark.parametrize("name", ["job.json", ".lock", "..%2Fjob.json", "mask.nii.gz", "preview_axial.png",
+                                  "input_seg.nii.gz"])
+def test_only_existing_job_files_are_served(client: TestClient, name: str) -> None:
+    job = submit(client).json()
+    response = client.get(f"{job['links']['self']}/files/{name}", headers=OWNER)
+    assert response.status_code == 404
+
+
+def test_delete_cancels_a_queued_job_then_deletes_it(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore]
+                                                     ) -> None:
+    client, _, store = app_parts
+    job = submit(client).json()
+    cancelled = client.delete(job["links"]["self"], headers=OWNER)
+    assert cancelled.status_code == 200
+    assert (cancelled.json()["status"], cancelled.json()["finished_at"] is not None) == ("cancelled", True)
+    assert client.delete(job["links"]["self"], headers=OWNER).status_code == 204
+    assert client.get(job["links"]["self"], headers=OWNER).status_code == 404
+    assert job_folders(store) == []
+
+
+def test_unknown_job_ids_are_404(client: TestClient) -> None:
+    for job_id in ("A" * 22, "..", "x" * 200):
+        assert client.get(f"/v1/jobs/{job_id}", headers=OWNER).status_code == 404
+
+
+# -- broker, readiness, models, metrics, expiry -------------------------------------------------
+
+def test_unreachable_broker_gives_503_quickly_and_leaves_no_job(models: Path, tmp_path: Path) -> None:
+    settings = settings_for(models, tmp_path / "jobs", broker_timeout_s=0.5)  # nothing listens on that port
+    app = create_app(settings)
+    with TestClient(app) as client:
+        started = time.monotonic()
+        response = submit(client)
+        assert (response.status_code, response.json()["error"]) == (503, "service_unavailable")
+        assert time.monotonic() - started < 20
+        assert job_folders(app.state.store) == []
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["broker"].startswith("broker unreachable")
+
+
+def test_ready_models_and_metrics(client: TestClient) -> None:
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"store": "ok", "broker": "ok", "models": "ok"}
+    listed = client.get("/v1/models").json()
+    assert listed["default"] == "unet3d"
+    assert [(m["name"], m["version"], m["versions"]) for m in listed["models"]] == [("unet3d", "test-1", ["test-1"])]
+    assert listed["models"][0]["label_map"] == {"0": 0, "1": 1, "2": 2, "3": 4}
+    submit(client)
+    text = client.get("/metrics").text
+    assert 'segmenter_jobs_submitted_total{model="unet3d",source="files"} 1.0' in text
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_expired_jobs_are_swept_in_the_background(models: Path, tmp_path: Path) -> None:
+    settings = settings_for(models, tmp_path / "jobs", job_ttl_s=0.5, expire_interval_s=0.2)
+    with TestClient(create_app(settings, queue=RecordingQueue())) as client:
+        job = submit(client).json()
+        deadline = time.monotonic() + 10
+        while client.get(job["links"]["self"], headers=OWNER).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.get(job["links"]["self"], headers=OWNER).status_code == 404
+        assert 'segmenter_jobs_expired_total 1.0' in client.get("/metrics").text
+
+
+# -- the worker's job logic, called directly ----------------------------------------------------
+
+@pytest.fixture()
+def runner(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore], models: Path) -> JobRunner:
+    store = app_parts[2]
+    settings = settings_for(models, store.root, progress_interval_s=0.0)
+    return JobRunner(settings, store, ModelCache(settings))
+
+
+def test_runner_segments_a_job_like_the_evaluation_path(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore],
+                                                        runner: JobRunner) -> None:
+    from brainscan.data.brats import BratsCase, load_case
+    from brainscan.evaluation.segment import segment_case
+    from brainscan.metrics.segmentation import volumes_ml
+
+    client, _, store = app_parts
+    job = submit(client, MEDIUM).json()
+    reports: list[dict[str, Any]] = []
+    assert runner.run(job["id"], report=reports.append) == {"job_id": job["id"], "status": "succeeded"}
+    body = client.get(job["links"]["self"], headers=OWNER).json()
+    assert (body["status"], body["stage"], body["progress"], body["error"], body["attempts"]) == (
+        "succeeded", "done", 1.0, None, 1)
+    assert set(body["timings"]) == {"queue_s", "preprocess_s", "inference_s", "write_s", "total_s"}
+    assert [h["stage"] for h in store.get(job["id"])["history"]] == [
+        "queued", "preprocessing", "inference", "writing results", "done"]
+    patches = [r["stage_detail"] for r in reports]
+    assert len(patches) >= 2 and patches[-1].startswith(f"patch {patches[-1].split()[-1]} of")
+    assert all(0.05 <= r["progress"] <= 0.95 for r in reports)
+
+    mask_response = client.get(body["result"]["mask_url"], headers=OWNER)
+    assert mask_response.status_code == 200
+    mask_img = nib.Nifti1Image.from_bytes(gzip.decompress(mask_response.content))
+    mask = np.asanyarray(mask_img.dataobj)
+    flair = nib.Nifti1Image.from_bytes(gzip.decompress(MEDIUM["flair"]))
+    assert mask.shape == MEDIUM_SHAPE and mask.dtype == np.uint8
+    np.testing.assert_allclose(mask_img.affine, flair.affine, atol=1e-5)
+    assert set(np.unique(mask).tolist()) <= {0, 1, 2, 4}
+    # the service path and the evaluation path give the same mask and volumes
+    paths = {m: store.path_for(job["id"], f"input_{m}.nii.gz") for m in MODALITIES}
+    case = load_case(BratsCase("case", paths["flair"].parent, paths), with_seg=False)
+    bundle = runner.models.get("unet3d", "test-1").bundle
+    np.testing.assert_array_equal(mask, segment_case(bundle, case))
+    expected = volumes_ml(mask, case.reference.spacing)
+    assert body["result"]["volumes_ml"] == {k: pytest.approx(v, abs=1e-3) for k, v in expected.items()}
+    assert body["result"]["labels"] == {"1": "NCR", "2": "ED", "4": "ET"}
+    for url in body["result"]["previews"].values():
+        png = client.get(url, headers=OWNER)
+        assert png.headers["content-type"] == "image/png" and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runner_skips_a_cancelled_job(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore],
+                                      runner: JobRunner) -> None:
+    client, _, store = app_parts
+    job = submit(client).json()
+    client.delete(job["links"]["self"], headers=OWNER)
+    assert runner.run(job["id"])["skipped"] is True
+    assert store.get(job["id"])["status"] == "cancelled" and store.get(job["id"])["attempts"] == 0
+
+
+def test_runner_stops_between_patches_when_cancelled(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore],
+                                                     runner: JobRunner) -> None:
+    client, _, store = app_parts
+    job = submit(client, MEDIUM).json()
+    seen: list[str] = []
+
+    def cancel_on_first_patch(meta: dict[str, Any]) -> None:
+        seen.append(meta["stage_detail"])
+        if len(seen) == 1:
+            assert client.delete(job["links"]["self"], headers=OWNER).json()["status"] == "cancelled"
+
+    assert runner.run(job["id"], report=cancel_on_first_patch)["status"] == "cancelled"
+    record = store.get(job["id"])
+    total = int(seen[0].split()[-1])
+    assert len(seen) == 1 and total > 1  # it stopped after the first of several patches
+    assert (record["status"], record["result"]) == ("cancelled", None)
+    assert not store.path_for(job["id"], "mask.nii.gz").exists()
+
+
+def test_runner_records_a_bad_input_as_a_failed_job(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore],
+                                                    runner: JobRunner) -> None:
+    client, _, store = app_parts
+    job = submit(client).json()
+    store.path_for(job["id"], "input_t2.nii.gz").write_bytes(b"damaged on disk")
+    assert runner.run(job["id"])["status"] == "failed"
+    body = client.get(job["links"]["self"], headers=OWNER).json()
+    assert body["status"] == "failed" and body["error"]["error"] == "unsupported_format"
+    assert "input_t2" in body["error"]["detail"]
+
+
+def test_runner_restarts_a_redelivered_job_from_scratch(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore],
+                                                        runner: JobRunner) -> None:
+    client, _, store = app_parts
+    job = submit(client).json()
+    store.transition(job["id"], "running", stage="inference", attempts=1, progress=0.4)  # its worker died here
+    store.path_for(job["id"], "mask.nii.gz").write_bytes(b"half a mask")
+    assert runner.run(job["id"])["status"] == "succeeded"
+    record = store.get(job["id"])
+    assert record["attempts"] == 2
+    assert [h["status"] for h in record["history"]].count("running") >= 2
+    assert nib.load(store.path_for(job["id"], "mask.nii.gz")).shape == SMALL_SHAPE
+
+
+def test_runner_gives_up_after_max_attempts(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore],
+                                            runner: JobRunner) -> None:
+    client, _, store = app_parts
+    job = submit(client).json()
+    store.transition(job["id"], "running", attempts=runner.settings.max_attempts)
+    assert runner.run(job["id"])["status"] == "failed"
+    assert store.get(job["id"])["error"]["error"] == "worker_lost"
+
+
+class FlakyModels:
+    """A model cache whose broker connection drops (a transient error)."""
+
+    def get(self, arch: str, version: str) -> Any:
+        raise RedisConnectionError("connection reset by peer")
+
+
+@pytest.mark.parametrize("can_retry, status", [(True, "queued"), (False, "failed")], ids=["retry", "last try"])
+def test_transient_errors_are_retried_then_fail(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore],
+                                                models: Path, can_retry: bool, status: str) -> None:
+    client, _, store = app_parts
+    job = submit(client).json()
+    flaky = JobRunner(settings_for(models, store.root), store, FlakyModels())  # type: ignore[arg-type]
+    if can_retry:
+        with pytest.raises(RedisConnectionError):
+            flaky.run(job["id"], can_retry=True)
+    else:
+        assert flaky.run(job["id"], can_retry=False)["status"] == "failed"
+    record = store.get(job["id"])
+    assert record["status"] == status
+    if status == "failed":
+        assert record["error"]["error"] == "transient_error"
+
+
+# -- previews -----------------------------------------------------------------------------------
+
+def _decode(png: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]  # RGB
+
+
+def _ras_phantom() -> tuple[np.ndarray, np.ndarray]:
+    """RAS volume (X=30 L->R, Y=40 P->A, Z=20 I->S): a bright block at anterior-right-superior, a tumour centre."""
+    flair = np.full((30, 40, 20), 50.0, np.float32)
+    flair[22:28, 30:38, 14:18] = 400.0  # right (high x), anterior (high y), superior (high z)
+    mask = np.zeros(flair.shape, np.uint8)
+    mask[13:17, 18:22, 8:12] = 2
+    return flair, mask
+
+
+def _bright_quadrant(image: np.ndarray) -> tuple[str, str]:
+    grey = image.mean(axis=2)
+    rows, cols = np.nonzero(grey > 200)
+    vertical = "top" if rows.mean() < grey.shape[0] / 2 else "bottom"
+    horizontal = "left" if cols.mean() < grey.shape[1] / 2 else "right"
+    return vertical, horizontal
+
+
+def test_previews_follow_radiological_orientation_whatever_the_file_order() -> None:
+    flair, mask = _ras_phantom()
+    ras = np.diag([1.0, 1.0, 1.0, 1.0])
+    # the same anatomy stored LPS (x and y flipped) and with the axes permuted (z, x, y)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    permuted = np.array([[0, 1.0, 0, 0], [0, 0, 1.0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
+    layouts = {
+        "ras": (flair, mask, ras),
+        "lps": (flair[::-1, ::-1], mask[::-1, ::-1], lps),
+        "zxy": (flair.transpose(2, 0, 1), mask.transpose(2, 0, 1), permuted),
+    }
+    rendered = {name: render_previews(f, m, affine, (1.0, 1.0, 1.0)) for name, (f, m, affine) in layouts.items()}
+    for name in ("lps", "zxy"):
+        assert rendered[name] == rendered["ras"], name
+    # the planes cut through the tumour centre, where the bright block is not; cut through it instead
+    block_mask = np.zeros_like(mask)
+    block_mask[24, 33, 15] = 1
+    images = {plane: _decode(png) for plane, png in render_previews(flair, block_mask, ras, (1, 1, 1)).items()}
+    assert images["axial"].shape[:2] == (40, 30)
+    assert _bright_quadrant(images["axial"]) == ("top", "left")      # anterior up, patient right on the left
+    assert _bright_quadrant(images["coronal"]) == ("top", "left")    # superior up, patient right on the left
+    assert _bright_quadrant(images["sagittal"]) == ("top", "left")   # superior up, anterior on the left
+
+
+def test_previews_make_pixels_square_and_colour_the_labels() -> None:
+    flair, mask = _ras_phantom()
+    images = {p: _decode(png) for p, png in render_previews(flair, mask, np.eye(4), (1.0, 1.0, 2.0)).items()}
+    assert images["coronal"].shape[:2] == (40, 30)  # 20 slices of 2 mm shown as 40 rows
+    centre = images["axial"][40 - 20, 30 - 15]
+    assert centre[1] > centre[0] and centre[1] > centre[2]  # edema (label 2) is drawn green
+
+
+@pytest.mark.parametrize("mask, expected", [
+    (np.zeros((10, 12, 8), np.uint8), (5, 6, 4)),
+    (np.pad(np.ones((3, 3, 3), np.uint8), ((1, 6), (3, 6), (0, 5))), (2, 4, 1)),
+], ids=["empty: volume centre", "tumour: centre of mass"])
+def test_tumour_centre(mask: np.ndarray, expected: tuple[int, int, int]) -> None:
+    assert tumour_centre(mask) == expected
+
+
+def test_job_record_is_plain_json(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore]) -> None:
+    client, _, store = app_parts
+    job = submit(client).json()
+    record = json.loads((store.root / job["id"] / "job.json").read_text())
+    assert record["owner"] == "alice" and record["task_id"] == "task-1"
+
+
+# -- the Celery task shell and configuration ----------------------------------------------------
+
+def test_celery_task_called_directly_runs_the_job(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore],
+                                                  runner: JobRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.segmenter import worker
+
+    client, _, store = app_parts
+    monkeypatch.setattr(worker, "_runner", runner)
+    job = submit(client).json()
+    assert worker.segment(job["id"]) == {"job_id": job["id"], "status": "succeeded"}
+    assert client.get(job["links"]["self"], headers=OWNER).json()["result"]["mask_url"].endswith("mask.nii.gz")
+
+
+def test_hard_time_limit_is_recorded_as_a_failed_job(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore],
+                                                     runner: JobRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery.exceptions import TimeLimitExceeded
+
+    from services.segmenter import worker
+
+    client, _, store = app_parts
+    monkeypatch.setattr(worker, "_runner", runner)
+    job = submit(client).json()
+    store.transition(job["id"], "running", stage="inference")
+    worker.segment.on_failure(TimeLimitExceeded(3600), "task-1", (job["id"],), {}, None)
+    record = store.get(job["id"])
+    assert (record["status"], record["error"]["error"]) == ("failed", "time_limit")
+
+
+def test_celery_configuration_follows_the_delivery_guarantees(models: Path, tmp_path: Path) -> None:
+    from services.segmenter.worker import celery_config
+
+    config = celery_config(settings_for(models, tmp_path, time_limit_s=600, visibility_timeout_s=900,
+                                        unacked_restore_interval_s=2, worker_concurrency=3))
+    assert (config["task_acks_late"], config["task_reject_on_worker_lost"], config["worker_prefetch_multiplier"]) == (
+        True, True, 1)
+    assert config["broker_transport_options"]["visibility_timeout"] == 900
+    assert config["broker_transport_options"]["unacked_restore_interval"] == 2
+    assert config["broker_transport_options"]["unacked_restore_throttle"] == 1
+    assert (config["task_time_limit"], config["task_soft_time_limit"]) == (600, 540)
+    assert config["worker_concurrency"] == 3
+    assert config["task_routes"]["segmenter.segment"]["queue"] == "segmentation"
+    assert [queue.name for queue in config["task_queues"]] == ["segmentation"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"time_limit_s": 3600, "visibility_timeout_s": 3000}, "visibility_timeout_s"),
+    ({"time_limit_s": 100, "soft_time_limit_s": 200}, "soft_time_limit_s"),
+    ({"broker_url": "amqp://localhost"}, "Redis URL"),
+    ({"log_level": "LOUD"}, "log_level"),
+])
+def test_settings_refuse_inconsistent_values(overrides: dict[str, Any], message: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        Settings(**overrides)
+
+
+def test_settings_read_the_shared_environment_names(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WORKER_CONCURRENCY", "2")
+    monkeypatch.setenv("BRAINSCAN_MODELS", str(tmp_path / "store"))
+    monkeypatch.setenv("SEGMENTER_MAX_UPLOAD_BYTES", "1234")
+    settings = Settings()
+    assert (settings.worker_concurrency, settings.models_root, settings.max_upload_bytes) == (
+        2, tmp_path / "store", 1234)
+    assert settings.backend_url == settings.broker_url == "redis://127.0.0.1:6379/0"
