@@ -17,7 +17,7 @@ from brainscan.errors import BrainscanError
 
 #: Areas of the command line, in the order ``brainscan --help`` lists them.
 AREAS = ("brainscan.cli.data", "brainscan.cli.train", "brainscan.cli.metrics", "brainscan.cli.models",
-         "brainscan.cli.evaluate", "brainscan.cli.predict", "brainscan.cli.up")
+         "brainscan.cli.evaluate", "brainscan.cli.predict", "brainscan.cli.up", "brainscan.cli.client")
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1

@@ -1,0 +1,239 @@
+"""``brainscan client``: classify images and segment cases through a running brainscan server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from brainscan.cli.output import fmt, print_json, table
+from brainscan.client import BrainscanClient, ClientError
+from brainscan.errors import BrainscanError
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+EXIT_OK = 0
+EXIT_INPUT = 2
+EXIT_AUTH = 3
+EXIT_UNAVAILABLE = 4
+EXIT_JOB_FAILED = 5
+EXIT_TIMEOUT = 6
+
+EXIT_CODES_HELP = """exit status:
+  0  ok
+  2  bad input, or the server refused the request (its message is printed)
+  3  authentication failed (401/403): pass --api-key or set $BRAINSCAN_API_KEY
+  4  server unavailable after retries (connection refused, 502/503/504)
+  5  the segmentation job failed or was cancelled
+  6  timed out waiting for the job"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    client = subparsers.add_parser(
+        "client", help="use a running brainscan server (brainscan up) over HTTP",
+        description="Send images or BraTS cases to a brainscan server's /api/v1. Research software: NOT for "
+                    "clinical use.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = client.add_subparsers(title="client commands", metavar="COMMAND", required=True)
+
+    classify = commands.add_parser(
+        "classify", help="tumour class of 2D MRI slices, computed by the server",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_wrap("Upload each IMAGE and print its predicted class, its probability and the model version. "
+                    "An image the server refuses gets a one-line error on stderr; the others are still reported."),
+        epilog=f"example: brainscan client classify scan1.jpg scan2.png --json\n\n{EXIT_CODES_HELP}")
+    classify.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    _connection_options(classify)
+    classify.add_argument("--model", default=None, help="classifier name, e.g. resnet50 (default: the server's)")
+    classify.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    classify.set_defaults(func=run_classify)
+
+    segment = commands.add_parser(
+        "segment", help="tumour mask of one BraTS case, computed by the server",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_wrap("Upload the case in CASE_DIR (<case>_{t1,t1ce,t2,flair}.nii[.gz]), wait for the job while "
+                    "showing its progress on stderr, write the mask (BraTS labels 0/1/2/4, on the input grid) "
+                    "to --out and print the tumour volumes in mL and the job id."),
+        epilog=f"example: brainscan client segment BraTS2021_00006 --out pred.nii.gz\n\n{EXIT_CODES_HELP}")
+    segment.add_argument("case_dir", type=Path, metavar="CASE_DIR", help="BraTS case folder")
+    segment.add_argument("--out", type=Path, required=True, metavar="MASK.nii.gz", help="mask file to write")
+    _connection_options(segment)
+    segment.add_argument("--model", default=None, help="segmentation model, e.g. unet3d (default: the server's)")
+    segment.add_argument("--json", action="store_true", help="print JSON (job body and mask path); no progress")
+    segment.add_argument("--timeout", type=_positive_float, default=1800.0, metavar="S",
+                         help="seconds to wait for the job (default 1800)")
+    segment.set_defaults(func=run_segment)
+
+
+def _wrap(text: str) -> str:
+    # The raw formatter keeps the exit-status table aligned, so descriptions are wrapped here.
+    return textwrap.fill(text, width=79)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("BRAINSCAN_URL", DEFAULT_URL),
+                        help=f"server URL (default: $BRAINSCAN_URL or {DEFAULT_URL})")
+    parser.add_argument("--api-key", default=os.environ.get("BRAINSCAN_API_KEY"),
+                        help="X-API-Key to send (default: $BRAINSCAN_API_KEY)")
+    # String defaults go through ``type`` too, so a bad environment value is reported like a bad option.
+    parser.add_argument("--retries", type=_non_negative_int,
+                        default=os.environ.get("BRAINSCAN_CLIENT_RETRIES", "4"),
+                        help="retries after a connection error or 502/503/504 "
+                             "(default: $BRAINSCAN_CLIENT_RETRIES or 4)")
+    parser.add_argument("--backoff", type=_non_negative_float,
+                        default=os.environ.get("BRAINSCAN_CLIENT_BACKOFF", "0.5"),
+                        help="first retry delay in seconds, doubled each retry "
+                             "(default: $BRAINSCAN_CLIENT_BACKOFF or 0.5)")
+
+
+def exit_code(error: ClientError) -> int:
+    """The documented exit status of a failure (see ``EXIT_CODES_HELP``)."""
+    if error.code == "timeout" and error.status is None:
+        return EXIT_TIMEOUT
+    if error.code in ("job_failed", "job_cancelled"):
+        return EXIT_JOB_FAILED
+    if error.status in (401, 403):
+        return EXIT_AUTH
+    if error.status is None or error.status >= 500:
+        return EXIT_UNAVAILABLE
+    return EXIT_INPUT
+
+
+def _report(error: ClientError) -> int:
+    suffix = f" (HTTP {error.status}, {error.code}" if error.status else f" ({error.code}"
+    suffix += f", request {error.request_id})" if error.request_id else ")"
+    print(f"brainscan: error: {error.detail}{suffix}", file=sys.stderr)
+    return exit_code(error)
+
+
+def _client(args: argparse.Namespace, timeout: float = 60) -> BrainscanClient:
+    try:
+        return BrainscanClient(args.url, api_key=args.api_key, timeout=timeout, retries=args.retries,
+                               backoff=args.backoff)
+    except ValueError as exc:  # only the URL can still be wrong here: the other options are typed
+        raise BrainscanError(f"--url: {exc}") from None
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    results: list[dict[str, Any]] = []
+    status = EXIT_OK
+    try:
+        with _client(args) as client:
+            for path in args.images:
+                try:
+                    body = client.classify(path, model=args.model)
+                except FileNotFoundError:
+                    print(f"brainscan: error: {path}: no such file", file=sys.stderr)
+                    results.append({"file": str(path), "error": {"error": "not_found", "detail": "no such file"}})
+                    status = EXIT_INPUT
+                    continue
+                except ClientError as exc:
+                    if exit_code(exc) != EXIT_INPUT:
+                        raise  # auth or availability: every other image would fail the same way
+                    print(f"brainscan: error: {path}: {exc.detail} (HTTP {exc.status}, {exc.code})", file=sys.stderr)
+                    results.append({"file": str(path), "error": {"error": exc.code, "detail": exc.detail,
+                                                                 "status": exc.status, "request_id": exc.request_id}})
+                    status = EXIT_INPUT
+                    continue
+                results.append({"file": str(path), **body})
+    except ClientError as exc:
+        return _report(exc)
+    if args.json:
+        print_json(results)
+    else:
+        rows = []
+        for item in results:
+            if "error" in item:
+                continue
+            model = item.get("model") or {}
+            rows.append([item["file"], item["label"], fmt(float(item["probabilities"][item["label"]])),
+                         model.get("name"), model.get("version")])
+        if rows:
+            print(table(["file", "label", "probability", "model", "version"], rows))
+    return status
+
+
+class _Progress:
+    """Job progress on stderr: a tqdm bar (percent) whose description is the stage and its detail."""
+
+    def __init__(self, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=100, unit="%", file=sys.stderr, disable=quiet, dynamic_ncols=True, leave=False,
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}")
+
+    def __call__(self, job: dict[str, Any]) -> None:
+        stage = job.get("stage") or job.get("status") or ""
+        detail = job.get("stage_detail")
+        self.bar.set_description_str(f"{stage}: {detail}" if detail else stage, refresh=False)
+        self.bar.n = int(round(100 * float(job.get("progress") or 0.0)))
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    if not args.case_dir.is_dir():
+        print(f"brainscan: error: {args.case_dir} is not a folder; give a BraTS case folder", file=sys.stderr)
+        return EXIT_INPUT
+    progress = _Progress(quiet=args.json)
+    job: dict[str, Any] | None = None
+    try:
+        with _client(args) as client:
+            job = client.submit_segmentation(args.case_dir, model=args.model)
+            if not args.json:
+                print(f"job {job['id']} queued", file=sys.stderr)
+            job = client.wait(job, progress=progress, timeout=args.timeout)
+            progress.close()
+            mask = client.download_mask(job, args.out)
+    except ClientError as exc:
+        progress.close()
+        if exc.job is not None:
+            job = exc.job
+        code = _report(exc)
+        if job is not None and args.json:
+            print_json({"job": job, "mask": None})
+        return code
+    if args.json:
+        print_json({"job": job, "mask": str(mask)})
+        return EXIT_OK
+    volumes = job["result"].get("volumes_ml") or {}
+    print(table(["region", "volume_ml"], [[r, fmt(volumes.get(r), 2)] for r in ("WT", "TC", "ET", "NCR", "ED")]))
+    model = job.get("model") or {}
+    print(f"mask: {mask}")
+    print(f"job: {job['id']} (model {model.get('name')} version {model.get('version')})")
+    return EXIT_OK
