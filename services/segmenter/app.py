@@ -148,6 +148,21 @@ class JobQueue:
             raise ServiceUnavailableError(f"the job queue is unreachable ({type(exc).__name__}); "
                                           "try again in a minute") from exc
 
+    def length(self) -> int:
+        """Jobs waiting in the ``segmentation`` queue (kombu keeps it as a Redis list of that name).
+
+        Raises:
+            redis.exceptions.RedisError: the broker is unreachable (within ``broker_timeout_s``).
+        """
+        import redis
+
+        client = redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=self.settings.broker_timeout_s,
+                                      socket_timeout=self.settings.broker_timeout_s)
+        try:
+            return int(client.llen(QUEUE))
+        finally:
+            client.close()
+
     def ping(self) -> None:
         """Raise unless the broker answers a PING within ``broker_timeout_s``."""
         import redis
@@ -359,6 +374,8 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.state.store = store
     app.state.catalog = catalog
     app.state.queue = queue if queue is not None else JobQueue(settings)
+    # read through app.state at scrape time: tests may swap the queue after the app is built
+    metrics.track_queue_length(lambda: app.state.queue.length())
     app.add_exception_handler(BrainscanError, _brainscan_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -513,7 +530,8 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def prometheus_metrics(metrics: MetricsDep) -> Response:
-        return Response(metrics.render(), media_type=metrics.content_type)
+        # rendering reads the queue length from Redis: keep that (and its timeout) off the event loop
+        return Response(await run_in_threadpool(metrics.render), media_type=metrics.content_type)
 
     return app
 

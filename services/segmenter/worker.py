@@ -3,6 +3,9 @@
 Run:
     celery -A services.segmenter.worker worker -Q segmentation -c 1 -P prefork
 
+With ``WORKER_METRICS_PORT`` set, the main process serves the pool's Prometheus metrics (job
+outcomes and durations, inference time) on that port: :mod:`services.segmenter.worker_metrics`.
+
 This module is TensorFlow-free at import, so the API can build its Celery app with
 :func:`make_celery` (and enqueue by name, ``send_task("segmenter.segment", [job_id])``) without
 loading TensorFlow. TensorFlow comes in with the models, which each pool process loads in
@@ -39,7 +42,7 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_shutdown
 from kombu import Queue
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -59,6 +62,7 @@ from services.segmenter.jobs import (
     utc_now,
 )
 from services.segmenter.settings import QUEUE, TASK_NAME, Settings, configure_logging
+from services.segmenter import worker_metrics
 from services.segmenter.store import JobStore, LocalJobStore
 
 log = logging.getLogger("services.segmenter.worker")
@@ -308,6 +312,7 @@ class JobRunner:
         on_patch = self._progress_callback(job_id, report)
         mask = segment_case(model.bundle, case, progress=on_patch, predict_fn=model.predict_fn)
         inferred = time.perf_counter()
+        worker_metrics.record_inference(inferred - loaded)
         self.store.update(job_id, expect_status={"running"}, stage="writing results",
                           progress=stage_progress("writing results"), stage_detail=None)
         reference = case.reference
@@ -406,6 +411,18 @@ def runner() -> JobRunner:
     return _runner
 
 
+@worker_init.connect
+def _start_metrics(**_: Any) -> None:
+    """The main process serves the pool's Prometheus metrics when ``WORKER_METRICS_PORT`` is set
+    (see :mod:`services.segmenter.worker_metrics`); before the fork, so the pool inherits the setup."""
+    worker_metrics.start_exporter(settings.jobs_dir)
+
+
+@worker_shutdown.connect
+def _stop_metrics(**_: Any) -> None:
+    worker_metrics.stop_exporter()
+
+
 @worker_process_init.connect
 def _load_models(**_: Any) -> None:
     """Each pool process loads the current bundles after the fork (never at import: see the docstring)."""
@@ -431,7 +448,14 @@ def segment(self: Task, job_id: str) -> dict[str, Any]:
         if self.request.id:
             self.update_state(state="PROGRESS", meta=meta)
 
+    started = time.perf_counter()
+    outcome = "error"
     try:
-        return runner().run(job_id, report=report, can_retry=self.request.retries < self.max_retries)
+        result = runner().run(job_id, report=report, can_retry=self.request.retries < self.max_retries)
+        outcome = worker_metrics.outcome_of(result)
+        return result
     except TRANSIENT_ERRORS as exc:
+        outcome = "retried"
         raise self.retry(exc=exc, countdown=min(2 ** self.request.retries, 30)) from exc
+    finally:
+        worker_metrics.record_job(outcome, time.perf_counter() - started)

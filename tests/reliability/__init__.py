@@ -1,0 +1,1 @@
+"""Reliability tests: load, broker restarts, worker crashes (real Redis and Celery) and fuzzing."""
