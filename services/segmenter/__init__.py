@@ -3,5 +3,5 @@ queues them, and a Celery worker that segments them with the current 3D U-Net bu
 API with :func:`services.segmenter.app.create_app` and run it with
 ``uvicorn services.segmenter.app:app --port 8102``; run the worker with
 ``celery -A services.segmenter.worker worker -Q segmentation`` (see ``README.md`` here and
-``docs/HELPERS.md``, "Segmenter contract").
+``docs/CONTRACTS.md``, "Segmenter contract").
 """

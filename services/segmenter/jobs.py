@@ -1,7 +1,7 @@
 """The segmentation job: its record, its states and the transitions between them.
 
 A job record is the JSON object the job store keeps as ``job.json``; :func:`public_view` turns it
-into the response body of ``GET /v1/jobs/{id}`` (``docs/HELPERS.md``, "Segmenter contract").
+into the response body of ``GET /v1/jobs/{id}`` (``docs/CONTRACTS.md``, "Segmenter contract").
 
 States::
 

@@ -32,6 +32,7 @@ from gateway.app import create_app
 from gateway.ownership import OWNER_HEADER, SESSION_COOKIE, BrowserSessionMiddleware, key_owner
 from gateway.segmentations import rewrite_job_urls
 from gateway.settings import GatewaySettings
+from tests.paths import BRATS_SAMPLE, needs_brats_sample
 from tests.redis_server import needs_redis, redis_server
 from tests.servers import REPO_ROOT, RunningServer, free_port, serve_uvicorn
 
@@ -40,8 +41,8 @@ REQUEST_ID = "gw-seg-0001"
 PHANTOM_SHAPE = (48, 48, 32)
 FINAL = ("succeeded", "failed", "cancelled")
 API_KEYS = ("key-one", "key-two")
-# The real gateway's segmentation limit in these tests: far above a phantom case (~200 kB).
-TEST_SEGMENTATION_LIMIT = 4 * 1024 * 1024
+# The real gateway's segmentation limit in these tests: above the real BraTS case (~9.4 MB as .nii.gz).
+TEST_SEGMENTATION_LIMIT = 16 * 1024 * 1024
 
 
 def gateway_settings(segmenter_url: str, **overrides) -> GatewaySettings:
@@ -235,6 +236,26 @@ def test_phantom_case_through_the_gateway_gives_a_mask_on_the_input_grid(finishe
 
 
 @needs_redis
+@needs_brats_sample
+def test_real_brats_case_through_the_gateway_lands_on_its_grid(stack, browser_session):
+    """BraTS2021_00006 (240 x 240 x 155, LPS affine) uploaded as four files; the mask comes back on its grid."""
+    client = browser_session()
+    files = {m: (f"{BRATS_SAMPLE.name}_{m}.nii.gz", (BRATS_SAMPLE / f"{BRATS_SAMPLE.name}_{m}.nii.gz").read_bytes(),
+                 "application/gzip") for m in MODALITIES}
+    created = client.post("/api/v1/segmentations", files=files)
+    assert created.status_code == 202, created.text
+    job = wait_for_job(client, created.headers["location"], stack, timeout_s=300)
+    assert job["status"] == "succeeded", job
+    assert job["input"]["shape"] == [240, 240, 155]
+    image = nifti_from_bytes(client.get(job["result"]["mask_url"]).content)
+    reference = nib.load(str(BRATS_SAMPLE / f"{BRATS_SAMPLE.name}_flair.nii.gz"))
+    assert image.shape == reference.shape == (240, 240, 155)
+    np.testing.assert_allclose(image.affine, reference.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(image.dataobj))) <= {0, 1, 2, 4}
+    assert set(job["result"]["volumes_ml"]) == {"WT", "TC", "ET", "NCR", "ED"}
+
+
+@needs_redis
 def test_bodies_and_headers_hold_only_gateway_urls(finished_job):
     _, created, job = finished_job
     urls = job_urls(created.json()) + job_urls(job) + [created.headers["location"]]
@@ -317,8 +338,8 @@ def test_missing_modality_is_422(stack, browser_session):
 
 @needs_redis
 def test_chunked_upload_over_the_limit_is_cut_off_while_streaming(gateway):
-    """No Content-Length, 64 MiB if sent in full, against the gateway's 4 MiB segmentation limit."""
-    total_chunks, yielded = 1024, 0
+    """No Content-Length, 256 MiB if sent in full, against the gateway's 16 MiB segmentation limit."""
+    total_chunks, yielded = 4096, 0
 
     def body():
         nonlocal yielded

@@ -1,4 +1,4 @@
-"""Classifier service: the contract of docs/HELPERS.md on real tiny bundles (both architectures),
+"""Classifier service: the contract of docs/CONTRACTS.md on real tiny bundles (both architectures),
 bad inputs with their own statuses, micro-batching under concurrency, parity with the bundle's own
 preprocessing and network, readiness without / with broken models, and a real uvicorn process."""
 
