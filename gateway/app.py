@@ -23,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from brainscan import __version__
+from brainscan.web import error_response, http_error_code
 from gateway.examples import CLASSIFIER_ERRORS, CLASSIFY_BODY, CLASSIFY_RESPONSES, MODELS_EXAMPLE
 from gateway.metrics import GatewayMetrics, RequestContextMiddleware, configure_logging
 from gateway.ownership import BrowserSessionMiddleware
@@ -48,14 +49,6 @@ def get_classifier(request: Request) -> Upstream:
 
 SettingsDep = Annotated[GatewaySettings, Depends(get_app_settings)]
 ClassifierDep = Annotated[Upstream, Depends(get_classifier)]
-
-
-def error_response(request: Request, status: int, code: str, detail: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    """The gateway's error body ``{"error", "detail", "request_id"}``."""
-    request_id = getattr(request.state, "request_id", None)
-    return JSONResponse({"error": code, "detail": detail, "request_id": request_id}, status_code=status,
-                        headers=headers)
 
 
 def passthrough(response: httpx.Response) -> Response:
@@ -165,11 +158,11 @@ def _build_api_router() -> APIRouter:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        return error_response(request, exc.status, exc.code, exc.detail, exc.headers or None)
+        return error_response(request, exc.status, exc.code, exc.detail, headers=exc.headers or None)
 
     @app.exception_handler(ApiKeyError)
     async def api_key_error(request: Request, exc: ApiKeyError) -> JSONResponse:
-        return error_response(request, 401, "unauthorized", exc.detail, {"WWW-Authenticate": "X-API-Key"})
+        return error_response(request, 401, "unauthorized", exc.detail, headers={"WWW-Authenticate": "X-API-Key"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -180,11 +173,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
         details = {404: "There is nothing at this address. The API lives under /api/v1; see /docs.",
                    405: "This address does not accept that HTTP method. See /docs."}
-        return error_response(request, exc.status_code, codes.get(exc.status_code, f"http_{exc.status_code}"),
-                              details.get(exc.status_code, str(exc.detail)), getattr(exc, "headers", None))
+        return error_response(request, exc.status_code, http_error_code(exc.status_code),
+                              details.get(exc.status_code, str(exc.detail)), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -1,7 +1,7 @@
 """OpenAPI examples of the gateway's answers (what ``/docs`` shows next to each route).
 
 Kept apart from the routes so that the route modules stay readable; the examples follow the
-service contracts in ``docs/HELPERS.md``.
+service contracts in ``docs/CONTRACTS.md``.
 """
 
 from __future__ import annotations

@@ -9,19 +9,16 @@ the route, status and latency of the request once it has been answered.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
-import sys
 import time
-import uuid
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-REQUEST_ID_HEADER = "X-Request-ID"
-# Ids travel into logs and upstream headers: accept only a safe alphabet and length.
-_REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+from brainscan import web
+from brainscan.web import clean_request_id
+
 LOGGER_NAME = "brainscan.gateway"
 
 
@@ -50,42 +47,10 @@ class GatewayMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def clean_request_id(value: str | None) -> str:
-    """The client's request id when it is safe to log and forward, else a fresh one."""
-    if value and _REQUEST_ID_PATTERN.match(value):
-        return value
-    return uuid.uuid4().hex
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with the request id and any ``extra`` fields a call adds."""
-
-    _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        entry.update({key: value for key, value in vars(record).items() if key not in self._STANDARD})
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
 def configure_logging(level: str) -> logging.Logger:
     """Send the gateway logger's records to stderr as JSON lines (idempotent)."""
-    logger = logging.getLogger(LOGGER_NAME)
-    logger.setLevel(level)
-    if not any(getattr(handler, "_brainscan_json", False) for handler in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
-        handler._brainscan_json = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-        logger.propagate = False
-    return logger
+    formatter = web.JsonFormatter(time_key="time", time_format="%Y-%m-%dT%H:%M:%S%z", exc_key="exception")
+    return web.configure_logging(logging.getLogger(LOGGER_NAME), level, propagate=False, formatter=formatter)
 
 
 @functools.lru_cache(maxsize=256)

@@ -21,7 +21,8 @@ import httpx
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
-from gateway.metrics import REQUEST_ID_HEADER, GatewayMetrics
+from brainscan.web import REQUEST_ID_HEADER
+from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("brainscan.gateway")
 

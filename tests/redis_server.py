@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import REPO_ROOT, free_port
+from tests.servers import REPO_ROOT, free_port, log_tail, stop_process
 
 
 def find_redis_server() -> str | None:
@@ -54,20 +54,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path, chars)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (Redis shuts down cleanly), then SIGKILL after ``timeout_s``."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=timeout_s)
+        stop_process(self.process, timeout_s)
 
 
 def _answers_ping(port: int) -> bool:

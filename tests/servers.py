@@ -37,6 +37,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """Terminate ``process`` if it still runs: SIGTERM, then SIGKILL after ``timeout_s``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout_s)
+
+
+def log_tail(path: Path, chars: int) -> str:
+    """The last ``chars`` characters of the log file at ``path`` ("" when it cannot be read)."""
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
 def wait_until_ready(url: str, *, timeout_s: float, is_alive=lambda: True, expect_status: int = 200) -> None:
     """Poll ``url`` until it answers ``expect_status``.
 
@@ -71,20 +90,11 @@ class RunningServer:
 
     def log_tail(self, chars: int = 4000) -> str:
         """The end of the server's combined stdout/stderr."""
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path, chars)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Terminate the process (SIGTERM, then SIGKILL after ``timeout_s``)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=timeout_s)
+        stop_process(self.process, timeout_s)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

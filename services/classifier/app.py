@@ -1,4 +1,4 @@
-"""FastAPI app of the classifier service (contract: ``docs/HELPERS.md``, "Classifier service contract").
+"""FastAPI app of the classifier service (contract: ``docs/CONTRACTS.md``, "Classifier service contract").
 
 Routes:
     POST /v1/classify?model=resnet50|vit_cnn&explain=true   multipart field ``file``: one image
@@ -18,114 +18,39 @@ Run:
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-import sys
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from brainscan.errors import BrainscanError, InputTooLargeError
+from brainscan import web
+from brainscan.errors import InputTooLargeError
+from brainscan.web import CallNext, error_response
 from services.classifier.metrics import ServiceMetrics
 from services.classifier.predictor import Predictor
 from services.classifier.settings import Settings
 
 log = logging.getLogger("services.classifier")
 
-REQUEST_ID_HEADER = "X-Request-ID"
-#: client request ids are echoed into logs and headers, so only plain tokens are accepted
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: room for the multipart boundary and part headers around the file itself
 MULTIPART_OVERHEAD = 16 * 1024
 UPLOAD_CHUNK = 64 * 1024
 CLASSIFY_PATH = "/v1/classify"
 
 
-# -- logging ----------------------------------------------------------------------------------
-
-_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and every ``extra=`` field."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        payload: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        payload.update({k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS and not k.startswith("_")})
-        if record.exc_info:
-            payload["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is now (test runners swap it), like ``logging.lastResort``."""
-
-    @property
-    def stream(self) -> Any:  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
-
-
-def configure_logging(level: str) -> None:
-    """Send the service's logs to stderr as JSON lines (once per process)."""
-    log.setLevel(level)
-    if not any(isinstance(handler, _StderrHandler) for handler in log.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(JsonFormatter())
-        log.addHandler(handler)
-
-
 # -- errors -----------------------------------------------------------------------------------
 
 
-def _request_id(request: Request) -> str | None:
-    return getattr(request.state, "request_id", None)
-
-
-def error_response(request: Request, status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
-    """The JSON error body every failure uses."""
-    body = {"error": code, "detail": detail, "request_id": _request_id(request), **extra}
-    return JSONResponse(body, status_code=status)
-
-
-async def _brainscan_error(request: Request, exc: BrainscanError) -> JSONResponse:
-    return error_response(request, exc.http_status, exc.code, exc.message)
-
-
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = []
-    for error in exc.errors():
-        where = ".".join(str(part) for part in error.get("loc", ()))
-        if error.get("type") == "missing" and tuple(error.get("loc", ()))[-1:] == ("file",):
-            problems.append("no file: send the image as the multipart/form-data field 'file' "
-                            "(e.g. curl -F file=@slice.jpg .../v1/classify)")
-        else:
-            problems.append(f"{where}: {error.get('msg')}")
-    return error_response(request, 422, "invalid_request", "; ".join(problems) or "invalid request")
-
-
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    return error_response(request, exc.status_code, codes.get(exc.status_code, f"http_{exc.status_code}"),
-                          str(exc.detail))
+def _describe_problem(error: dict[str, Any]) -> str:
+    """One validation problem; a missing upload gets a hint on how to send it."""
+    if error.get("type") == "missing" and tuple(error.get("loc", ()))[-1:] == ("file",):
+        return ("no file: send the image as the multipart/form-data field 'file' "
+                "(e.g. curl -F file=@slice.jpg .../v1/classify)")
+    return web.describe_validation_problem(error)
 
 
 # -- dependencies -----------------------------------------------------------------------------
@@ -176,7 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         a FastAPI app whose lifespan loads the models (``app.state.predictor``).
     """
     settings = settings if settings is not None else Settings()
-    configure_logging(settings.log_level)
+    web.configure_logging(log, settings.log_level)
     metrics = ServiceMetrics()
 
     @asynccontextmanager
@@ -201,30 +126,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.add_exception_handler(BrainscanError, _brainscan_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    web.install_error_handlers(app, describe_problem=_describe_problem)
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        given = request.headers.get(REQUEST_ID_HEADER, "")
-        request.state.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        request.state.log = {}
-        started = time.perf_counter()
-        response = await _guarded(request, call_next)
-        seconds = time.perf_counter() - started
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        metrics.observe_request(template, request.method, response.status_code, seconds)
-        response.headers[REQUEST_ID_HEADER] = request.state.request_id
-        log.info("request", extra={
-            "request_id": request.state.request_id, "method": request.method, "path": request.url.path,
-            "route": template, "status": response.status_code, "duration_ms": round(seconds * 1000.0, 2),
-            **request.state.log,
-        })
-        return response
-
-    async def _guarded(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def _guarded(request: Request, call_next: CallNext) -> Response:
         length = request.headers.get("content-length", "")
         if request.url.path == CLASSIFY_PATH and length.isdigit() \
                 and int(length) > settings.max_upload_bytes + MULTIPART_OVERHEAD:
@@ -238,6 +142,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.exception("unhandled error", extra={"request_id": request.state.request_id})
             return error_response(request, 500, "internal_error",
                                   "the classifier failed unexpectedly; the error is logged under this request_id")
+
+    web.add_request_context(app, log, observe=metrics.observe_request, guard=_guarded)
 
     @app.post(CLASSIFY_PATH, summary="Classify one 2D MRI slice")
     async def classify(

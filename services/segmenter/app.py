@@ -1,4 +1,4 @@
-"""FastAPI app of the segmenter job API (contract: ``docs/HELPERS.md``, "Segmenter contract").
+"""FastAPI app of the segmenter job API (contract: ``docs/CONTRACTS.md``, "Segmenter contract").
 
 Routes:
     POST   /v1/jobs?model=unet3d        multipart: ``t1``+``t1ce``+``t2``+``flair``, or ``case`` (zip), or
@@ -28,32 +28,29 @@ import contextlib
 import logging
 import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from brainscan import web
 from brainscan.errors import BrainscanError, BundleError, InputTooLargeError, UnsupportedFormatError
 from brainscan.labels import MODALITIES
+from brainscan.web import CallNext, error_response
 from services.segmenter.intake import UPLOAD_FIELDS, IntakeLimits, UploadPart, accept_upload
 from services.segmenter.jobs import FINAL, MODALITY_FILES, JobNotFoundError, JobStateError, public_view
 from services.segmenter.metrics import ServiceMetrics
-from services.segmenter.settings import QUEUE, TASK_NAME, Settings, configure_logging
+from services.segmenter.settings import QUEUE, TASK_NAME, Settings
 from services.segmenter.store import JobStore, LocalJobStore, check_file_name
 
 log = logging.getLogger("services.segmenter")
 
-REQUEST_ID_HEADER = "X-Request-ID"
 OWNER_HEADER = "X-Brainscan-Owner"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: owner ids are opaque (the gateway derives them), but they end up in logs and JSON
 _OWNER = re.compile(r"^[A-Za-z0-9._:@+=/-]{1,256}$")
 #: room for boundaries and part headers around the files themselves
@@ -92,30 +89,6 @@ class ServiceUnavailableError(BrainscanError):
 
     code = "service_unavailable"
     http_status = 503
-
-
-# -- errors -------------------------------------------------------------------------------------
-
-
-def error_response(request: Request, status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
-    """The JSON error body every failure uses."""
-    body = {"error": code, "detail": detail, "request_id": getattr(request.state, "request_id", None), **extra}
-    return JSONResponse(body, status_code=status)
-
-
-async def _brainscan_error(request: Request, exc: BrainscanError) -> JSONResponse:
-    return error_response(request, exc.http_status, exc.code, exc.message)
-
-
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
-    return error_response(request, 422, "invalid_request", "; ".join(problems) or "invalid request")
-
-
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    return error_response(request, exc.status_code, codes.get(exc.status_code, f"http_{exc.status_code}"),
-                          str(exc.detail))
 
 
 # -- collaborators ------------------------------------------------------------------------------
@@ -335,7 +308,7 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         a FastAPI app whose lifespan runs the expiry sweep.
     """
     settings = settings if settings is not None else Settings()
-    configure_logging(log, settings.log_level)
+    web.configure_logging(log, settings.log_level, propagate=False)
     metrics = ServiceMetrics()
     store = LocalJobStore(settings.jobs_dir, ttl_s=settings.job_ttl_s)
     limits = IntakeLimits(max_upload_bytes=settings.max_upload_bytes, max_voxels=settings.max_voxels,
@@ -376,29 +349,9 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.state.queue = queue if queue is not None else JobQueue(settings)
     # read through app.state at scrape time: tests may swap the queue after the app is built
     metrics.track_queue_length(lambda: app.state.queue.length())
-    app.add_exception_handler(BrainscanError, _brainscan_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    web.install_error_handlers(app)
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        given = request.headers.get(REQUEST_ID_HEADER, "")
-        request.state.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        request.state.log = {}
-        started = time.perf_counter()
-        response = await _guarded(request, call_next)
-        seconds = time.perf_counter() - started
-        template = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.observe_request(template, request.method, response.status_code, seconds)
-        response.headers[REQUEST_ID_HEADER] = request.state.request_id
-        log.info("request", extra={
-            "request_id": request.state.request_id, "method": request.method, "path": request.url.path,
-            "route": template, "status": response.status_code, "duration_ms": round(seconds * 1000.0, 2),
-            **request.state.log,
-        })
-        return response
-
-    async def _guarded(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def _guarded(request: Request, call_next: CallNext) -> Response:
         length = request.headers.get("content-length", "")
         if request.method == "POST" and request.url.path == JOBS_PATH and length.isdigit() \
                 and int(length) > settings.max_upload_bytes + MULTIPART_OVERHEAD:
@@ -413,6 +366,8 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
             log.exception("unhandled error", extra={"request_id": request.state.request_id})
             return error_response(request, 500, "internal_error",
                                   "the segmenter failed unexpectedly; the error is logged under this request_id")
+
+    web.add_request_context(app, log, observe=metrics.observe_request, guard=_guarded)
 
     @app.post(JOBS_PATH, status_code=202, summary="Submit a segmentation job", openapi_extra=_UPLOAD_SCHEMA)
     async def submit_job(

@@ -38,12 +38,7 @@ environment variable                    default                        meaning
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -137,45 +132,3 @@ class Settings(BaseSettings):
 
         return self.models_root if self.models_root is not None else default_root()
 
-
-# -- logging (shared by the API and the worker) ----------------------------------------------------
-
-_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and every ``extra=`` field."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        payload: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        payload.update({k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS and not k.startswith("_")})
-        if record.exc_info:
-            payload["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is now (test runners swap it), like ``logging.lastResort``."""
-
-    @property
-    def stream(self) -> Any:  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
-
-
-def configure_logging(logger: logging.Logger, level: str) -> None:
-    """Send ``logger``'s records to stderr as JSON lines (once per process and logger)."""
-    logger.setLevel(level)
-    logger.propagate = False  # Celery configures the root logger with its own plain format
-    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(JsonFormatter())
-        logger.addHandler(handler)

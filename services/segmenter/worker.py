@@ -50,6 +50,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from brainscan.errors import BrainscanError, BundleError
 from brainscan.labels import MODALITIES
+from brainscan.web import configure_logging
 from services.segmenter.jobs import (
     FINAL,
     MASK_FILE,
@@ -61,7 +62,7 @@ from services.segmenter.jobs import (
     stage_progress,
     utc_now,
 )
-from services.segmenter.settings import QUEUE, TASK_NAME, Settings, configure_logging
+from services.segmenter.settings import QUEUE, TASK_NAME, Settings
 from services.segmenter import worker_metrics
 from services.segmenter.store import JobStore, LocalJobStore
 
@@ -397,7 +398,7 @@ class JobRunner:
 # -- the Celery app and task --------------------------------------------------------------------
 
 settings = Settings()
-configure_logging(log, settings.log_level)
+configure_logging(log, settings.log_level, propagate=False)  # Celery formats the root logger its own way
 app = make_celery(settings)
 _runner: JobRunner | None = None
 

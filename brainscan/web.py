@@ -1,0 +1,193 @@
+"""Plumbing shared by the HTTP services: JSON logs, request ids and JSON error bodies.
+
+Used by the classifier service, the segmenter API (and its worker, for logging) and the gateway.
+TensorFlow-free; it imports FastAPI/Starlette, which only the services need, so nothing in the
+library proper (``brainscan.*`` outside this module) imports it.
+
+* :func:`configure_logging` sends one logger's records to stderr as JSON lines (:class:`JsonFormatter`).
+* :func:`clean_request_id` keeps a client's ``X-Request-ID`` when it is a plain token, else makes one.
+* :func:`add_request_context` is the services' middleware: request id in ``request.state.request_id``,
+  echoed in the ``X-Request-ID`` header, one JSON access-log line per request.
+* :func:`error_response` builds the ``{"error", "detail", "request_id"}`` body every failure uses;
+  :func:`install_error_handlers` maps ``BrainscanError`` / request validation / Starlette HTTP errors to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from brainscan.errors import BrainscanError
+
+REQUEST_ID_HEADER = "X-Request-ID"
+#: client request ids are echoed into logs and headers, so only plain tokens are accepted
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: ``error`` codes of the Starlette HTTP errors (others are ``http_<status>``)
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+CallNext = Callable[[Request], Awaitable[Response]]
+
+
+# -- logging ------------------------------------------------------------------------------------
+
+_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and every ``extra=`` field.
+
+    Args:
+        time_key: the name of the time field; ``time_format`` (``strftime``) formats it, else ISO 8601
+            UTC with milliseconds.
+        exc_key: the name of the traceback field.
+    """
+
+    def __init__(self, *, time_key: str = "ts", time_format: str | None = None, exc_key: str = "exc_info") -> None:
+        super().__init__()
+        self.time_key = time_key
+        self.time_format = time_format
+        self.exc_key = exc_key
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.time_format is None:
+            when = datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
+        else:
+            when = self.formatTime(record, self.time_format)
+        payload: dict[str, Any] = {
+            self.time_key: when,
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        payload.update({k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS and not k.startswith("_")})
+        if record.exc_info:
+            payload[self.exc_key] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (test runners swap it), like ``logging.lastResort``."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def configure_logging(logger: logging.Logger, level: str, *, propagate: bool | None = None,
+                      formatter: logging.Formatter | None = None) -> logging.Logger:
+    """Send ``logger``'s records to stderr as JSON lines (once per process and logger).
+
+    Args:
+        logger: the logger to configure.
+        level: its level name.
+        propagate: when not None, set ``logger.propagate`` (False keeps records away from a root
+            logger that another library formats).
+        formatter: default :class:`JsonFormatter`.
+
+    Returns:
+        ``logger``.
+    """
+    logger.setLevel(level)
+    if propagate is not None:
+        logger.propagate = propagate
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(formatter or JsonFormatter())
+        logger.addHandler(handler)
+    return logger
+
+
+# -- request ids --------------------------------------------------------------------------------
+
+
+def clean_request_id(value: str | None) -> str:
+    """The client's request id when it is safe to log and forward, else a fresh uuid4 hex."""
+    if value and REQUEST_ID_PATTERN.match(value):
+        return value
+    return uuid.uuid4().hex
+
+
+def add_request_context(app: FastAPI, logger: logging.Logger, *,
+                        observe: Callable[[str, str, int, float], None],
+                        guard: Callable[[Request, CallNext], Awaitable[Response]]) -> None:
+    """Install the services' HTTP middleware.
+
+    Sets ``request.state.request_id`` (see :func:`clean_request_id`) and ``request.state.log`` (a
+    dict routes fill with extra access-log fields), answers through ``guard(request, call_next)``,
+    calls ``observe(route_template, method, status, seconds)``, echoes the id in ``X-Request-ID``
+    and logs one ``"request"`` line.
+    """
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next: CallNext) -> Response:
+        request.state.request_id = clean_request_id(request.headers.get(REQUEST_ID_HEADER, ""))
+        request.state.log = {}
+        started = time.perf_counter()
+        response = await guard(request, call_next)
+        seconds = time.perf_counter() - started
+        template = getattr(request.scope.get("route"), "path", "unmatched")
+        observe(template, request.method, response.status_code, seconds)
+        response.headers[REQUEST_ID_HEADER] = request.state.request_id
+        logger.info("request", extra={
+            "request_id": request.state.request_id, "method": request.method, "path": request.url.path,
+            "route": template, "status": response.status_code, "duration_ms": round(seconds * 1000.0, 2),
+            **request.state.log,
+        })
+        return response
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def error_response(request: Request, status: int, code: str, detail: str, *,
+                   headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    """The JSON error body every failure uses: ``{"error", "detail", "request_id", **extra}``."""
+    body = {"error": code, "detail": detail, "request_id": getattr(request.state, "request_id", None), **extra}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def http_error_code(status: int) -> str:
+    """The ``error`` code of a Starlette HTTP error: ``not_found``, ``method_not_allowed``, ``http_<status>``."""
+    return HTTP_ERROR_CODES.get(status, f"http_{status}")
+
+
+def describe_validation_problem(error: dict[str, Any]) -> str:
+    """``"<loc.parts>: <msg>"`` for one entry of ``RequestValidationError.errors()``."""
+    return f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg')}"
+
+
+def install_error_handlers(app: FastAPI, *,
+                           describe_problem: Callable[[dict[str, Any]], str] = describe_validation_problem) -> None:
+    """Answer ``BrainscanError`` (its ``http_status``), request validation errors (422
+    ``invalid_request``, problems described by ``describe_problem``) and Starlette HTTP errors
+    with :func:`error_response`."""
+
+    async def brainscan_error(request: Request, exc: BrainscanError) -> JSONResponse:
+        return error_response(request, exc.http_status, exc.code, exc.message)
+
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [describe_problem(error) for error in exc.errors()]
+        return error_response(request, 422, "invalid_request", "; ".join(problems) or "invalid request")
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(request, exc.status_code, http_error_code(exc.status_code), str(exc.detail))
+
+    app.add_exception_handler(BrainscanError, brainscan_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
