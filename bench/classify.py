@@ -22,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -44,15 +45,18 @@ def free_port() -> int:
 @contextmanager
 def serve(module: str, env: dict[str, str], port: int, ready_path: str) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", module, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        # A pipe nobody reads would fill up with the per-request JSON logs and stall the server.
+        cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log,
     )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"{module} exited: {proc.stderr.read().decode()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"{module} exited: {log.read().decode(errors='replace')[-2000:]}")
             try:
                 if httpx.get(url + ready_path, timeout=2).status_code == 200:
                     break
@@ -68,6 +72,7 @@ def serve(module: str, env: dict[str, str], port: int, ready_path: str) -> Itera
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def load_images(folder: Path | None, count: int) -> list[bytes]:
