@@ -243,9 +243,12 @@ def run(*, host: str, port: int, models_root: Path, api_keys: str | None = None,
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_signal)
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it: make
+    # Ctrl-C (and `kill -INT`) stop the stack however the launcher was started.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for service in services:
-            where = f" on {service.url}" if service.port else ""
+            where = "" if not service.port else f" on {service.url}" if service.app else f" on 127.0.0.1:{service.port}"
             print(f"starting {service.name}{where} ...", flush=True)
             start(service, echo_logs=echo_logs)
             wait_ready(service, ready_timeout_s)
@@ -266,5 +269,6 @@ def run(*, host: str, port: int, models_root: Path, api_keys: str | None = None,
     finally:
         stop(services)
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         if stopping:
             print("stopped", flush=True)
