@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from brainscan.cli.arguments import non_negative_float, non_negative_int, positive_float
 from brainscan.cli.output import fmt, print_json, table
 from brainscan.client import BrainscanClient, ClientError
 from brainscan.errors import BrainscanError
@@ -63,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _connection_options(segment)
     segment.add_argument("--model", default=None, help="segmentation model, e.g. unet3d (default: the server's)")
     segment.add_argument("--json", action="store_true", help="print JSON (job body and mask path); no progress")
-    segment.add_argument("--timeout", type=_positive_float, default=1800.0, metavar="S",
+    segment.add_argument("--timeout", type=positive_float, default=1800.0, metavar="S",
                          help="seconds to wait for the job (default 1800)")
     segment.set_defaults(func=run_segment)
 
@@ -73,47 +74,17 @@ def _wrap(text: str) -> str:
     return textwrap.fill(text, width=79)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
 def _connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=os.environ.get("BRAINSCAN_URL", DEFAULT_URL),
                         help=f"server URL (default: $BRAINSCAN_URL or {DEFAULT_URL})")
     parser.add_argument("--api-key", default=os.environ.get("BRAINSCAN_API_KEY"),
                         help="X-API-Key to send (default: $BRAINSCAN_API_KEY)")
     # String defaults go through ``type`` too, so a bad environment value is reported like a bad option.
-    parser.add_argument("--retries", type=_non_negative_int,
+    parser.add_argument("--retries", type=non_negative_int,
                         default=os.environ.get("BRAINSCAN_CLIENT_RETRIES", "4"),
                         help="retries after a connection error or 502/503/504 "
                              "(default: $BRAINSCAN_CLIENT_RETRIES or 4)")
-    parser.add_argument("--backoff", type=_non_negative_float,
+    parser.add_argument("--backoff", type=non_negative_float,
                         default=os.environ.get("BRAINSCAN_CLIENT_BACKOFF", "0.5"),
                         help="first retry delay in seconds, doubled each retry "
                              "(default: $BRAINSCAN_CLIENT_BACKOFF or 0.5)")

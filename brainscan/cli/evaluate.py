@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from brainscan.cli.predict import overlap_fraction, positive_int, resolve_bundle
+from brainscan.cli.arguments import overlap_fraction, positive_int
+from brainscan.cli.predict import resolve_bundle
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from brainscan.cli.arguments import overlap_fraction, positive_int
 from brainscan.errors import BrainscanError, BundleError
 
 _BUNDLE_HELP = ("model bundle folder (holding manifest.json), or ARCH / TASK/ARCH for the current "
@@ -60,28 +61,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     segment.add_argument("--models-root", type=Path, default=None,
                          help="model store for ARCH / TASK/ARCH (default: $BRAINSCAN_MODELS or ./models)")
     segment.set_defaults(func=run_segment)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def overlap_fraction(text: str) -> float:
-    """argparse type: a float in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
-    return value
 
 
 def resolve_bundle(spec: str, *, task: str | None = None, models_root: Path | None = None) -> Path:

@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,11 +109,12 @@ class AttentionRollout:
             raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
         if encoder_depth(model) == 0:
             raise ValueError(f"model {model.name!r} has no encoder_{{i}}_mha layers; use Grad-CAM for it")
+        from brainscan.models.vit_cnn import attention_function
+
         self.model = model
         self.head_fusion = head_fusion
-        # attention_maps builds a Keras functional model per call; Keras layer naming is global
-        # state, so calls from several request threads are serialised.
-        self._lock = threading.Lock()
+        # Built once: building a functional model per request was the slow part of an explanation.
+        self._attention = attention_function(model)
 
     def __call__(self, images: np.ndarray, class_index: int | Sequence[int] | None = None) -> np.ndarray:
         """Rollout heatmaps upsampled to the input size.
@@ -127,11 +127,8 @@ class AttentionRollout:
         Returns:
             float32 ``(B, S, S)`` (or ``(S, S)`` for one image) in [0, 1].
         """
-        from brainscan.models.vit_cnn import attention_maps
-
         batch, single = _as_batch(images)
-        with self._lock:
-            maps = attention_maps(self.model, batch)
+        maps = self._attention(batch)
         grid_maps = class_token_map(attention_rollout(maps, head_fusion=self.head_fusion))
         heat = normalise_maps(grid_maps, batch.shape[1:3])
         return heat[0] if single else heat

@@ -17,6 +17,7 @@ for a pre-norm transformer encoder; the class token feeds the head:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
@@ -214,13 +215,30 @@ def attention_maps(model: keras.Model, images: np.ndarray) -> list[np.ndarray]:
     Raises:
         ValueError: if ``model`` has no ``encoder_{i}_mha`` layers.
     """
+    return attention_function(model)(images)
+
+
+def attention_function(model: keras.Model) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """Build once what :func:`attention_maps` needs, and return ``images -> attention maps``.
+
+    The classifier service explains each request with it: building the functional model that
+    exposes the ``encoder_{i}_norm1`` outputs is the slow part, so it happens here, once. Each call
+    then re-runs the ``encoder_{i}_mha`` layers (shared weights) with ``return_attention_scores``.
+
+    Raises:
+        ValueError: if ``model`` has no ``encoder_{i}_mha`` layers.
+    """
     depth = encoder_depth(model)
     if depth == 0:
         raise ValueError(f"model {model.name!r} has no encoder_{{i}}_mha layers")
     normed = keras.Model(model.input, [model.get_layer(f"encoder_{i}_norm1").output for i in range(depth)])
-    queries = normed(images, training=False)
-    maps = []
-    for i, query in enumerate(queries):
-        _, scores = model.get_layer(f"encoder_{i}_mha")(query, query, return_attention_scores=True, training=False)
-        maps.append(keras.ops.convert_to_numpy(keras.ops.cast(scores, "float32")))
+    attention_layers = [model.get_layer(f"encoder_{i}_mha") for i in range(depth)]
+
+    def maps(images: np.ndarray) -> list[np.ndarray]:
+        result = []
+        for layer, query in zip(attention_layers, normed(images, training=False)):
+            _, scores = layer(query, query, return_attention_scores=True, training=False)
+            result.append(keras.ops.convert_to_numpy(keras.ops.cast(scores, "float32")))
+        return result
+
     return maps
