@@ -268,7 +268,7 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
     start = time.perf_counter()
     if initial_epoch < config.epochs:
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-                  class_weight=class_weights(train, len(classes)), callbacks=callbacks,
+                  class_weight=class_weights(train, len(classes)), callbacks=callbacks, shuffle=False,
                   verbose=1 if sys.stdout.isatty() else 2)
     train_seconds = time.perf_counter() - start
     if best_path.exists():

@@ -126,6 +126,7 @@ def config_from_args(args: argparse.Namespace):
         promote=args.promote, overwrite=args.overwrite, weights_dtype=args.weights_dtype,
         mixed_precision=args.mixed_precision, foreground_fraction=args.foreground_fraction, augment=args.augment,
         overlap=args.overlap, mirror_tta=args.mirror_tta, demo=args.demo,
+        **({"command": args.command_line} if getattr(args, "command_line", None) else {}),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -42,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    # The command as typed, recorded in the manifests of trained bundles (also when main() is called
+    # with an argument list rather than from the shell).
+    args.command_line = shlex.join(["brainscan", *argv])
     try:
         return int(args.func(args) or 0)
     except BrainscanError as exc:

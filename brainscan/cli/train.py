@@ -68,6 +68,7 @@ def run_classifier(args: argparse.Namespace) -> int:
             patience=args.patience, seed=args.seed, work_dir=args.work_dir, version=args.version,
             resume=args.resume, promote=args.promote, weights_dtype=args.weights_dtype,
             mixed_precision=args.mixed_precision, max_per_class=args.max_per_class,
+            command=args.command_line,
         )
     except ValueError as exc:
         raise SystemExit(f"brainscan train classifier: {exc}") from exc

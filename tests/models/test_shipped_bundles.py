@@ -1,0 +1,130 @@
+"""The bundles committed under ``models/``: intact, within the size limit, and their figures reproducible.
+
+The classifier checks rebuild the validation split the manifest names (same data, seed and
+fraction) from the real Kaggle Training folder, and measure the shipped weights on it again through
+``brainscan evaluate``: the README quotes these manifests, so their numbers must come back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from brainscan.cli.main import main  # noqa: E402
+from brainscan.models.store import ModelStore  # noqa: E402
+from tests.paths import BRATS_SAMPLE, KAGGLE_TRAINING, REPO_ROOT, needs_brats_sample, needs_kaggle  # noqa: E402
+
+SHIPPED = ModelStore(REPO_ROOT / "models")
+MAX_BUNDLE_BYTES = 60 * 1024 * 1024
+CLASSIFIERS = SHIPPED.list("classification")
+SEGMENTERS = SHIPPED.list("segmentation")
+# float16 storage of the weights may flip a borderline prediction or two of ~860.
+ACCURACY_TOLERANCE = 0.005
+
+
+def _ids(entries) -> list[str]:
+    return [f"{e.arch}-{e.version}" for e in entries]
+
+
+def test_models_are_shipped() -> None:
+    assert {e.arch for e in CLASSIFIERS} >= {"resnet50"}
+    assert {e.arch for e in SEGMENTERS} == {"unet3d", "attention_unet3d"}
+
+
+@pytest.mark.parametrize("entry", CLASSIFIERS + SEGMENTERS, ids=_ids(CLASSIFIERS + SEGMENTERS))
+def test_bundle_is_intact_and_small_enough(entry) -> None:
+    from brainscan.models.bundle import load_bundle
+
+    size = sum(p.stat().st_size for p in entry.path.rglob("*") if p.is_file())
+    assert size <= MAX_BUNDLE_BYTES
+    bundle = load_bundle(entry.path)  # verifies the weights' sha256 against the manifest
+    manifest = bundle.manifest
+    training = manifest["training"]
+    assert training["command"].startswith(("brainscan train ", "brainscan models ensure-demo"))
+    assert len(training["data_fingerprint"]) == 64 or manifest["demo"]
+    if entry.task == "segmentation":
+        assert manifest["demo"] is True, "no BraTS training set exists offline: shipped U-Nets are demos"
+    else:
+        assert manifest["demo"] is False
+        assert "Testing" not in training["data_description"].replace("Training split only", "")
+        validation = manifest["metrics"]["validation"]
+        assert 0.0 <= validation["accuracy"] <= 1.0 and manifest["metrics"]["validation_images"] > 0
+
+
+def _validation_records(manifest: dict):
+    """The validation split a classifier bundle was selected on, rebuilt from its training config."""
+    from brainscan.data.kaggle import dataset_fingerprint, split_train_validation
+    from training.classifier import training_records
+
+    config = manifest["training"]["config"]
+    records = training_records(KAGGLE_TRAINING.parent, config["max_per_class"], config["seed"])
+    train, val = split_train_validation(records, val_fraction=config["val_fraction"], seed=config["seed"])
+    assert dataset_fingerprint(train + val) == manifest["training"]["data_fingerprint"], (
+        "../shared/data is not the data this bundle was trained on")
+    return val
+
+
+@needs_kaggle
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", CLASSIFIERS, ids=_ids(CLASSIFIERS))
+def test_evaluate_reproduces_the_validation_accuracy(entry, tmp_path, capsys) -> None:
+    from brainscan.models.bundle import read_manifest
+
+    manifest = read_manifest(entry.path)
+    val = _validation_records(manifest)
+    folder = tmp_path / "validation"
+    for record in val:
+        (folder / record.label).mkdir(parents=True, exist_ok=True)
+        (folder / record.label / Path(record.path).name).symlink_to(Path(record.path).resolve())
+    out = tmp_path / "report"
+    assert main(["evaluate", str(entry.path), str(folder), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    [section] = report["splits"].values()
+    expected = manifest["metrics"]["validation"]["accuracy"]
+    print(f"{entry.arch}-{entry.version}: validation accuracy {section['accuracy']:.4f} (manifest {expected:.4f})")
+    assert section["n_samples"] == len(val)
+    assert section["accuracy"] == pytest.approx(expected, abs=ACCURACY_TOLERANCE)
+    assert f"accuracy {section['accuracy']:.4f}" in printed
+    for figure in ("confusion_matrix.png", "per_class_metrics.png"):
+        assert (out / figure).stat().st_size > 10_000
+    assert "confusion_matrix.png" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", CLASSIFIERS, ids=_ids(CLASSIFIERS))
+def test_evaluate_runs_on_a_kaggle_layout_folder(entry, tmp_path, capsys) -> None:
+    """Works without the real data too: phantoms written as a Testing split."""
+    from brainscan.data.phantoms.kaggle import write_kaggle_phantoms
+
+    write_kaggle_phantoms(tmp_path / "kaggle", n=16, seed=3, size=160, split="Testing")
+    out = tmp_path / "report"
+    assert main(["evaluate", str(entry.path), str(tmp_path / "kaggle"), "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["splits"]["Testing"]["n_samples"] == 16
+    assert "Testing: accuracy" in capsys.readouterr().out
+    assert (out / "confusion_matrix.png").is_file()
+
+
+@needs_brats_sample
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", SEGMENTERS, ids=_ids(SEGMENTERS))
+def test_predict_segment_real_case_with_shipped_unet(entry, tmp_path, capsys) -> None:
+    from brainscan.io.nifti import load_nifti
+
+    out = tmp_path / "mask.nii.gz"
+    assert main(["predict", "segment", str(entry.path), str(BRATS_SAMPLE), "--out", str(out), "--json",
+                 "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    reference = load_nifti(BRATS_SAMPLE / f"{BRATS_SAMPLE.name}_flair.nii.gz")
+    mask = load_nifti(out)
+    assert mask.data.shape == reference.data.shape == (240, 240, 155)
+    np.testing.assert_allclose(mask.affine, reference.affine)
+    assert set(np.unique(mask.data)) <= {0, 1, 2, 4}
+    assert result["shape"] == [240, 240, 155]
+
