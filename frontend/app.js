@@ -157,7 +157,7 @@ function renderHeatmap(heatmap) {
   if (!heatmap) return;
   el.scanImage.src = heatmap.image_png;
   el.heatmapImage.src = heatmap.overlay_png;
-  el.heatmapCaption.textContent = `Heatmap method: ${heatmap.method}. It shows where the model looked, not where a tumour is.`;
+  el.heatmapCaption.textContent = `Heatmap method: ${heatmap.method}. It shows the regions that argued for the predicted class, not an outline of a tumour.`;
   applyHeatmapControls();
 }
 

@@ -242,3 +242,61 @@ def attention_function(model: keras.Model) -> Callable[[np.ndarray], list[np.nda
         return result
 
     return maps
+
+
+def attention_gradient_function(model: keras.Model) -> Callable[[np.ndarray, np.ndarray], tuple[list[np.ndarray], ...]]:
+    """Build once ``(images, class_index) -> (attentions, gradients, logits, chosen)`` for class-specific
+    explanations (gradient-weighted attention rollout, Chefer et al. 2021).
+
+    Replays the encoder layer by layer from the embedding (shared weights, inference mode, so every
+    dropout is off), with ``return_attention_scores`` on each ``encoder_{i}_mha``, and takes the
+    gradient of the chosen class's logit (before the softmax) with respect to each block's attention
+    weights. ``class_index`` is int32 ``(B,)``; ``-1`` picks each image's predicted class.
+
+    Returns:
+        A function giving one float32 ``(B, heads, tokens, tokens)`` array per block for the
+        attentions and for their gradients, the replayed logits ``(B, classes)`` (equal to the
+        model's; tests check it) and the explained class per image ``(B,)``.
+
+    Raises:
+        ValueError: if ``model`` has no ``encoder_{i}_mha`` layers.
+    """
+    import tensorflow as tf
+
+    depth = encoder_depth(model)
+    if depth == 0:
+        raise ValueError(f"model {model.name!r} has no encoder_{{i}}_mha layers")
+    embed = keras.Model(model.input, model.get_layer("embedding_dropout").output)
+    get = model.get_layer
+    blocks = [
+        tuple(get(f"encoder_{i}_{part}") for part in ("norm1", "mha", "norm2", "mlp_dense1", "mlp_dense2"))
+        for i in range(depth)
+    ]
+    final_norm, head = get("encoder_norm"), get("logits")
+
+    @tf.function(reduce_retracing=True)
+    def run(images: tf.Tensor, class_index: tf.Tensor):
+        x = embed(images, training=False)
+        attentions = []
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            for norm1, mha, norm2, dense1, dense2 in blocks:
+                h = norm1(x)
+                h, attention = mha(h, h, return_attention_scores=True, training=False)
+                attentions.append(attention)
+                x = x + h
+                x = x + dense2(dense1(norm2(x)))
+            logits = tf.cast(head(final_norm(x)[:, 0]), tf.float32)
+            predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            chosen = tf.where(class_index < 0, predicted, class_index)
+            selected = tf.gather(logits, chosen, axis=1, batch_dims=1)
+        gradients = tape.gradient(selected, attentions)
+        return attentions, gradients, logits, chosen
+
+    def call(images: np.ndarray, class_index: np.ndarray):
+        attentions, gradients, logits, chosen = run(tf.convert_to_tensor(images, tf.float32),
+                                                    tf.convert_to_tensor(class_index, tf.int32))
+        as_numpy = lambda tensors: [np.asarray(tf.cast(t, tf.float32)) for t in tensors]  # noqa: E731
+        return as_numpy(attentions), as_numpy(gradients), np.asarray(logits), np.asarray(chosen)
+
+    return call

@@ -1,5 +1,6 @@
 """Explanations: Grad-CAM (shape, range, gradient weighting on a hand-built quadrant model),
-attention rollout (row normalisation, closed forms, token grid), overlay rendering."""
+attention rollout (row normalisation, closed forms, token grid), gradient-weighted rollout (closed
+forms, the replayed encoder equals the model, class specificity), overlay rendering."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import pytest
 from brainscan.explain import (
     AttentionRollout,
     GradCam,
+    GradientAttentionRollout,
     attention_rollout,
     class_token_map,
     colorize,
     explainer_for,
+    gradient_rollout,
     heatmap_pngs,
     model_view,
     png_data_url,
@@ -59,7 +62,7 @@ def head_like(batch: int = 1, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize(
     "arch, method, batch",
     [("resnet50", "grad-cam", 1), ("resnet50", "grad-cam", 3),
-     ("vit_cnn", "attention-rollout", 1), ("vit_cnn", "attention-rollout", 2)],
+     ("vit_cnn", "gradient-attention-rollout", 1), ("vit_cnn", "gradient-attention-rollout", 2)],
 )
 def test_explainer_shape_and_range(explainers: dict, arch: str, method: str, batch: int) -> None:
     explainer = explainers[arch]
@@ -94,9 +97,10 @@ def test_grad_cam_rejects_bad_arguments(tiny_models: dict, kwargs: dict, call: d
         cam(call.pop("images", head_like(1)), **call)
 
 
-def test_rollout_needs_an_encoder(tiny_models: dict) -> None:
+@pytest.mark.parametrize("explainer", [AttentionRollout, GradientAttentionRollout])
+def test_rollout_needs_an_encoder(tiny_models: dict, explainer: type) -> None:
     with pytest.raises(ValueError, match="no encoder"):
-        AttentionRollout(tiny_models["resnet50"])
+        explainer(tiny_models["resnet50"])
 
 
 def quadrant_model(quadrant: tuple[int, int]) -> keras.Model:
@@ -205,6 +209,58 @@ def test_rollout_of_the_vit_has_the_token_grid(tiny_models: dict) -> None:
     assert joint.shape == (1, grid * grid + 1, grid * grid + 1)
     np.testing.assert_allclose(joint.sum(-1), 1.0, atol=1e-5)
     assert class_token_map(joint).shape == (1, grid, grid)
+
+
+# -- gradient-weighted attention rollout (class-specific) ----------------------------------------
+
+def test_gradient_rollout_closed_forms() -> None:
+    rng = np.random.default_rng(1)
+    first, second = random_attention(rng, 2, 3, 5), random_attention(rng, 2, 3, 5)
+    grad_first, grad_second = rng.normal(size=first.shape), rng.normal(size=second.shape)
+    eye = np.eye(5)
+    bar = [np.maximum(g * a, 0).mean(axis=1) for a, g in ((first, grad_first), (second, grad_second))]
+    np.testing.assert_allclose(gradient_rollout([first], [grad_first]), eye + bar[0], atol=1e-12)
+    expected = (eye + bar[1]) @ (eye + bar[0])
+    np.testing.assert_allclose(gradient_rollout([first, second], [grad_first, grad_second]), expected, atol=1e-12)
+    # attention that only argues against the class leaves the identity: an empty map
+    against = gradient_rollout([first, second], [-np.abs(grad_first), -np.abs(grad_second)])
+    np.testing.assert_allclose(against, np.broadcast_to(eye, (2, 5, 5)))
+    assert not class_token_map(against).any()
+
+
+@pytest.mark.parametrize(
+    "attentions, gradients, message",
+    [
+        ([], [], "at least one block"),
+        ([np.ones((1, 1, 5, 5))], [], "1 attention blocks but 0 gradients"),
+        ([np.ones((1, 1, 5, 5))], [np.ones((1, 1, 5, 4))], "must be the same"),
+        ([np.ones((1, 1, 5, 5)), np.ones((1, 1, 6, 6))], [np.ones((1, 1, 5, 5)), np.ones((1, 1, 6, 6))], "disagrees"),
+    ],
+)
+def test_gradient_rollout_rejects_bad_input(attentions: list, gradients: list, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        gradient_rollout(attentions, gradients)
+
+
+def test_replayed_encoder_equals_the_model(explainers: dict, tiny_models: dict) -> None:
+    images = head_like(3, seed=4)
+    heat, logits, chosen = explainers["vit_cnn"].explain(images)
+    probabilities = np.asarray(tiny_models["vit_cnn"](images, training=False))
+    replayed = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(replayed / replayed.sum(-1, keepdims=True), probabilities, atol=1e-5)
+    np.testing.assert_array_equal(chosen, probabilities.argmax(-1))
+    assert heat.shape == (3, SIZE, SIZE)
+
+
+def test_vit_heatmap_depends_on_the_explained_class(explainers: dict) -> None:
+    explainer = explainers["vit_cnn"]
+    image = head_like(1, seed=5)
+    maps = np.stack([explainer(image, class_index=c)[0] for c in range(4)])
+    assert maps.shape == (4, SIZE, SIZE)
+    differences = [np.abs(maps[a] - maps[b]).mean() for a in range(4) for b in range(a + 1, 4)]
+    assert min(differences) > 1e-3, "maps of different classes must differ: the explanation is class-specific"
+    with pytest.raises(ValueError, match="class_index must be in"):
+        explainer(image, class_index=4)
 
 
 # -- overlay --------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from tests.bundles import TINY_INPUT_SIZE, make_classifier_store
 from tests.paths import KAGGLE_TRAINING, REPO_ROOT, needs_kaggle
 
 ARCHS = ("resnet50", "vit_cnn")
-METHODS = {"resnet50": "grad-cam", "vit_cnn": "attention-rollout"}
+METHODS = {"resnet50": "grad-cam", "vit_cnn": "gradient-attention-rollout"}
 CONTRACT_KEYS = {"label", "probabilities", "model", "heatmap", "image", "timings", "request_id"}
 TIMING_KEYS = {"decode_ms", "queue_ms", "inference_ms", "explain_ms", "total_ms"}
 
