@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from brainscan.errors import BrainscanError
+from brainscan.errors import BrainscanError, InputTooLargeError
 
 REQUEST_ID_HEADER = "X-Request-ID"
 #: client request ids are echoed into logs and headers, so only plain tokens are accepted
@@ -150,6 +150,38 @@ def add_request_context(app: FastAPI, logger: logging.Logger, *,
             **request.state.log,
         })
         return response
+
+
+def upload_guard(logger: logging.Logger, *, path: str, max_upload_bytes: int, overhead: int, service: str,
+                 method: str = "POST", on_reject: Callable[[], None] | None = None
+                 ) -> Callable[[Request, CallNext], Awaitable[Response]]:
+    """The ``guard`` of :func:`add_request_context` that the services share.
+
+    A ``method`` request to ``path`` whose ``Content-Length`` exceeds ``max_upload_bytes +
+    overhead`` (room for the multipart framing) gets a 413 before its body is read; smaller bodies,
+    and bodies without a length, are capped while they are parsed. Any exception that escapes a
+    route is logged with the request id and answered with a JSON 500 naming ``service``, so the
+    client never sees a bare stack trace and the service stays up. ``on_reject`` is called for
+    each 413 (metrics).
+    """
+
+    async def guard(request: Request, call_next: CallNext) -> Response:
+        length = request.headers.get("content-length", "")
+        if request.method == method and request.url.path == path and length.isdigit() \
+                and int(length) > max_upload_bytes + overhead:
+            if on_reject is not None:
+                on_reject()
+            return error_response(request, 413, InputTooLargeError.code,
+                                  f"the request body is {length} bytes; uploads are limited to "
+                                  f"{max_upload_bytes} bytes")
+        try:
+            return await call_next(request)
+        except Exception:
+            logger.exception("unhandled error", extra={"request_id": request.state.request_id})
+            return error_response(request, 500, "internal_error",
+                                  f"the {service} failed unexpectedly; the error is logged under this request_id")
+
+    return guard
 
 
 # -- errors -------------------------------------------------------------------------------------

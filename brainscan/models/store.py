@@ -35,7 +35,7 @@ from typing import Any
 
 import brainscan
 from brainscan.errors import BundleError
-from brainscan.models.bundle import MANIFEST_FILE, VERSION_PATTERN, read_manifest, verify_weights
+from brainscan.models.bundle import VERSION_PATTERN, read_manifest, verify_weights
 from brainscan.models.registry import TASKS
 
 __all__ = ["CURRENT_FILE", "ENV_VAR", "ModelStore", "StoreEntry", "default_root", "format_table"]

@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from brainscan import web
 from brainscan.errors import InputTooLargeError
-from brainscan.web import CallNext, error_response
+from brainscan.web import error_response
 from services.classifier.metrics import ServiceMetrics
 from services.classifier.predictor import Predictor
 from services.classifier.settings import Settings
@@ -128,22 +128,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     web.install_error_handlers(app, describe_problem=_describe_problem)
 
-    async def _guarded(request: Request, call_next: CallNext) -> Response:
-        length = request.headers.get("content-length", "")
-        if request.url.path == CLASSIFY_PATH and length.isdigit() \
-                and int(length) > settings.max_upload_bytes + MULTIPART_OVERHEAD:
-            # refuse before reading the body; smaller bodies are capped while the file is read
-            return error_response(request, 413, InputTooLargeError.code,
-                                  f"the request body is {length} bytes; uploads are limited to "
-                                  f"{settings.max_upload_bytes} bytes")
-        try:
-            return await call_next(request)
-        except Exception:
-            log.exception("unhandled error", extra={"request_id": request.state.request_id})
-            return error_response(request, 500, "internal_error",
-                                  "the classifier failed unexpectedly; the error is logged under this request_id")
-
-    web.add_request_context(app, log, observe=metrics.observe_request, guard=_guarded)
+    guard = web.upload_guard(log, path=CLASSIFY_PATH, max_upload_bytes=settings.max_upload_bytes,
+                             overhead=MULTIPART_OVERHEAD, service="classifier")
+    web.add_request_context(app, log, observe=metrics.observe_request, guard=guard)
 
     @app.post(CLASSIFY_PATH, summary="Classify one 2D MRI slice")
     async def classify(

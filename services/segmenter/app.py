@@ -41,7 +41,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from brainscan import web
 from brainscan.errors import BrainscanError, BundleError, InputTooLargeError, UnsupportedFormatError
 from brainscan.labels import MODALITIES
-from brainscan.web import CallNext, error_response
+from brainscan.web import error_response
 from services.segmenter.intake import UPLOAD_FIELDS, IntakeLimits, UploadPart, accept_upload
 from services.segmenter.jobs import FINAL, MODALITY_FILES, JobNotFoundError, JobStateError, public_view
 from services.segmenter.metrics import ServiceMetrics
@@ -351,23 +351,10 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     metrics.track_queue_length(lambda: app.state.queue.length())
     web.install_error_handlers(app)
 
-    async def _guarded(request: Request, call_next: CallNext) -> Response:
-        length = request.headers.get("content-length", "")
-        if request.method == "POST" and request.url.path == JOBS_PATH and length.isdigit() \
-                and int(length) > settings.max_upload_bytes + MULTIPART_OVERHEAD:
-            # refused before reading the body; bodies without a length are capped while parsed
-            metrics.uploads_rejected.labels(error=InputTooLargeError.code).inc()
-            return error_response(request, 413, InputTooLargeError.code,
-                                  f"the request body is {length} bytes; uploads are limited to "
-                                  f"{settings.max_upload_bytes} bytes")
-        try:
-            return await call_next(request)
-        except Exception:
-            log.exception("unhandled error", extra={"request_id": request.state.request_id})
-            return error_response(request, 500, "internal_error",
-                                  "the segmenter failed unexpectedly; the error is logged under this request_id")
-
-    web.add_request_context(app, log, observe=metrics.observe_request, guard=_guarded)
+    guard = web.upload_guard(
+        log, path=JOBS_PATH, max_upload_bytes=settings.max_upload_bytes, overhead=MULTIPART_OVERHEAD,
+        service="segmenter", on_reject=metrics.uploads_rejected.labels(error=InputTooLargeError.code).inc)
+    web.add_request_context(app, log, observe=metrics.observe_request, guard=guard)
 
     @app.post(JOBS_PATH, status_code=202, summary="Submit a segmentation job", openapi_extra=_UPLOAD_SCHEMA)
     async def submit_job(
