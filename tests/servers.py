@@ -176,3 +176,39 @@ def serve_in_thread(app, *, ready_path: str = "/", ready_status: int = 200,
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def launch_brainscan_up(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``brainscan up ARGS`` in a subprocess (stdout and stderr merged into a text pipe)."""
+    return subprocess.Popen([sys.executable, "-m", "brainscan.cli.main", "up", *args], cwd=REPO_ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+
+def wait_for_launcher(process: subprocess.Popen[str], timeout_s: float = 240.0) -> list[str]:
+    """Read the launcher's output until it prints "brainscan is running"; returns the lines read.
+
+    Fails the test (with the output so far) when the launcher exits or is not ready in time.
+    """
+    import pytest
+
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        assert line or process.poll() is None, "launcher exited:\n" + "".join(lines)
+        lines.append(line)
+        if "brainscan is running" in line:
+            return lines
+    pytest.fail("launcher never became ready:\n" + "".join(lines))
+
+
+def stop_launcher(process: subprocess.Popen[str], timeout_s: float = 60.0) -> str:
+    """Ctrl-C the launcher (SIGINT) and return the rest of its output; SIGKILL if it hangs."""
+    import signal
+
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.communicate(timeout=timeout_s)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()[0]

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +12,8 @@ import pytest
 from brainscan.launcher import free_port
 from tests.bundles import make_classifier_store
 from tests.paths import KAGGLE_TRAINING
+from tests.servers import launch_brainscan_up as launch
+from tests.servers import stop_launcher, wait_for_launcher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,11 +39,6 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "brainscan.cli.main", "up", *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = make_classifier_store(tmp_path_factory.mktemp("models"), archs=("resnet50",))
@@ -58,17 +51,8 @@ def test_up_serves_and_ctrl_c_stops_everything(store: Path) -> None:
     port = free_port()
     proc = launch("--port", str(port), "--models", str(store), "--workers", "2",
                   "--data-dir", str(store.parent / "var"))
-    lines: list[str] = []
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "launcher exited:\n" + "".join(lines)
-            lines.append(line)
-            if "brainscan is running" in line:
-                break
-        else:
-            pytest.fail("launcher never became ready:\n" + "".join(lines))
+        lines = wait_for_launcher(proc)
         assert f"http://127.0.0.1:{port}/" in lines[-1]
         children = children_of(proc.pid)
         assert len(children) == 6, children  # redis, classifier, segmenter API, 2 workers, gateway
@@ -90,8 +74,7 @@ def test_up_serves_and_ctrl_c_stops_everything(store: Path) -> None:
         assert result.json()["label"] in ("glioma", "meningioma", "notumor", "pituitary")
         segment_one_case(f"http://127.0.0.1:{port}", store.parent / "case")
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        out = stop_launcher(proc)
     assert proc.returncode == 0, out
     assert "stopping" in out
     time.sleep(0.5)

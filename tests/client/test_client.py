@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,33 +135,18 @@ def test_wait_raises_for_a_job_that_did_not_succeed(status: str, code: str) -> N
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from brainscan.launcher import free_port
     from tests.bundles import make_classifier_store
+    from tests.servers import launch_brainscan_up, stop_launcher, wait_for_launcher
 
     root = make_classifier_store(tmp_path_factory.mktemp("models"), archs=("resnet50",))
     shutil.copytree(REPO / "models" / "segmentation", root / "segmentation")
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "brainscan.cli.main", "up", "--port", str(port), "--models", str(root),
-         "--api-key", API_KEY, "--data-dir", str(root.parent / "var")],
-        cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
-    lines: list[str] = []
+    proc = launch_brainscan_up("--port", str(port), "--models", str(root), "--api-key", API_KEY,
+                               "--data-dir", str(root.parent / "var"))
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "launcher exited:\n" + "".join(lines)
-            lines.append(line)
-            if "brainscan is running" in line:
-                break
-        else:
-            pytest.fail("launcher never became ready:\n" + "".join(lines))
+        wait_for_launcher(proc)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        stop_launcher(proc)
 
 
 @pytest.fixture(scope="module")
