@@ -99,25 +99,12 @@ def architecture_args(arch: str, input_size: int, preset: str, num_classes: int)
 def training_records(data: Path, max_per_class: int | None, seed: int) -> list[Any]:
     """Records of the Training split of a Kaggle-layout folder (never Testing)."""
     from brainscan.data.kaggle import read_kaggle_folder
+    from brainscan.data.kaggle import training_records as select
 
     dataset = read_kaggle_folder(data)
     for problem in dataset.problems:
         log.warning("dataset: %s", problem)
-    records = [r for r in dataset.records if r.split.lower() != "testing"]
-    if not records:
-        raise DatasetLayoutError(
-            f"{data} holds no training images outside a Testing split; the Testing split is an "
-            "independent test set and is never used for training or model selection"
-        )
-    if max_per_class:
-        rng = np.random.default_rng(seed)
-        kept: list[Any] = []
-        for name in KAGGLE_CLASSES:
-            of_class = [r for r in records if r.label == name]
-            rng.shuffle(of_class)
-            kept.extend(of_class[:max_per_class])
-        records = sorted(kept, key=lambda r: str(r.path))
-    return records
+    return select(dataset, max_per_class=max_per_class, seed=seed)
 
 
 def make_dataset(records: list[Any], preprocess_config: Any, *, batch_size: int, training: bool, seed: int):

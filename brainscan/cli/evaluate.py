@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "dice_boxplot.png and per_case.csv (Dice, IoU, sensitivity, specificity, HD95, volumes per "
             "region WT/TC/ET). Exit status 2 when DATA_DIR does not fit the bundle's task."
         ),
-        epilog="example: brainscan evaluate models/classification/resnet50/v1 data/kaggle --out reports/resnet50",
+        epilog="examples: 'brainscan evaluate models/classification/resnet50/1 data/kaggle --out reports/resnet50'; "
+               "the figures the README quotes: 'brainscan evaluate resnet50 ../shared/data/brain-tumor-mri "
+               "--validation-split --out reports/resnet50-val'",
     )
     evaluate.add_argument("bundle", help="model bundle folder, or ARCH / TASK/ARCH for the current version "
                                          "in the model store")
@@ -33,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="classification: images per network call (default: the bundle's)")
     evaluate.add_argument("--limit", type=positive_int, default=None, metavar="N",
                           help="at most N images per split (a fixed random sample) or the first N cases")
+    evaluate.add_argument("--validation-split", action="store_true",
+                          help="classification: evaluate only the duplicate-aware validation split the bundle was "
+                               "selected on, rebuilt from DATA_DIR (its Training data) with the manifest's seed and "
+                               "fraction; refused when DATA_DIR is not the data it was trained on")
     evaluate.add_argument("--overlap", type=overlap_fraction, default=None,
                           help="segmentation: sliding-window overlap in [0, 1) (default: the bundle's)")
     evaluate.add_argument("--save-masks", action="store_true",
@@ -76,7 +82,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         report: dict[str, Any] = evaluate(
             bundle_path, args.data_dir, args.out, batch_size=args.batch_size, limit=args.limit,
             inference={"overlap": args.overlap}, save_masks=args.save_masks,
-            image_progress=progress.images, case_progress=progress.cases,
+            image_progress=progress.images, case_progress=progress.cases, validation_split=args.validation_split,
         )
     finally:
         progress.close()

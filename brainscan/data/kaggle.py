@@ -186,6 +186,40 @@ def read_kaggle_folder(
     return KaggleDataset(records=records, classes=classes, problems=problems, root=root)
 
 
+def training_records(
+    dataset: KaggleDataset, *, max_per_class: int | None = None, seed: int = 0
+) -> list[ImageRecord]:
+    """The records a classifier may train and select on: every split but Testing.
+
+    ``brainscan train classifier`` and ``brainscan evaluate --validation-split`` both call this, so
+    that evaluation rebuilds exactly the images training saw.
+
+    Args:
+        dataset: from :func:`read_kaggle_folder`.
+        max_per_class: keep a seeded random sample of at most this many images per class (smoke
+            runs); ``None`` keeps all.
+        seed: the sample's seed.
+
+    Raises:
+        DatasetLayoutError: no image outside a Testing split.
+    """
+    records = [r for r in dataset.records if r.split.lower() != "testing"]
+    if not records:
+        raise DatasetLayoutError(
+            f"{dataset.root} holds no training images outside a Testing split; the Testing split is an "
+            "independent test set and is never used for training or model selection"
+        )
+    if max_per_class:
+        rng = np.random.default_rng(seed)
+        kept: list[ImageRecord] = []
+        for name in dataset.classes:
+            of_class = [r for r in records if r.label == name]
+            rng.shuffle(of_class)
+            kept.extend(of_class[:max_per_class])
+        records = sorted(kept, key=lambda r: str(r.path))
+    return records
+
+
 def split_train_validation(
     records: Sequence[ImageRecord],
     *,

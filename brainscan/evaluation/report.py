@@ -104,17 +104,58 @@ def _training_overlap_warnings(bundle: Any, split: str, records: list[Any]) -> l
     return []
 
 
+VALIDATION_SPLIT = "Validation"
+
+
+def bundle_validation_records(bundle: Any, dataset: Any) -> list[Any]:
+    """The validation images ``bundle`` was selected on, rebuilt from ``dataset`` and its manifest.
+
+    Training records :func:`brainscan.data.kaggle.training_records` with the manifest's
+    ``max_per_class`` and ``seed``, split by :func:`~brainscan.data.kaggle.split_train_validation`
+    with its ``val_fraction`` and ``seed``: the very split ``brainscan train classifier`` made. The
+    records come back with split ``"Validation"``.
+
+    Raises:
+        DatasetLayoutError: the manifest holds no training configuration, or ``dataset`` is not the
+            data the bundle was trained on (its data fingerprint differs).
+    """
+    import dataclasses
+
+    from brainscan.data.kaggle import dataset_fingerprint, split_train_validation, training_records
+
+    training = bundle.manifest.get("training", {})
+    config = training.get("config") or {}
+    if "val_fraction" not in config or "seed" not in config:
+        raise DatasetLayoutError(f"bundle {bundle.name} records no training split (manifest training.config lacks "
+                                 "val_fraction and seed); evaluate it on a folder instead")
+    records = training_records(dataset, max_per_class=config.get("max_per_class"), seed=int(config["seed"]))
+    train, val = split_train_validation(records, val_fraction=float(config["val_fraction"]), seed=int(config["seed"]))
+    if dataset_fingerprint(train + val) != training.get("data_fingerprint"):
+        raise DatasetLayoutError(
+            f"{dataset.root} is not the data bundle {bundle.name} was trained on (the training data fingerprint "
+            "differs: files were added, removed or replaced), so its validation split cannot be rebuilt")
+    return [dataclasses.replace(r, split=VALIDATION_SPLIT) for r in val]
+
+
 def _evaluate_classification(bundle: Any, data_dir: Path, layout: str, *, batch_size: int | None,
-                             limit: int | None, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+                             limit: int | None, progress: Callable[[int, int], None] | None,
+                             validation_split: bool = False) -> dict[str, Any]:
     from brainscan.data.kaggle import read_kaggle_folder
     from brainscan.evaluation.classify import evaluate_classifier
 
     dataset = read_kaggle_folder(data_dir, classes=bundle.classes)
     warnings: list[str] = []
     records: list[Any] = []
+    if validation_split:
+        # Only the rebuilt validation images count as available: the rest of the folder trained the bundle.
+        dataset = type(dataset)(records=bundle_validation_records(bundle, dataset), classes=dataset.classes,
+                                problems=dataset.problems, root=dataset.root)
+        warnings.append("the Validation split is the one this bundle was selected on (best epoch): an honest "
+                        "held-out estimate, but not an independent test set; evaluate on Testing for that")
     for split in dict.fromkeys(r.split for r in dataset.records):
         split_records = dataset.select(split)
-        warnings += _training_overlap_warnings(bundle, split, split_records)
+        if not validation_split:
+            warnings += _training_overlap_warnings(bundle, split, split_records)
         records += _sample(split_records, limit)
     if dataset.problems:
         warnings.append(f"{len(dataset.problems)} file(s) under {data_dir} were skipped (see data.problems)")
@@ -188,6 +229,7 @@ def evaluate(
     save_masks: bool = False,
     image_progress: Callable[[int, int], None] | None = None,
     case_progress: Callable[[int, int, int, int], None] | None = None,
+    validation_split: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a bundle on a dataset folder and write the report files into ``out_dir``.
 
@@ -203,6 +245,9 @@ def evaluate(
         save_masks: segmentation: also write each predicted mask into ``out_dir/masks/``.
         image_progress: classification: ``(images_done, images_total)`` after each batch.
         case_progress: segmentation: ``(case_index, n_cases, patches_done, patches_total)``.
+        validation_split: classification: evaluate only the validation split the bundle was
+            selected on, rebuilt from ``data_dir`` (its Training data) and the manifest (see
+            :func:`bundle_validation_records`); reported as split ``Validation``.
 
     Returns:
         the report dict written as ``report.json`` (layout in the module docstring).
@@ -226,8 +271,10 @@ def evaluate(
     load_s = time.perf_counter() - started
     if bundle.task == "classification":
         body = _evaluate_classification(bundle, data_dir, layout, batch_size=batch_size, limit=limit,
-                                        progress=image_progress)
+                                        progress=image_progress, validation_split=validation_split)
     else:
+        if validation_split:
+            raise DatasetLayoutError("--validation-split applies to classification bundles only")
         body = _evaluate_segmentation(bundle, data_dir, layout, out_dir, limit=limit, inference=inference,
                                       save_masks=save_masks, progress=case_progress)
     if bundle.demo:

@@ -1,7 +1,7 @@
 """End-to-end tests of classifier training: tiny ResNet50 and ViT-CNN on Kaggle phantoms, through the CLI.
 
 Each architecture is trained with ``brainscan train classifier`` (the command users run) on 800
-phantom slices in the Kaggle layout, then scored with ``brainscan evaluate`` on 200 phantoms of
+phantom slices in the Kaggle layout, then scored with ``brainscan evaluate`` on 400 phantoms of
 another dataset seed written as a Testing split: images the run never saw, neither for training
 nor for model selection. Chance is 0.25 for four balanced classes.
 """
@@ -23,13 +23,14 @@ from brainscan.labels import KAGGLE_CLASSES  # noqa: E402
 
 # Phantoms are written at twice the network's input size, as real slices are larger than the input.
 INPUT_SIZE, PHANTOM_SIZE = 64, 128
-TRAIN_IMAGES, HELD_OUT_IMAGES = 800, 200
+TRAIN_IMAGES, HELD_OUT_IMAGES = 800, 400
 EPOCHS = 30
 # Per architecture: peak learning rate that learns within EPOCHS on 2 CPU cores (about 1-2 min each).
 LEARNING_RATES = {"resnet50": "0.005", "vit_cnn": "0.003"}
-# Four balanced classes: chance is 0.25. With 200 held-out images a chance-level model reaches 0.40
-# with probability below 1e-5; the tiny networks reach about 0.5 here.
-MIN_HELD_OUT_ACCURACY = 0.40
+# Four balanced classes: chance is 0.25. With 400 held-out images a chance-level model reaches 0.36
+# with probability below 1e-6 (5 standard deviations); the tiny networks reach about 0.45-0.55 here
+# (TensorFlow on CPU is not bit-for-bit reproducible across machines, hence the margin).
+MIN_HELD_OUT_ACCURACY = 0.36
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,33 @@ def test_resume_continues_from_checkpoint(trained, kaggle_phantoms, tmp_path):
     after = json.loads((work / "state.json").read_text())["history"]
     assert [h["epoch"] for h in after] == list(range(1, EPOCHS + 2))
     assert after[:EPOCHS] == before
+
+
+@pytest.mark.slow
+def test_evaluate_validation_split_reproduces_the_manifest(trained, kaggle_phantoms, tmp_path, capsys):
+    from brainscan.models.bundle import read_manifest
+
+    arch, _, bundle, _ = trained
+    out = tmp_path / "report"
+    assert main(["evaluate", str(bundle), str(kaggle_phantoms), "--validation-split", "--out", str(out),
+                 "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    manifest = read_manifest(bundle)
+    section = report["splits"]["Validation"]
+    assert list(report["splits"]) == ["Validation"]
+    assert section["n_samples"] == manifest["metrics"]["validation_images"]
+    # float16 storage of the weights may move a borderline image
+    assert abs(section["accuracy"] - manifest["metrics"]["validation"]["accuracy"]) <= 2 / section["n_samples"]
+    assert "Validation: accuracy" in capsys.readouterr().out
+
+
+def test_evaluate_validation_split_refuses_other_data(trained, kaggle_phantoms, held_out, tmp_path, capsys):
+    import shutil
+
+    _, _, bundle, _ = trained
+    changed = Path(shutil.copytree(kaggle_phantoms, tmp_path / "changed"))
+    next((changed / "Training" / "glioma").glob("*.jpg")).unlink()
+    for data, message in ((changed, "not the data bundle"), (held_out, "no training images outside a Testing")):
+        assert main(["evaluate", str(bundle), str(data), "--validation-split", "--out", str(tmp_path / "r"),
+                     "--quiet"]) == 2
+        assert message in capsys.readouterr().err
