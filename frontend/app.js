@@ -94,11 +94,20 @@ function renderModels(catalogue) {
   renderSelectedModel();
 }
 
+function validationText(metrics) {
+  const validation = metrics && metrics.validation;
+  if (!validation || typeof validation.accuracy !== "number") return "";
+  const images = Number.isInteger(metrics.validation_images) ? ` on ${metrics.validation_images} images` : "";
+  return ` Validation accuracy ${(validation.accuracy * 100).toFixed(1)} %${images} held out from its training data` +
+    " (not an independent test set).";
+}
+
 function renderSelectedModel() {
   const model = state.models.get(el.modelSelect.value);
   el.modelBadge.hidden = !(model && model.demo);
   el.modelInfo.textContent = model
-    ? `Architecture ${model.arch}, version ${model.version}${model.demo ? ": a demo model, not trained for real use." : "."}`
+    ? `Architecture ${model.arch}, version ${model.version}${model.demo ? ": a demo model, not trained for real use." : "."}` +
+      validationText(model.metrics)
     : "";
 }
 

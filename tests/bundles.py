@@ -15,8 +15,12 @@ TINY_INPUT_SIZE = 64
 
 
 def make_classifier_store(root: Path, archs: tuple[str, ...] = ("resnet50", "vit_cnn"), *,
-                          input_size: int = TINY_INPUT_SIZE, version: str = "test-1", seed: int = 0) -> Path:
+                          input_size: int = TINY_INPUT_SIZE, version: str = "test-1", seed: int = 0,
+                          metrics: dict | None = None) -> Path:
     """Write a tiny bundle per architecture into ``root/classification/<arch>/<version>`` and promote it.
+
+    Args:
+        metrics: the manifests' ``metrics`` (default: a note that the bundle is untrained).
 
     Returns:
         ``root`` (usable as ``BRAINSCAN_MODELS``).
@@ -43,7 +47,7 @@ def make_classifier_store(root: Path, archs: tuple[str, ...] = ("resnet50", "vit
             classes=list(KAGGLE_CLASSES),
             version=version,
             demo=True,
-            metrics={"note": "untrained test bundle"},
+            metrics=metrics or {"note": "untrained test bundle"},
             training={"data_fingerprint": "none", "data_description": "untrained (seeded init) for tests",
                       "command": "tests/bundles.py", "epochs": 0, "seed": seed},
         )

@@ -41,7 +41,9 @@ def slice_png_bytes(size: int = 128) -> bytes:
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    store = make_classifier_store(tmp_path_factory.mktemp("models"))
+    # Made-up validation figures: the page must show what the manifest says, whatever it is.
+    metrics = {"note": "untrained test bundle", "validation": {"accuracy": 0.4321}, "validation_images": 120}
+    store = make_classifier_store(tmp_path_factory.mktemp("models"), metrics=metrics)
     env = {"BRAINSCAN_MODELS": str(store), "CLASSIFIER_LOG_LEVEL": "WARNING"}
     with serve_uvicorn("services.classifier.app:app", env=env, ready_path="/readyz",
                        log_dir=tmp_path_factory.mktemp("logs")) as server:
@@ -188,6 +190,7 @@ def test_models_select_shows_versions_and_demo_badge(open_page, gateway_url):
     assert len(options) == 2 and all("version test-1" in text and "(demo)" in text for text in options)
     assert page.input_value("#model-select") == "resnet50"
     assert page.locator("#model-badge").is_visible()
+    assert "Validation accuracy 43.2 % on 120 images held out" in page.inner_text("#model-info")
     page.select_option("#model-select", "vit_cnn")
     assert "vit_cnn" in page.inner_text("#model-info")
 
