@@ -198,7 +198,7 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
     from brainscan.models.registry import build_model
     from brainscan.models.store import ModelStore
     from brainscan.preprocess.image2d import ImagePreprocessConfig
-    from training.runtime import setup_runtime
+    from training.runtime import load_checkpoint, setup_runtime, wrap_optimizer
 
     runtime = setup_runtime(config.seed, mixed_precision=config.mixed_precision)
     work = config.work_dir
@@ -220,7 +220,7 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
     initial_epoch = 0
     with runtime.strategy.scope():
         if config.resume and last_path.exists() and state_path.exists():
-            model = keras.models.load_model(last_path)
+            model = load_checkpoint(last_path)
             initial_epoch = int(json.loads(state_path.read_text())["epoch"])
             log.info("resuming from %s at epoch %d", last_path, initial_epoch)
         else:
@@ -236,7 +236,8 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
             )
             optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
                                                clipnorm=1.0)
-            model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            model.compile(optimizer=wrap_optimizer(optimizer, runtime), loss="sparse_categorical_crossentropy",
+                          metrics=["accuracy"])
 
     config_dict = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
     state = _StateWriter(state_path, config_dict)
@@ -261,7 +262,9 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
     if best_path.exists():
         model.load_weights(best_path)
 
-    probabilities = np.concatenate([model.predict_on_batch(x) for x, _ in val_ds], axis=0)
+    # A plain call, not predict_on_batch: under MirroredStrategy that splits the batch over the replicas
+    # and returned one copy per replica.
+    probabilities = np.concatenate([np.asarray(model(x, training=False), np.float32) for x, _ in val_ds], axis=0)
     y_true = np.asarray([r.label_index for r in val], dtype=np.int64)
     report = classification_report(y_true, probabilities.astype(np.float64), classes)
     log.info("validation accuracy %.4f on %d images", report["accuracy"], len(val))
@@ -289,7 +292,8 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
             "best_epoch": int(np.argmax([h.get("val_accuracy", 0.0) for h in history]) + 1) if history else None,
             "history": history,
             "train_seconds_this_run": round(train_seconds, 1),
-            "devices": {"gpus": runtime.gpus, "mixed_precision": runtime.mixed_precision},
+            "devices": {"gpus": runtime.gpus, "replicas": runtime.replicas,
+                        "mixed_precision": runtime.mixed_precision},
         },
         weights_dtype=config.weights_dtype,
     )

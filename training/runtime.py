@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+#: Comma-separated TensorFlow device names to train on with ``MirroredStrategy`` (for example
+#: ``/gpu:0,/gpu:2``); unset: every GPU present. Also how tests run the multi-replica path on CPUs.
+DEVICES_ENV = "BRAINSCAN_TRAIN_DEVICES"
 
 
 @dataclass
@@ -30,8 +36,8 @@ def setup_runtime(seed: int, *, mixed_precision: str = "auto") -> Runtime:
         mixed_precision: ``"auto"`` (float16 compute on GPUs, float32 on CPU), ``"on"`` or ``"off"``.
 
     Returns:
-        A :class:`Runtime`: ``MirroredStrategy`` across all GPUs when there are several, the default
-        strategy otherwise.
+        A :class:`Runtime`: ``MirroredStrategy`` across all GPUs when there are several (or across
+        the devices named in ``$BRAINSCAN_TRAIN_DEVICES``), the default strategy otherwise.
     """
     if mixed_precision not in ("auto", "on", "off"):
         raise ValueError(f"mixed_precision must be auto, on or off, got {mixed_precision!r}")
@@ -44,7 +50,66 @@ def setup_runtime(seed: int, *, mixed_precision: str = "auto") -> Runtime:
         tf.config.experimental.set_memory_growth(gpu, True)
     use_mixed = mixed_precision == "on" or (mixed_precision == "auto" and bool(gpus))
     keras.mixed_precision.set_global_policy("mixed_float16" if use_mixed else "float32")
-    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    devices = [d.strip() for d in os.environ.get(DEVICES_ENV, "").split(",") if d.strip()]
+    if len(devices) > 1:
+        strategy = tf.distribute.MirroredStrategy(devices=devices)
+    elif len(devices) == 1:
+        strategy = tf.distribute.OneDeviceStrategy(devices[0])
+    elif len(gpus) > 1:
+        strategy = tf.distribute.MirroredStrategy()
+    else:
+        strategy = tf.distribute.get_strategy()
     log.info("devices: %d GPU(s), %d replica(s), mixed precision %s", len(gpus),
              strategy.num_replicas_in_sync, "on" if use_mixed else "off")
     return Runtime(strategy=strategy, gpus=len(gpus), mixed_precision=use_mixed)
+
+
+@functools.cache
+def _replica_safe_loss_scale_optimizer_class():
+    """``keras.optimizers.LossScaleOptimizer`` whose overflow check agrees across replicas.
+
+    Keras decides whether to apply a step from the *first* replica's gradients only (its comment
+    assumes they are already all-reduced; they are not yet), so when only another replica
+    overflows, the inf gradients are summed into the update and the weights turn NaN (seen with
+    two replicas and float16 on CPU). Here the replicas that overflowed are counted across all of
+    them first, and the step is applied only when none did.
+    """
+    import keras
+    import tensorflow as tf
+
+    @keras.saving.register_keras_serializable(package="brainscan")
+    class ReplicaSafeLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+        def check_finite(self, grads):
+            finite = super().check_finite(grads)
+            context = tf.distribute.get_replica_context()
+            if context is None or context.num_replicas_in_sync == 1:
+                return finite
+            overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+            return overflowed < 0.5
+
+    return ReplicaSafeLossScaleOptimizer
+
+
+def wrap_optimizer(optimizer: Any, runtime: Runtime) -> Any:
+    """The optimizer to compile with: loss-scaled (replica-safe) under mixed precision, else as is."""
+    if not runtime.mixed_precision:
+        return optimizer
+    return _replica_safe_loss_scale_optimizer_class()(optimizer)
+
+
+def load_checkpoint(path: Any) -> Any:
+    """``keras.models.load_model(path)`` for a training checkpoint (``last.keras``), in a fresh process.
+
+    Registers everything a checkpoint may name before loading: the custom layers of the
+    architectures, the segmentation losses and metrics, and the loss-scaled optimizer. (A resumed
+    run is a new process; without this the ViT-CNN's ``ClassToken`` was unknown.)
+    """
+    import keras
+
+    import brainscan.models.layers  # noqa: F401  (registers the custom layers)
+    import training.losses  # noqa: F401  (registers DiceCELoss, ForegroundDice)
+    from brainscan.models.registry import list_architectures
+
+    list_architectures()  # imports every architecture module
+    _replica_safe_loss_scale_optimizer_class()
+    return keras.models.load_model(path)

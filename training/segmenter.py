@@ -311,11 +311,12 @@ def tqdm_callback(total: int, initial: int, desc: str) -> Any:
     return TqdmProgress()
 
 
-def _build_and_compile(config: SegmenterTrainConfig, arch_args: dict[str, Any]) -> Any:
+def _build_and_compile(config: SegmenterTrainConfig, arch_args: dict[str, Any], runtime: Any) -> Any:
     import keras
 
     from brainscan.models.registry import build_model
     from training.losses import DiceCELoss, ForegroundDice
+    from training.runtime import wrap_optimizer
 
     model = build_model(config.arch, arch_args)
     steps = config.steps_per_epoch
@@ -327,7 +328,7 @@ def _build_and_compile(config: SegmenterTrainConfig, arch_args: dict[str, Any]) 
         alpha=0.01,
     )
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay, clipnorm=12.0)
-    model.compile(optimizer=optimizer, loss=DiceCELoss(), metrics=[ForegroundDice()], jit_compile=False)
+    model.compile(optimizer=wrap_optimizer(optimizer, runtime), loss=DiceCELoss(), metrics=[ForegroundDice()], jit_compile=False)
     return model
 
 
@@ -346,7 +347,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     from brainscan.models.store import ModelStore
     from brainscan.preprocess.volume3d import VolumePreprocessConfig
     from training.patches import AugmentConfig, PatchSampler, dataset_fingerprint, prepare_cases
-    from training.runtime import setup_runtime
+    from training.runtime import load_checkpoint, setup_runtime
 
     previous_policy = keras.mixed_precision.global_policy()
     runtime = setup_runtime(config.seed, mixed_precision=config.mixed_precision)
@@ -368,13 +369,13 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         state: dict[str, Any] = {"epoch": 0, "history": [], "best": None, "config": config_dict}
         with runtime.strategy.scope():
             if config.resume and last_path.exists() and state_path.exists():
-                model = keras.models.load_model(last_path)
+                model = load_checkpoint(last_path)
                 state.update({k: v for k, v in json.loads(state_path.read_text()).items() if k != "config"})
                 log.info("resuming from %s at epoch %d", last_path, state["epoch"])
             else:
                 if config.resume:
                     log.warning("--resume given but no checkpoint in %s: starting from scratch", work)
-                model = _build_and_compile(config, arch_args)
+                model = _build_and_compile(config, arch_args, runtime)
         initial_epoch = int(state["epoch"])
 
         global_batch = config.batch_size * runtime.replicas
@@ -436,7 +437,8 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
                 "best_epoch": state["best"]["epoch"] if state["best"] else None,
                 "history": history,
                 "train_seconds_this_run": round(train_seconds, 1),
-                "devices": {"gpus": runtime.gpus, "mixed_precision": runtime.mixed_precision},
+                "devices": {"gpus": runtime.gpus, "replicas": runtime.replicas,
+                        "mixed_precision": runtime.mixed_precision},
             },
             weights_dtype=config.weights_dtype,
             overwrite=config.overwrite,

@@ -105,12 +105,21 @@ def test_bundle_manifest_records_training(trained, kaggle_phantoms):
 
 @pytest.mark.slow
 def test_resume_continues_from_checkpoint(trained, kaggle_phantoms, tmp_path):
+    """--resume in a new process (as after a crash): the checkpoint's custom layers must load there too."""
+    import subprocess
+    import sys
+
+    from tests.paths import REPO_ROOT
+
     arch, _, _, work = trained
     out = tmp_path / "models"
     before = json.loads((work / "state.json").read_text())["history"]
     command = train_command(kaggle_phantoms, arch, out, work, "--resume")
     command[command.index("--epochs") + 1] = str(EPOCHS + 1)
-    assert main(command) == 0
+    done = subprocess.run([sys.executable, "-m", "brainscan.cli.main", *command], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {work / 'last.keras'} at epoch {EPOCHS}" in done.stderr
     after = json.loads((work / "state.json").read_text())["history"]
     assert [h["epoch"] for h in after] == list(range(1, EPOCHS + 2))
     assert after[:EPOCHS] == before
@@ -144,3 +153,43 @@ def test_evaluate_validation_split_refuses_other_data(trained, kaggle_phantoms, 
         assert main(["evaluate", str(bundle), str(data), "--validation-split", "--out", str(tmp_path / "r"),
                      "--quiet"]) == 2
         assert message in capsys.readouterr().err
+
+
+TWO_CPU_MAIN = """
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from brainscan.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet50", "vit_cnn"])
+def test_mixed_precision_training_across_two_replicas(arch, kaggle_phantoms, tmp_path):
+    """The GPU code path on CPU: float16 compute (loss scaling) under a two-replica MirroredStrategy."""
+    import os
+    import subprocess
+    import sys
+
+    from brainscan.models.bundle import load_bundle
+    from tests.paths import REPO_ROOT
+    from training.runtime import DEVICES_ENV
+
+    command = train_command(kaggle_phantoms, arch, tmp_path / "models", tmp_path / "work", "--mixed-precision", "on",
+                            "--max-per-class", "16")
+    command[command.index("--epochs") + 1] = "2"
+    command[command.index("--input-size") + 1] = "32"
+    env = {**os.environ, DEVICES_ENV: "/cpu:0,/cpu:1", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", TWO_CPU_MAIN, *command], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 replica(s), mixed precision on" in done.stderr
+    bundle = load_bundle(tmp_path / "models" / "classification" / arch / "test-1")
+    assert bundle.manifest["training"]["devices"] == {"gpus": 0, "replicas": 2, "mixed_precision": True}
+    history = bundle.manifest["training"]["history"]
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+    probabilities = np.asarray(bundle.model(np.stack([bundle.preprocess(p.read_bytes()) for p in
+                                                      sorted((kaggle_phantoms / "Training").glob("*/*.jpg"))[:8]])))
+    assert probabilities.dtype == np.float32 and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-3)
