@@ -163,6 +163,12 @@ def test_text_file_shows_plain_language_alert(open_page, gateway_url):
 
 def test_keyboard_reaches_the_drop_zone_and_enter_opens_the_chooser(open_page, gateway_url):
     page = open_page(gateway_url)
+    # Playwright turns on file-chooser interception when the first 'filechooser' listener is
+    # added, without waiting for the browser to confirm it. Listening from the start (not only
+    # inside expect_file_chooser, right before the key press) means interception is in place
+    # before Enter is pressed; otherwise, on a loaded machine, the chooser can open unintercepted
+    # and the event never comes.
+    page.on("filechooser", lambda chooser: None)
     page.wait_for_selector("#model-select option[value='resnet50']", state="attached")
     order = []
     for _ in range(8):
