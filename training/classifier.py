@@ -6,7 +6,8 @@ tf.data pipeline that decodes and preprocesses with the core package's ``preproc
 exact function the classifier service calls), caches, augments (flips, small rotations and zoom,
 brightness/contrast), batches and prefetches; AdamW with warm-up and cosine decay, class weights,
 early stopping on validation accuracy, a checkpoint after every epoch (``--resume`` continues from
-it), TensorBoard logs, and finally a model bundle whose manifest holds the validation metrics and
+it), optional initial weights from an earlier bundle (``--init-from``: fine-tuning, for example at a
+larger input size), TensorBoard logs, and finally a model bundle whose manifest holds the validation metrics and
 the training data fingerprint.
 
 Example:
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from brainscan.errors import DatasetLayoutError
+from brainscan.errors import BundleError, DatasetLayoutError
 from brainscan.labels import KAGGLE_CLASSES
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class ClassifierTrainConfig:
     weights_dtype: str = "float16"
     mixed_precision: str = "auto"
     max_per_class: int | None = None
+    init_from: str | None = None
     command: str = field(default_factory=lambda: shlex.join(["brainscan", *sys.argv[1:]]))
 
     def __post_init__(self) -> None:
@@ -166,6 +168,87 @@ def class_weights(records: list[Any], num_classes: int) -> dict[int, float]:
     return {i: float(counts.sum() / (num_classes * c)) for i, c in enumerate(counts)}
 
 
+def load_initial_weights(model: Any, spec: str, config: ClassifierTrainConfig, records: list[Any]) -> dict[str, Any]:
+    """Copy the weights of the bundle ``spec`` into ``model`` (``--init-from``); returns the manifest record.
+
+    The bundle must be a classifier of the same architecture, preset and classes. Its input size may
+    differ: ResNet50's weights do not depend on it (convolutions and global pooling), and a ViT-CNN's
+    position table is resized to the new token grid (see :func:`fit_weights`).
+
+    Raises:
+        BundleError: the bundle cannot initialise this run, or its validation images would leak: it was
+            trained on the same data (same fingerprint) with another split seed or fraction, so this
+            run's validation images may have been its training images.
+    """
+    from brainscan.cli.predict import resolve_bundle
+    from brainscan.data.kaggle import dataset_fingerprint
+    from brainscan.models.bundle import load_bundle
+
+    path = resolve_bundle(spec, task="classification", models_root=config.out)
+    source = load_bundle(path)
+    manifest = source.manifest
+    name = f"{manifest['architecture']['name']} version {manifest['version']} ({path})"
+    if manifest["architecture"]["name"] != config.arch:
+        raise BundleError(f"--init-from {name}: architecture {manifest['architecture']['name']!r}, "
+                         f"this run trains {config.arch!r}")
+    if manifest.get("classes") != list(KAGGLE_CLASSES):
+        raise BundleError(f"--init-from {name}: classes {manifest.get('classes')}, expected {list(KAGGLE_CLASSES)}")
+    if manifest["architecture"]["args"].get("preset") != config.preset:
+        raise BundleError(f"--init-from {name}: preset {manifest['architecture']['args'].get('preset')!r}, "
+                         f"this run uses {config.preset!r}")
+    weights, resized = fit_weights(model, source.model)
+    if isinstance(weights, str):
+        raise BundleError(f"--init-from {name}: its weights do not fit this network at {config.input_size} px "
+                          f"(input size {manifest['input']['shape'][0]} px there): {weights}")
+    training = manifest.get("training", {})
+    trained_config = training.get("config") or {}
+    same_data = training.get("data_fingerprint") == dataset_fingerprint(records)
+    split_of_source = (trained_config.get("seed"), trained_config.get("val_fraction"))
+    if same_data and split_of_source != (config.seed, config.val_fraction):
+        raise BundleError(
+            f"--init-from {name}: it was trained on this data with split seed/fraction {split_of_source}, "
+            f"this run validates on seed/fraction {(config.seed, config.val_fraction)}: its training images "
+            "would be in this run's validation split. Use the same --seed and --val-fraction.")
+    if not same_data:
+        log.warning("--init-from %s was trained on other data (fingerprint differs): this run's validation "
+                    "images may have been among its training images", name)
+    model.set_weights(weights)
+    log.info("initial weights from %s%s", name, f" (resized: {', '.join(resized)})" if resized else "")
+    return {"bundle": str(path), "name": manifest["name"], "version": manifest["version"],
+            "weights_sha256": manifest["weights"]["sha256"], "input_size": manifest["input"]["shape"][0],
+            "same_data_and_split": same_data, "resized_variables": resized}
+
+
+def fit_weights(model: Any, source: Any) -> tuple[list[np.ndarray] | str, list[str]]:
+    """``source``'s weights in ``model``'s variable order, or a reason why they do not fit.
+
+    Same architecture at another input size: every variable but a ViT-CNN's position table keeps
+    its shape; that table is resized to the new token grid (:func:`resize_position_embedding`).
+
+    Returns:
+        ``(weights, names of the resized variables)``, or ``(reason, [])`` when they do not fit.
+    """
+    from brainscan.models.vit_cnn import resize_position_embedding
+
+    ours, theirs = model.weights, source.weights
+    if len(ours) != len(theirs):
+        return f"{len(theirs)} variables there, {len(ours)} here", []
+    weights, resized, mismatched = [], [], []
+    for mine, other, value in zip(ours, theirs, source.get_weights()):
+        want, have = tuple(mine.shape), tuple(other.shape)
+        if want == have:
+            weights.append(value)
+        elif "position_embedding" in mine.path and len(want) == len(have) == 3 and want[2] == have[2]:
+            side = int(np.sqrt(want[1] - 1))
+            weights.append(resize_position_embedding(value, side))
+            resized.append(f"{mine.path} {have} -> {want}")
+        else:
+            mismatched.append(f"{mine.path} {want} here, {have} there")
+    if mismatched:
+        return "; ".join(mismatched[:3]) + (f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""), []
+    return weights, resized
+
+
 class _StateWriter:
     """Writes ``state.json`` after each epoch so that ``--resume`` knows where to continue."""
 
@@ -218,6 +301,7 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
     state_path, last_path = work / "state.json", work / "last.keras"
     best_path = work / "best.weights.h5"
     initial_epoch = 0
+    init_record: dict[str, Any] | None = None
     with runtime.strategy.scope():
         if config.resume and last_path.exists() and state_path.exists():
             model = load_checkpoint(last_path)
@@ -227,6 +311,8 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
             if config.resume:
                 log.warning("--resume given but no checkpoint in %s: starting from scratch", work)
             model = build_model(config.arch, arch_args)
+            if config.init_from:
+                init_record = load_initial_weights(model, config.init_from, config, train + val)
             schedule = keras.optimizers.schedules.CosineDecay(
                 initial_learning_rate=config.learning_rate / 100,
                 decay_steps=max(1, steps_per_epoch * (config.epochs - config.warmup_epochs)),
@@ -287,7 +373,10 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
             "data_fingerprint": dataset_fingerprint(train + val),
             "data_description": f"Kaggle Brain Tumor MRI layout at {config.data} (Training split only)",
             "command": config.command,
+            "epochs": config.epochs,
+            "seed": config.seed,
             "config": config_dict,
+            **({"init_from": init_record} if init_record else {}),
             "epochs_run": len(history),
             "best_epoch": int(np.argmax([h.get("val_accuracy", 0.0) for h in history]) + 1) if history else None,
             "history": history,

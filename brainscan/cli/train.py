@@ -49,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="auto: float16 compute on GPUs only")
     clf.add_argument("--max-per-class", type=int, default=None,
                      help="use at most N training images per class (smoke runs; marks the bundle as demo)")
+    clf.add_argument("--init-from", default=None, metavar="BUNDLE",
+                     help="start from this classifier bundle's weights (a folder, or ARCH for the current "
+                          "version in --out): fine-tuning, e.g. at a larger --input-size (a ViT-CNN's position "
+                          "embeddings are resized to the new token grid)")
     clf.set_defaults(func=run_classifier)
 
     from training.segmenter_cli import add_segmenter_parser
@@ -68,7 +72,7 @@ def run_classifier(args: argparse.Namespace) -> int:
             patience=args.patience, seed=args.seed, work_dir=args.work_dir, version=args.version,
             resume=args.resume, promote=args.promote, weights_dtype=args.weights_dtype,
             mixed_precision=args.mixed_precision, max_per_class=args.max_per_class,
-            command=args.command_line,
+            init_from=args.init_from, command=args.command_line,
         )
     except ValueError as exc:
         raise SystemExit(f"brainscan train classifier: {exc}") from exc

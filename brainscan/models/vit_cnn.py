@@ -193,6 +193,38 @@ def vit_cnn(
     return keras.Model(inputs, outputs, name=name)
 
 
+def resize_position_embedding(table: np.ndarray, grid: int) -> np.ndarray:
+    """Fit a learned position table to another token grid (fine-tuning at another input size).
+
+    The class token's row is kept; the ``g x g`` rows of the image tokens are resized as an image to
+    ``grid x grid`` (bicubic, antialiased when shrinking), as ViTs are fine-tuned at a new
+    resolution (Dosovitskiy et al. 2021, section 3.2).
+
+    Args:
+        table: ``(1, 1 + g*g, dim)``, a :class:`~brainscan.models.layers.PositionEmbedding` table.
+        grid: tokens per side of the new grid.
+
+    Returns:
+        ``(1, 1 + grid*grid, dim)`` float32.
+
+    Raises:
+        ValueError: ``table`` is not a class-token-plus-square-grid table, or ``grid`` < 1.
+    """
+    table = np.asarray(table, dtype=np.float32)
+    tokens = table.shape[1] - 1 if table.ndim == 3 else -1
+    side = int(np.sqrt(max(tokens, 0)))
+    if table.ndim != 3 or table.shape[0] != 1 or tokens < 1 or side * side != tokens:
+        raise ValueError(f"expected a (1, 1 + g*g, dim) position table, got shape {table.shape}")
+    if int(grid) < 1:
+        raise ValueError(f"grid must be at least 1, got {grid}")
+    if side == grid:
+        return table.copy()
+    image = table[0, 1:].reshape(1, side, side, table.shape[2])
+    resized = keras.ops.image.resize(image, (int(grid), int(grid)), interpolation="bicubic",
+                                     antialias=grid < side)
+    return np.concatenate([table[:, :1], np.asarray(resized, np.float32).reshape(1, grid * grid, -1)], axis=1)
+
+
 def encoder_depth(model: keras.Model) -> int:
     """Number of encoder blocks in a model built by :func:`vit_cnn` (counts ``encoder_{i}_mha``)."""
     return sum(1 for layer in model.layers if layer.name.startswith("encoder_") and layer.name.endswith("_mha"))

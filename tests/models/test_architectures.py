@@ -12,7 +12,7 @@ from brainscan.models.layers import ClassToken, PositionEmbedding, SelectToken
 from brainscan.models.registry import build_model, get_architecture
 from brainscan.models.resnet import GRADCAM_LAYER
 from brainscan.models.unet3d import spatial_divisor
-from brainscan.models.vit_cnn import attention_maps, encoder_depth
+from brainscan.models.vit_cnn import attention_maps, encoder_depth, resize_position_embedding
 
 TINY_RESNET = {"preset": "tiny", "input_size": 64}
 TINY_VIT = {"preset": "tiny", "input_size": 32}
@@ -159,6 +159,30 @@ def test_vit_cnn_attention_maps() -> None:
     for scores in maps:
         assert scores.shape == (2, 2, tokens, tokens)
         np.testing.assert_allclose(scores.sum(axis=-1), 1.0, atol=1e-5)
+
+
+def test_resize_position_embedding_keeps_class_row_and_resamples_the_grid() -> None:
+    dim, side = 3, 4
+    rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    grid = np.stack([rows, cols, np.ones_like(rows)], axis=-1).astype(np.float32)  # a smooth (linear) table
+    table = np.concatenate([np.full((1, 1, dim), 7.0, np.float32), grid.reshape(1, side * side, dim)], axis=1)
+    same = resize_position_embedding(table, side)
+    np.testing.assert_array_equal(same, table)
+    for new_side in (2, 6):
+        resized = resize_position_embedding(table, new_side)
+        assert resized.shape == (1, 1 + new_side * new_side, dim) and resized.dtype == np.float32
+        np.testing.assert_array_equal(resized[0, 0], [7.0, 7.0, 7.0])
+        image = resized[0, 1:].reshape(new_side, new_side, dim)
+        # a linear ramp stays a ramp: increasing along its axis, constant across it, same mean
+        assert np.all(np.diff(image[:, 0, 0]) > 0) and np.allclose(image[:, :, 0], image[:, :1, 0], atol=1e-4)
+        assert abs(image[..., 0].mean() - grid[..., 0].mean()) < 0.05
+        np.testing.assert_allclose(image[..., 2], 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape, grid", [((1, 17, 8), 0), ((1, 16, 8), 4), ((2, 17, 8), 4), ((17, 8), 4)])
+def test_resize_position_embedding_bad_arguments(shape: tuple[int, ...], grid: int) -> None:
+    with pytest.raises(ValueError):
+        resize_position_embedding(np.zeros(shape, np.float32), grid)
 
 
 def _unet_params(base: int, levels: int, in_channels: int, classes: int, attention: bool) -> int:

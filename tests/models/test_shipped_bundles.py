@@ -46,6 +46,7 @@ def test_bundle_is_intact_and_small_enough(entry) -> None:
     training = manifest["training"]
     assert training["command"].startswith(("brainscan train ", "brainscan models ensure-demo"))
     assert len(training["data_fingerprint"]) == 64 or manifest["demo"]
+    assert isinstance(training["epochs"], int) and isinstance(training["seed"], int)
     if entry.task == "segmentation":
         assert manifest["demo"] is True, "no BraTS training set exists offline: shipped U-Nets are demos"
     else:

@@ -93,6 +93,7 @@ def test_bundle_manifest_records_training(trained, kaggle_phantoms):
     training = manifest["training"]
     assert len(training["data_fingerprint"]) == 64
     assert training["epochs_run"] == EPOCHS == len(training["history"])
+    assert training["epochs"] == EPOCHS and training["seed"] == training["config"]["seed"]
     assert training["config"]["learning_rate"] == float(LEARNING_RATES[arch])
     assert "--arch " + arch in training["command"]
     validation = manifest["metrics"]["validation"]
@@ -153,6 +154,83 @@ def test_evaluate_validation_split_refuses_other_data(trained, kaggle_phantoms, 
         assert main(["evaluate", str(bundle), str(data), "--validation-split", "--out", str(tmp_path / "r"),
                      "--quiet"]) == 2
         assert message in capsys.readouterr().err
+
+
+def _init_from_command(data: Path, arch: str, source: Path, tmp_path: Path, *extra: str) -> list[str]:
+    command = train_command(data, arch, tmp_path / "models", tmp_path / "work", "--init-from", str(source), *extra)
+    command[command.index("--epochs") + 1] = "1"
+    return command
+
+
+@pytest.mark.slow
+def test_init_from_starts_where_the_bundle_ended(trained, kaggle_phantoms, tmp_path):
+    """--init-from: the first epoch of the new run already scores what the source bundle scored."""
+    from brainscan.models.bundle import read_manifest
+
+    arch, _, bundle, _ = trained
+    source = read_manifest(bundle)
+    command = _init_from_command(kaggle_phantoms, arch, bundle, tmp_path)
+    command[command.index("--learning-rate") + 1] = "1e-7"  # (almost) no update: what is measured is the start
+    assert main(command) == 0
+    manifest = read_manifest(tmp_path / "models" / "classification" / arch / "test-1")
+    record = manifest["training"]["init_from"]
+    assert record["weights_sha256"] == source["weights"]["sha256"] and record["same_data_and_split"] is True
+    assert manifest["training"]["config"]["init_from"] == str(bundle)
+    # From scratch, one epoch of a tiny network at this learning rate stays at chance (0.25).
+    assert manifest["metrics"]["validation"]["accuracy"] >= source["metrics"]["validation"]["accuracy"] - 0.05
+
+
+@pytest.mark.slow
+def test_init_from_at_another_input_size(trained, kaggle_phantoms, tmp_path):
+    """ResNet50's weights do not depend on the input size; a ViT-CNN's position table is resized."""
+    from brainscan.models.bundle import load_bundle, read_manifest
+
+    arch, _, bundle, _ = trained
+    command = _init_from_command(kaggle_phantoms, arch, bundle, tmp_path, "--max-per-class", "16")
+    command[command.index("--input-size") + 1] = str(INPUT_SIZE + 16)
+    assert main(command) == 0
+    new = load_bundle(tmp_path / "models" / "classification" / arch / "test-1")
+    record = new.manifest["training"]["init_from"]
+    assert record["input_size"] == INPUT_SIZE and new.manifest["input"]["shape"][0] == INPUT_SIZE + 16
+    # --max-per-class makes other data: the validation images may have been the source's training images
+    assert record["same_data_and_split"] is False
+    if arch == "resnet50":
+        assert record["resized_variables"] == []
+    else:
+        assert len(record["resized_variables"]) == 1 and "position_embedding" in record["resized_variables"][0]
+        assert read_manifest(bundle)["input"]["shape"][0] == INPUT_SIZE
+
+
+@pytest.mark.slow
+def test_init_from_refuses_another_architecture_or_split(trained, kaggle_phantoms, tmp_path, capsys):
+    arch, _, bundle, _ = trained
+    other = "vit_cnn" if arch == "resnet50" else "resnet50"
+    command = _init_from_command(kaggle_phantoms, arch, bundle, tmp_path)
+    command[command.index("--arch") + 1] = other
+    command[command.index("--learning-rate") + 1] = LEARNING_RATES[other]
+    assert main(command) == 2
+    assert f"architecture {arch!r}, this run trains {other!r}" in capsys.readouterr().err
+    # Same data, another split seed: the source's training images would be validated on.
+    assert main(_init_from_command(kaggle_phantoms, arch, bundle, tmp_path, "--seed", "1")) == 2
+    assert "would be in this run's validation split" in capsys.readouterr().err
+    assert not (tmp_path / "models" / "classification").exists()
+
+
+def test_fit_weights_resizes_only_the_position_table() -> None:
+    from brainscan.models.registry import build_model
+    from training.classifier import architecture_args, fit_weights
+
+    def build(arch: str, size: int):
+        return build_model(arch, architecture_args(arch, size, "tiny", len(KAGGLE_CLASSES)))
+
+    small, large = build("vit_cnn", 32), build("vit_cnn", 48)
+    weights, resized = fit_weights(large, small)
+    assert [w.shape for w in weights] == [tuple(v.shape) for v in large.weights]
+    assert len(resized) == 1 and "position_embedding" in resized[0]
+    unchanged = [a.shape == b.shape and np.array_equal(a, b) for a, b in zip(weights, small.get_weights())]
+    assert unchanged.count(False) == 1
+    reason, resized = fit_weights(build("resnet50", 32), small)
+    assert isinstance(reason, str) and "variables there" in reason and resized == []
 
 
 TWO_CPU_MAIN = """
