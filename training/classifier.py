@@ -7,7 +7,8 @@ exact function the classifier service calls), caches, augments (flips, small rot
 brightness/contrast), batches and prefetches; AdamW with warm-up and cosine decay, class weights,
 early stopping on validation accuracy, a checkpoint after every epoch (``--resume`` continues from
 it), optional initial weights from an earlier bundle (``--init-from``: fine-tuning, for example at a
-larger input size), TensorBoard logs, and finally a model bundle whose manifest holds the validation metrics and
+larger input size), optional weight averaging (``--ema``: validation and the bundle use an
+exponential moving average of the weights), TensorBoard logs, and finally a model bundle whose manifest holds the validation metrics and
 the training data fingerprint.
 
 Example:
@@ -17,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,6 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -62,6 +65,7 @@ class ClassifierTrainConfig:
     mixed_precision: str = "auto"
     max_per_class: int | None = None
     init_from: str | None = None
+    ema: float | None = None
     command: str = field(default_factory=lambda: shlex.join(["brainscan", *sys.argv[1:]]))
 
     def __post_init__(self) -> None:
@@ -76,6 +80,8 @@ class ClassifierTrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ValueError(f"ema must be in (0, 1), got {self.ema}")
         if self.weights_dtype not in ("float16", "float32"):
             raise ValueError(f"weights_dtype must be float16 or float32, got {self.weights_dtype!r}")
         self.data, self.out = Path(self.data), Path(self.out)
@@ -271,6 +277,51 @@ class _StateWriter:
         self.callback = Callback()
 
 
+@contextlib.contextmanager
+def averaged_weights(model: Any) -> Iterator[None]:
+    """Inside the block, ``model``'s trainable variables hold its optimizer's moving averages.
+
+    Without an averaging optimizer (``use_ema``) the model is left as it is. The raw values are put
+    back on leaving, also on error. Batch-norm statistics are not averaged: they are moving averages
+    already.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # under a LossScaleOptimizer
+    averages = getattr(optimizer, "_model_variables_moving_average", None) if optimizer is not None else None
+    if not getattr(optimizer, "use_ema", False) or not averages:
+        yield
+        return
+    variables = optimizer._trainable_variables
+    raw = [np.asarray(v.numpy()) for v in variables]
+    for variable, average in zip(variables, averages):
+        variable.assign(average.numpy())
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, raw):
+            variable.assign(value)
+
+
+def _best_weights_callback(path: Path, best: float) -> Any:
+    """Saves the weights (averaged ones with ``--ema``) whenever validation accuracy improves."""
+    import keras
+
+    class BestWeights(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.best = best
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            value = (logs or {}).get("val_accuracy")
+            if value is None or value <= self.best:
+                return
+            self.best = float(value)
+            with averaged_weights(self.model):
+                self.model.save_weights(path)
+
+    return BestWeights()
+
+
 def train_classifier(config: ClassifierTrainConfig) -> Path:
     """Run a whole training and write the bundle; returns the bundle's path."""
     import keras
@@ -321,24 +372,26 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
                 alpha=0.01,
             )
             optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
-                                               clipnorm=1.0)
+                                               clipnorm=1.0, use_ema=config.ema is not None,
+                                               ema_momentum=config.ema or 0.99)
             model.compile(optimizer=wrap_optimizer(optimizer, runtime), loss="sparse_categorical_crossentropy",
                           metrics=["accuracy"])
 
     config_dict = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
     state = _StateWriter(state_path, config_dict)
+    # The best checkpoint starts blind after a resume unless seeded with the past.
+    best_so_far = -np.inf
+    if best_path.exists() and initial_epoch > 0:
+        best_so_far = max((h.get("val_accuracy", 0.0) for h in state.history), default=0.0)
     callbacks = [
+        # With --ema, validation runs on the averaged weights (swapped in for it, then back).
+        *([keras.callbacks.SwapEMAWeights()] if config.ema is not None else []),
         keras.callbacks.ModelCheckpoint(last_path),
-        keras.callbacks.ModelCheckpoint(best_path, monitor="val_accuracy", mode="max",
-                                        save_best_only=True, save_weights_only=True),
+        _best_weights_callback(best_path, best_so_far),
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=config.patience),
         keras.callbacks.TensorBoard(log_dir=str(work / "tensorboard")),
         state.callback,
     ]
-    if best_path.exists() and initial_epoch > 0:
-        # EarlyStopping and ModelCheckpoint start blind after a resume; seed "best" with the past.
-        best_so_far = max((h.get("val_accuracy", 0.0) for h in state.history), default=0.0)
-        callbacks[1].best = best_so_far
     start = time.perf_counter()
     if initial_epoch < config.epochs:
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,

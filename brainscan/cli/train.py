@@ -53,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="start from this classifier bundle's weights (a folder, or ARCH for the current "
                           "version in --out): fine-tuning, e.g. at a larger --input-size (a ViT-CNN's position "
                           "embeddings are resized to the new token grid)")
+    clf.add_argument("--ema", type=float, default=None, metavar="MOMENTUM",
+                     help="keep an exponential moving average of the weights with this momentum (e.g. 0.998); "
+                          "validation, the best checkpoint and the bundle then use the averaged weights")
     clf.set_defaults(func=run_classifier)
 
     from training.segmenter_cli import add_segmenter_parser
@@ -72,7 +75,7 @@ def run_classifier(args: argparse.Namespace) -> int:
             patience=args.patience, seed=args.seed, work_dir=args.work_dir, version=args.version,
             resume=args.resume, promote=args.promote, weights_dtype=args.weights_dtype,
             mixed_precision=args.mixed_precision, max_per_class=args.max_per_class,
-            init_from=args.init_from, command=args.command_line,
+            init_from=args.init_from, ema=args.ema, command=args.command_line,
         )
     except ValueError as exc:
         raise SystemExit(f"brainscan train classifier: {exc}") from exc

@@ -233,6 +233,66 @@ def test_fit_weights_resizes_only_the_position_table() -> None:
     assert isinstance(reason, str) and "variables there" in reason and resized == []
 
 
+def test_averaged_weights_swaps_the_moving_averages_in_and_back() -> None:
+    import keras
+
+    from training.classifier import averaged_weights
+
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    for use_ema in (True, False):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+        model.compile(optimizer=keras.optimizers.AdamW(0.1, use_ema=use_ema, ema_momentum=0.9),
+                      loss="sparse_categorical_crossentropy")
+        for _ in range(12):  # not fit(): at its end fit() overwrites the weights with their averages
+            model.train_on_batch(x[:8], y[:8])
+        raw = [w.copy() for w in model.get_weights()]
+        with averaged_weights(model):
+            inside = [w.copy() for w in model.get_weights()]
+        assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), raw))  # put back
+        if use_ema:
+            averages = [v.numpy() for v in model.optimizer._model_variables_moving_average]
+            assert all(np.array_equal(a, b) for a, b in zip(inside, averages))
+            assert not all(np.allclose(a, b) for a, b in zip(inside, raw))
+        else:
+            assert all(np.array_equal(a, b) for a, b in zip(inside, raw))
+
+
+@pytest.mark.slow
+def test_ema_run_validates_and_ships_the_averaged_weights(kaggle_phantoms, tmp_path):
+    """--ema: the bundle holds the moving averages (what validation scored), not the raw weights; --resume works."""
+    from brainscan.models.bundle import load_bundle
+    from training.runtime import load_checkpoint
+
+    out, work = tmp_path / "models", tmp_path / "work"
+    command = train_command(kaggle_phantoms, "resnet50", out, work, "--ema", "0.9", "--max-per-class", "40")
+    command[command.index("--epochs") + 1] = "1"
+    assert main(command) == 0
+    bundle = load_bundle(out / "classification" / "resnet50" / "test-1")
+    training = bundle.manifest["training"]
+    assert training["config"]["ema"] == 0.9 and "--ema 0.9" in training["command"]
+    assert bundle.manifest["metrics"]["validation"]["accuracy"] == pytest.approx(
+        training["history"][0]["val_accuracy"], abs=1e-6)
+    # The checkpoint after epoch 1 holds the raw weights and, in its optimizer, their averages.
+    checkpoint = load_checkpoint(work / "last.keras")
+    optimizer = checkpoint.optimizer
+    averages = {v.path: a.numpy() for v, a in zip(optimizer._trainable_variables,
+                                                  optimizer._model_variables_moving_average)}
+    shipped = {v.path: w for v, w in zip(bundle.model.weights, bundle.model.get_weights())}
+    raw = {v.path: v.numpy() for v in checkpoint.trainable_variables}
+    kernels = [path for path in averages if path.endswith("kernel")]
+    assert kernels and set(kernels) <= set(shipped)
+    for path in kernels:
+        np.testing.assert_allclose(shipped[path], averages[path], rtol=2e-3, atol=2e-3)  # float16 bundle
+    assert max(float(np.abs(raw[p] - averages[p]).max()) for p in kernels) > 0.01
+    command[command.index("--epochs") + 1] = "2"
+    command[command.index("--version") + 1] = "test-2"
+    assert main([*command, "--resume"]) == 0
+    assert len(load_bundle(out / "classification" / "resnet50" / "test-2").manifest["training"]["history"]) == 2
+    with pytest.raises(SystemExit, match="ema must be in"):
+        main(train_command(kaggle_phantoms, "resnet50", out, work, "--ema", "1.5"))
+
+
 TWO_CPU_MAIN = """
 import sys
 import tensorflow as tf
@@ -244,9 +304,12 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["resnet50", "vit_cnn"])
-def test_mixed_precision_training_across_two_replicas(arch, kaggle_phantoms, tmp_path):
-    """The GPU code path on CPU: float16 compute (loss scaling) under a two-replica MirroredStrategy."""
+@pytest.mark.parametrize("arch, extra", [("resnet50", ["--ema", "0.9"]), ("vit_cnn", [])])
+def test_mixed_precision_training_across_two_replicas(arch, extra, kaggle_phantoms, tmp_path):
+    """The GPU code path on CPU: float16 compute (loss scaling) under a two-replica MirroredStrategy.
+
+    The ResNet50 run also averages its weights (--ema) through the loss-scale wrapper and mirrored variables.
+    """
     import os
     import subprocess
     import sys
@@ -256,7 +319,7 @@ def test_mixed_precision_training_across_two_replicas(arch, kaggle_phantoms, tmp
     from training.runtime import DEVICES_ENV
 
     command = train_command(kaggle_phantoms, arch, tmp_path / "models", tmp_path / "work", "--mixed-precision", "on",
-                            "--max-per-class", "16")
+                            "--max-per-class", "16", *extra)
     command[command.index("--epochs") + 1] = "2"
     command[command.index("--input-size") + 1] = "32"
     env = {**os.environ, DEVICES_ENV: "/cpu:0,/cpu:1", "PYTHONPATH": str(REPO_ROOT)}
