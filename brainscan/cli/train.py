@@ -55,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "embeddings are resized to the new token grid)")
     clf.add_argument("--ema", type=float, default=None, metavar="MOMENTUM",
                      help="keep an exponential moving average of the weights with this momentum (e.g. 0.998); "
-                          "validation, the best checkpoint and the bundle then use the averaged weights")
+                          "validation, the best checkpoint and the bundle then use the averaged weights (and "
+                          "batch-norm statistics averaged alongside, so that they fit those weights)")
     clf.set_defaults(func=run_classifier)
 
     from training.segmenter_cli import add_segmenter_parser

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -233,29 +234,88 @@ def test_fit_weights_resizes_only_the_position_table() -> None:
     assert isinstance(reason, str) and "variables there" in reason and resized == []
 
 
-def test_averaged_weights_swaps_the_moving_averages_in_and_back() -> None:
+def _batchnorm_model(use_ema: bool) -> Any:
     import keras
 
-    from training.classifier import averaged_weights
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization(),
+                              keras.layers.Dropout(0.1, seed=1), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.AdamW(0.1, use_ema=use_ema, ema_momentum=0.9),
+                  loss="sparse_categorical_crossentropy")
+    return model
 
-    x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int64)
+
+def _phantom_xy() -> tuple[np.ndarray, np.ndarray]:
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(32, 4)).astype(np.float32)
+    return x, (x[:, 0] > 2.0).astype(np.int64)
+
+
+def test_averaged_weights_swaps_the_moving_averages_in_and_back() -> None:
+    from training.classifier import averaged_weights, batchnorm_statistics
+
+    x, y = _phantom_xy()
     for use_ema in (True, False):
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-        model.compile(optimizer=keras.optimizers.AdamW(0.1, use_ema=use_ema, ema_momentum=0.9),
-                      loss="sparse_categorical_crossentropy")
+        model = _batchnorm_model(use_ema)
         for _ in range(12):  # not fit(): at its end fit() overwrites the weights with their averages
             model.train_on_batch(x[:8], y[:8])
+        statistics = {v.path: np.full(tuple(v.shape), 7.0, np.float32) for v in batchnorm_statistics(model)}
+        assert sorted(p.rsplit("/", 1)[-1] for p in statistics) == ["moving_mean", "moving_variance"]
         raw = [w.copy() for w in model.get_weights()]
-        with averaged_weights(model):
-            inside = [w.copy() for w in model.get_weights()]
+        with averaged_weights(model, statistics):
+            inside = {v.path: v.numpy().copy() for v in model.variables}
         assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), raw))  # put back
+        for path, value in statistics.items():
+            np.testing.assert_array_equal(inside[path], value)
+        seeds = [v for v in model.non_trainable_variables if v.path not in statistics]
+        assert seeds and all(np.array_equal(inside[v.path], v.numpy()) for v in seeds)  # not averaged
+        trainable = {v.path: v.numpy() for v in model.trainable_variables}
         if use_ema:
-            averages = [v.numpy() for v in model.optimizer._model_variables_moving_average]
-            assert all(np.array_equal(a, b) for a, b in zip(inside, averages))
-            assert not all(np.allclose(a, b) for a, b in zip(inside, raw))
+            optimizer = model.optimizer
+            averages = {v.path: a.numpy() for v, a in zip(optimizer._trainable_variables,
+                                                          optimizer._model_variables_moving_average)}
+            assert all(np.array_equal(inside[p], a) for p, a in averages.items())
+            assert not all(np.allclose(inside[p], trainable[p]) for p in averages)
         else:
-            assert all(np.array_equal(a, b) for a, b in zip(inside, raw))
+            assert all(np.array_equal(inside[p], trainable[p]) for p in trainable)
+
+
+def test_ema_callback_averages_the_batchnorm_statistics_and_swaps_them_in_for_validation(tmp_path) -> None:
+    """The optimizer averages trainable variables only; the --ema callback averages the batch-norm
+    statistics with the same momentum, validates on both averages, saves them, and leaves them in the model."""
+    import keras
+
+    from training.classifier import _statistics_averaging_callback, batchnorm_statistics
+
+    x, y = _phantom_xy()
+    model = _batchnorm_model(True)
+    path = tmp_path / "averages.npz"
+    averaging = _statistics_averaging_callback(0.9, path, resume=False)
+    seen: list[dict[str, np.ndarray]] = []
+    validated: list[dict[str, np.ndarray]] = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append({v.path: v.numpy().copy() for v in batchnorm_statistics(self.model)})
+
+        def on_test_begin(self, logs=None):
+            validated.append({v.path: v.numpy().copy() for v in self.model.weights})
+
+    model.fit(x, y, batch_size=4, epochs=2, validation_data=(x, y), callbacks=[averaging, Record()], verbose=0)
+    expected = dict(seen[0])
+    for step in seen[1:]:
+        expected = {p: 0.9 * expected[p] + 0.1 * step[p] for p in expected}
+    assert len(seen) == 16 and set(expected) == set(averaging.averages)
+    for p, value in expected.items():
+        np.testing.assert_allclose(averaging.averages[p], value, rtol=1e-5)
+        assert not np.allclose(value, seen[-1][p], rtol=1e-3)  # the averages are not the latest statistics
+        np.testing.assert_allclose(validated[-1][p], value, rtol=1e-5)  # validation saw the averages
+        np.testing.assert_allclose(model.get_weights()[[v.path for v in model.weights].index(p)], value,
+                                   rtol=1e-5)  # and the model keeps them after fit
+    np.testing.assert_allclose(np.load(path)[p], averaging.averages[p])
+
+    resumed = _statistics_averaging_callback(0.9, path, resume=True)
+    resumed.set_model(model)
+    resumed.on_train_begin()
+    assert all(np.allclose(resumed.averages[p], averaging.averages[p]) for p in expected)
 
 
 @pytest.mark.slow
@@ -285,6 +345,14 @@ def test_ema_run_validates_and_ships_the_averaged_weights(kaggle_phantoms, tmp_p
     for path in kernels:
         np.testing.assert_allclose(shipped[path], averages[path], rtol=2e-3, atol=2e-3)  # float16 bundle
     assert max(float(np.abs(raw[p] - averages[p]).max()) for p in kernels) > 0.01
+    # So do the batch-norm statistics: the bundle has their averages (saved for --resume), not the raw ones.
+    statistics = dict(np.load(work / "batchnorm-averages.npz"))
+    raw_statistics = {v.path: v.numpy() for v in checkpoint.non_trainable_variables
+                      if v.path.endswith(("/moving_mean", "/moving_variance"))}
+    assert raw_statistics and set(statistics) == set(raw_statistics)
+    for path, value in statistics.items():
+        np.testing.assert_allclose(shipped[path], value, rtol=2e-3, atol=2e-3)
+    assert max(float(np.abs(raw_statistics[p] - statistics[p]).max()) for p in statistics) > 0.01
     command[command.index("--epochs") + 1] = "2"
     command[command.index("--version") + 1] = "test-2"
     assert main([*command, "--resume"]) == 0
