@@ -319,7 +319,7 @@ def test_ema_callback_averages_the_batchnorm_statistics_and_swaps_them_in_for_va
 
 
 @pytest.mark.slow
-def test_ema_run_validates_and_ships_the_averaged_weights(kaggle_phantoms, tmp_path):
+def test_ema_run_validates_and_ships_the_averaged_weights(kaggle_phantoms, tmp_path, caplog):
     """--ema: the bundle holds the moving averages (what validation scored), not the raw weights; --resume works."""
     from brainscan.models.bundle import load_bundle
     from training.runtime import load_checkpoint
@@ -353,10 +353,16 @@ def test_ema_run_validates_and_ships_the_averaged_weights(kaggle_phantoms, tmp_p
     for path, value in statistics.items():
         np.testing.assert_allclose(shipped[path], value, rtol=2e-3, atol=2e-3)
     assert max(float(np.abs(raw_statistics[p] - statistics[p]).max()) for p in statistics) > 0.01
+    # Resumed without --ema, the run still averages as its checkpoint does, says so, and records it.
     command[command.index("--epochs") + 1] = "2"
     command[command.index("--version") + 1] = "test-2"
-    assert main([*command, "--resume"]) == 0
-    assert len(load_bundle(out / "classification" / "resnet50" / "test-2").manifest["training"]["history"]) == 2
+    resume = [arg for arg in command if arg not in ("--ema", "0.9")]
+    with caplog.at_level("WARNING", logger="training.classifier"):
+        assert main([*resume, "--resume"]) == 0
+    assert "averages the weights with momentum 0.9; --ema None is ignored" in caplog.text
+    assert "no batch-norm averages" not in caplog.text
+    training = load_bundle(out / "classification" / "resnet50" / "test-2").manifest["training"]
+    assert len(training["history"]) == 2 and training["config"]["ema"] == 0.9
     with pytest.raises(SystemExit, match="ema must be in"):
         main(train_command(kaggle_phantoms, "resnet50", out, work, "--ema", "1.5"))
 
