@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from brainscan.errors import BrainscanError
-from brainscan.labels import MODALITIES
+from brainscan.labels import BRATS2023, BRATS2023_MODALITIES, MODALITIES
 
 #: Job states after which a job never changes again.
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -220,9 +220,11 @@ class BrainscanClient:
         """Upload one BraTS case for segmentation; returns the queued job body.
 
         Args:
-            source: a case folder (files found with :func:`brainscan.data.brats.find_case`), four
-                files in t1, t1ce, t2, flair order or a ``{modality: path}`` mapping, a ``.zip`` of
-                a case folder, or one 4D NIfTI ``(X, Y, Z, 4)`` with channels in that order.
+            source: a case folder (files found with :func:`brainscan.data.brats.find_case`; a
+                BraTS 2023-2024 folder is sent under its t1n/t1c/t2w/t2f names, so its mask numbers
+                enhancing tumour 3), four files in t1, t1ce, t2, flair order or a
+                ``{modality: path}`` mapping, a ``.zip`` of a case folder, or one 4D NIfTI
+                ``(X, Y, Z, 4)`` with channels in that order.
             model: ``"unet3d"``, ``"attention_unet3d"`` (default: the server's default).
 
         Raises:
@@ -248,7 +250,10 @@ class BrainscanClient:
                 from brainscan.data.brats import find_case
 
                 case = find_case(path)
-                files = {m: (p.name, p.read_bytes(), "application/octet-stream")
+                # the server answers in the labels of the field names: BraTS 2023-2024 names for such a case
+                field = ({m: name for name, m in BRATS2023_MODALITIES.items()} if case.label_convention == BRATS2023
+                         else {m: m for m in MODALITIES})
+                files = {field[m]: (p.name, p.read_bytes(), "application/octet-stream")
                          for m, p in case.modalities.items() if m in MODALITIES}
             else:
                 raw = path.read_bytes()

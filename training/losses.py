@@ -126,4 +126,64 @@ class ForegroundDice(keras.metrics.Metric):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
-__all__ = ["DiceCELoss", "ForegroundDice", "soft_dice_loss"]
+@keras.saving.register_keras_serializable(package="brainscan")
+class RegionDiceBCELoss(keras.losses.Loss):
+    """Soft batch Dice + binary cross-entropy over independent region channels (nnU-Net's BraTS loss).
+
+    ``y_true`` holds the nested region masks ``(B, X, Y, Z, 3)`` (WT, TC, ET: 0/1) and ``y_pred``
+    their sigmoid probabilities. Every channel counts in the Dice (there is no background channel).
+
+    Args:
+        dice_weight, bce_weight: non-negative weights, not both 0.
+        smooth: added to the Dice numerator and denominator (> 0).
+    """
+
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, *, smooth: float = 1e-5,
+                 name: str = "region_dice_bce", **kwargs) -> None:
+        kwargs.pop("dtype", None)
+        super().__init__(name=name, dtype="float32", **kwargs)
+        if dice_weight < 0 or bce_weight < 0 or dice_weight + bce_weight == 0:
+            raise ValueError(f"dice_weight and bce_weight must be >= 0 and not both 0, got {dice_weight}, {bce_weight}")
+        if not smooth > 0:
+            raise ValueError(f"smooth must be > 0, got {smooth}")
+        self.dice_weight, self.bce_weight, self.smooth = float(dice_weight), float(bce_weight), float(smooth)
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, "float32")
+        y_pred = ops.cast(y_pred, "float32")
+        dice = soft_dice_loss(y_true, y_pred, include_background=True, batch_dice=True, smooth=self.smooth)
+        bce = ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
+        return ops.reshape(self.dice_weight * dice + self.bce_weight * bce, (1,))
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "dice_weight": self.dice_weight, "bce_weight": self.bce_weight,
+                "smooth": self.smooth}
+
+
+@keras.saving.register_keras_serializable(package="brainscan")
+class RegionDice(ForegroundDice):
+    """Hard Dice (threshold 0.5) per region channel (WT, TC, ET), pooled over an epoch, then averaged.
+
+    Reported as ``foreground_dice`` like :class:`ForegroundDice`, so logs read the same.
+    """
+
+    def __init__(self, num_regions: int = 3, name: str = "foreground_dice", **kwargs) -> None:
+        kwargs.pop("num_classes", None)
+        # ForegroundDice keeps one counter per class after the background: num_regions of them here.
+        super().__init__(num_classes=int(num_regions) + 1, name=name, **kwargs)
+        self.num_regions = int(num_regions)
+
+    def update_state(self, y_true, y_pred, sample_weight=None) -> None:
+        true = ops.cast(ops.cast(y_true, "float32") > 0.5, "float32")
+        pred = ops.cast(ops.cast(y_pred, "float32") > 0.5, "float32")
+        axes = tuple(range(len(true.shape) - 1))
+        self.intersection.assign_add(ops.sum(true * pred, axis=axes))
+        self.total.assign_add(ops.sum(true, axis=axes) + ops.sum(pred, axis=axes))
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.pop("num_classes", None)
+        return {**config, "num_regions": self.num_regions}
+
+
+__all__ = ["DiceCELoss", "ForegroundDice", "RegionDice", "RegionDiceBCELoss", "soft_dice_loss"]

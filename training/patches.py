@@ -41,7 +41,8 @@ from brainscan.preprocess.volume3d import CropInfo, VolumePreprocessConfig, crop
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = len(BRATS_LABELS)
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the voxel spacing and affine are passed to preprocessing (resampling, orientation)
+TARGETS = ("classes", "regions")
 
 
 @dataclass
@@ -73,14 +74,18 @@ def _foreground_index(labels: np.ndarray) -> dict[int, np.ndarray]:
 
 
 def prepare_arrays(case_id: str, channels: np.ndarray, seg: np.ndarray,
-                   config: VolumePreprocessConfig) -> PreparedCase:
+                   config: VolumePreprocessConfig, spacing: Sequence[float] | None = None,
+                   affine: np.ndarray | None = None) -> PreparedCase:
     """Preprocess in-memory arrays: ``channels (4, X, Y, Z)`` and BraTS ``seg (X, Y, Z)``.
+
+    ``spacing`` (mm; ``None``: 1 mm, or from ``affine``) and ``affine`` (orientation) are passed to
+    :func:`preprocess_case` exactly as serving passes them.
 
     Raises:
         InvalidLabelsError: ``seg`` holds values outside {0, 1, 2, 4}.
         And the errors of :func:`preprocess_case` / :func:`crop_like`.
     """
-    image, info = preprocess_case(channels, config)
+    image, info = preprocess_case(channels, config, spacing=spacing, affine=affine)
     labels = brats_to_index(crop_like(seg, info)).astype(np.uint8)
     return PreparedCase(case_id, image, labels, info, _foreground_index(labels))
 
@@ -119,7 +124,8 @@ def prepare_case(case: BratsCase, config: VolumePreprocessConfig, cache_dir: Pat
                                 CropInfo.from_dict(meta["info"]), _foreground_index(labels))
     loaded = load_case(case)
     assert loaded.seg is not None
-    prepared = prepare_arrays(case.case_id, loaded.channels, loaded.seg, config)
+    prepared = prepare_arrays(case.case_id, loaded.channels, loaded.seg, config,
+                              spacing=tuple(loaded.reference.spacing[:3]), affine=loaded.reference.affine)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "image.npy", prepared.image)
@@ -154,6 +160,10 @@ class AugmentConfig:
         intensity_probability: chance of applying the scale/shift.
         gamma_probability, gamma_range: per-channel gamma on the patch's brain range.
         noise_probability, noise_std_max: additive Gaussian noise, std uniform in ``[0, max]``.
+        rotation_probability, rotation_degrees: rotate the patch about its centre, by an angle
+            uniform in ``[-deg, deg]`` about each axis (nnU-Net: 0.2, 30).
+        scale_probability, zoom_range: zoom the patch about its centre (nnU-Net: 0.2, 0.7-1.4).
+            Spatial transforms resample from the whole case, so the corners hold real anatomy.
     """
 
     flip_probability: float = 0.5
@@ -164,9 +174,17 @@ class AugmentConfig:
     gamma_range: tuple[float, float] = (0.7, 1.5)
     noise_probability: float = 0.15
     noise_std_max: float = 0.1
+    rotation_probability: float = 0.2
+    rotation_degrees: float = 30.0
+    scale_probability: float = 0.2
+    zoom_range: tuple[float, float] = (0.7, 1.4)
 
     def __post_init__(self) -> None:
-        for name in ("flip_probability", "intensity_probability", "gamma_probability", "noise_probability"):
+        if not (0.0 <= self.rotation_degrees <= 180.0 and 0.0 < self.zoom_range[0] <= self.zoom_range[1]):
+            raise ValueError(f"rotation_degrees must be in [0, 180] and zoom_range positive (low, high), got "
+                             f"{self.rotation_degrees}, {self.zoom_range}")
+        for name in ("flip_probability", "intensity_probability", "gamma_probability", "noise_probability",
+                     "rotation_probability", "scale_probability"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -216,6 +234,60 @@ def augment_patch(image: np.ndarray, labels: np.ndarray, rng: np.random.Generato
     return image, np.ascontiguousarray(labels)
 
 
+def _rotation(angles: Sequence[float]) -> np.ndarray:
+    """3x3 rotation matrix: about axis 0, then 1, then 2, by ``angles`` radians."""
+    matrix = np.eye(3)
+    for axis, angle in enumerate(angles):
+        c, s = math.cos(angle), math.sin(angle)
+        i, j = [a for a in range(3) if a != axis]
+        r = np.eye(3)
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        matrix = r @ matrix
+    return matrix
+
+
+def spatial_transform(rng: np.random.Generator, config: AugmentConfig) -> np.ndarray | None:
+    """A random output->source 3x3 matrix (rotation and zoom), or ``None`` for the identity."""
+    matrix = np.eye(3)
+    changed = False
+    if rng.random() < config.rotation_probability:
+        limit = math.radians(config.rotation_degrees)
+        matrix = _rotation(rng.uniform(-limit, limit, size=3)) @ matrix
+        changed = True
+    if rng.random() < config.scale_probability:
+        # A zoom of z shows the anatomy z times larger: each output step covers 1/z source voxels.
+        matrix = matrix / rng.uniform(*config.zoom_range)
+        changed = True
+    return matrix if changed else None
+
+
+def transform_patch(array: np.ndarray, matrix: np.ndarray, centre: Sequence[int], size: Sequence[int],
+                    *, order: int) -> np.ndarray:
+    """Sample a ``size`` patch whose centre voxel ``size // 2`` sits on ``centre`` of ``array``.
+
+    Output voxel ``o`` reads ``array`` at ``matrix @ (o - size // 2) + centre`` (zero outside).
+
+    Args:
+        array: ``(X, Y, Z[, C])``.
+        matrix: 3x3 output->source matrix from :func:`spatial_transform`.
+        centre: source voxel under the patch centre.
+        size: patch shape.
+        order: 1 trilinear (images), 0 nearest (labels).
+    """
+    from scipy import ndimage
+
+    out_centre = np.array([p // 2 for p in size], dtype=np.float64)
+    offset = np.asarray(centre, dtype=np.float64) - matrix @ out_centre
+    if array.ndim == 3:
+        return ndimage.affine_transform(np.asarray(array), matrix, offset=offset, output_shape=tuple(size),
+                                        order=order, mode="constant", cval=0)
+    out = np.empty((*size, array.shape[3]), dtype=array.dtype)
+    for k in range(array.shape[3]):
+        out[..., k] = ndimage.affine_transform(np.ascontiguousarray(array[..., k]), matrix, offset=offset,
+                                               output_shape=tuple(size), order=order, mode="constant", cval=0)
+    return out
+
+
 def extract_patch(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
     """``array[start : start + size]`` over the 3 spatial axes, zero-filled where it leaves the array.
 
@@ -244,13 +316,17 @@ class PatchSampler:
         foreground_fraction: share of patches centred on a tumour voxel, in [0, 1].
         augment: transforms, or ``None`` for raw patches.
         seed: stream seed; patch ``i`` depends on ``(seed, i)`` only.
+        targets: ``"classes"`` (one-hot background/NCR/ED/ET) or ``"regions"`` (WT/TC/ET masks)
+            in :meth:`dataset`.
 
     Raises:
         ValueError: for no cases, a bad patch size or fraction.
     """
 
     def __init__(self, cases: Sequence[PreparedCase], *, patch_size: int, foreground_fraction: float = 1 / 3,
-                 augment: AugmentConfig | None = None, seed: int = 0) -> None:
+                 augment: AugmentConfig | None = None, seed: int = 0, targets: str = "classes") -> None:
+        if targets not in TARGETS:
+            raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
         if not cases:
             raise ValueError("PatchSampler needs at least one case")
         if isinstance(patch_size, bool) or not isinstance(patch_size, (int, np.integer)) or patch_size < 1:
@@ -262,6 +338,7 @@ class PatchSampler:
         self.foreground_fraction = float(foreground_fraction)
         self.augment = augment
         self.seed = int(seed)
+        self.targets = targets
 
     def is_foreground(self, index: int) -> bool:
         """Whether patch ``index`` is centred on tumour: exactly ``fraction`` of any long run."""
@@ -287,8 +364,14 @@ class PatchSampler:
         else:
             # Fully inside when the case is larger than the patch; else the case lands anywhere in it.
             start = [int(rng.integers(min(0, n - p), max(0, n - p) + 1)) for n, p in zip(case.shape, size)]
-        image = extract_patch(case.image, start, size)
-        labels = extract_patch(case.labels, start, size)
+        matrix = spatial_transform(rng, self.augment) if self.augment is not None else None
+        if matrix is not None:
+            centre = [s + p // 2 for s, p in zip(start, size)]
+            image = transform_patch(case.image, matrix, centre, size, order=1)
+            labels = transform_patch(case.labels, matrix, centre, size, order=0)
+        else:
+            image = extract_patch(case.image, start, size)
+            labels = extract_patch(case.labels, start, size)
         if self.augment is not None:
             image, labels = augment_patch(image, labels, rng, self.augment)
         return image.astype(np.float32, copy=False), labels.astype(np.uint8, copy=False)
@@ -299,7 +382,8 @@ class PatchSampler:
         Args:
             batch_size: patches per batch (global batch under a distribution strategy).
             start: index of the first patch (``epoch * steps_per_epoch * batch_size`` on resume).
-            one_hot: labels as float32 one-hot ``(B, P, P, P, 4)``, else uint8 ``(B, P, P, P)``.
+            one_hot: labels as float32 targets (one-hot ``(B, P, P, P, 4)``, or the 3 region masks
+                when the sampler's ``targets`` is ``"regions"``), else uint8 indices ``(B, P, P, P)``.
 
         Returns:
             ``tf.data.Dataset`` of ``(images (B, P, P, P, C) float32, labels)``; patches are cut in
@@ -315,7 +399,12 @@ class PatchSampler:
             image, labels = tf.numpy_function(self.sample, [index], (tf.float32, tf.uint8), stateful=False)
             image.set_shape((p, p, p, channels))
             labels.set_shape((p, p, p))
-            if one_hot:
+            if one_hot and self.targets == "regions":
+                # class indices 0 bg, 1 NCR, 2 ED, 3 ET -> nested WT, TC, ET masks
+                labels = tf.cast(labels, tf.int32)
+                labels = tf.cast(tf.stack([labels > 0, (labels == 1) | (labels == 3), labels == 3], axis=-1),
+                                 tf.float32)
+            elif one_hot:
                 labels = tf.one_hot(tf.cast(labels, tf.int32), NUM_CLASSES, dtype=tf.float32)
             return image, labels
 
@@ -335,5 +424,5 @@ def dataset_fingerprint(cases: Sequence[BratsCase]) -> str:
 
 __all__ = [
     "AugmentConfig", "PatchSampler", "PreparedCase", "augment_patch", "dataset_fingerprint", "extract_patch",
-    "prepare_arrays", "prepare_case", "prepare_cases",
+    "prepare_arrays", "prepare_case", "prepare_cases", "spatial_transform", "transform_patch",
 ]

@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 #: Comma-separated TensorFlow device names to train on with ``MirroredStrategy`` (for example
 #: ``/gpu:0,/gpu:2``); unset: every GPU present. Also how tests run the multi-replica path on CPUs.
 DEVICES_ENV = "BRAINSCAN_TRAIN_DEVICES"
+MIXED_PRECISION_CHOICES = ("auto", "on", "bf16", "off")
 
 
 @dataclass
@@ -21,7 +22,8 @@ class Runtime:
 
     strategy: Any  # tf.distribute.Strategy
     gpus: int
-    mixed_precision: bool
+    mixed_precision: bool  # float16 compute, which needs loss scaling
+    policy: str = "float32"  # the Keras dtype policy in force: float32, mixed_float16 or mixed_bfloat16
 
     @property
     def replicas(self) -> int:
@@ -33,14 +35,16 @@ def setup_runtime(seed: int, *, mixed_precision: str = "auto") -> Runtime:
 
     Args:
         seed: seeds Python, NumPy and TensorFlow (``keras.utils.set_random_seed``).
-        mixed_precision: ``"auto"`` (float16 compute on GPUs, float32 on CPU), ``"on"`` or ``"off"``.
+        mixed_precision: ``"auto"`` (float16 compute on GPUs, float32 on CPU), ``"on"`` (float16),
+            ``"bf16"`` (bfloat16 compute: no loss scaling needed; 1.5x faster on CPUs with
+            avx512_bf16 or AMX) or ``"off"``.
 
     Returns:
         A :class:`Runtime`: ``MirroredStrategy`` across all GPUs when there are several (or across
         the devices named in ``$BRAINSCAN_TRAIN_DEVICES``), the default strategy otherwise.
     """
-    if mixed_precision not in ("auto", "on", "off"):
-        raise ValueError(f"mixed_precision must be auto, on or off, got {mixed_precision!r}")
+    if mixed_precision not in MIXED_PRECISION_CHOICES:
+        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {mixed_precision!r}")
     import keras
     import tensorflow as tf
 
@@ -49,7 +53,8 @@ def setup_runtime(seed: int, *, mixed_precision: str = "auto") -> Runtime:
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
     use_mixed = mixed_precision == "on" or (mixed_precision == "auto" and bool(gpus))
-    keras.mixed_precision.set_global_policy("mixed_float16" if use_mixed else "float32")
+    policy = "mixed_float16" if use_mixed else "mixed_bfloat16" if mixed_precision == "bf16" else "float32"
+    keras.mixed_precision.set_global_policy(policy)
     devices = [d.strip() for d in os.environ.get(DEVICES_ENV, "").split(",") if d.strip()]
     if len(devices) > 1:
         strategy = tf.distribute.MirroredStrategy(devices=devices)
@@ -59,9 +64,8 @@ def setup_runtime(seed: int, *, mixed_precision: str = "auto") -> Runtime:
         strategy = tf.distribute.MirroredStrategy()
     else:
         strategy = tf.distribute.get_strategy()
-    log.info("devices: %d GPU(s), %d replica(s), mixed precision %s", len(gpus),
-             strategy.num_replicas_in_sync, "on" if use_mixed else "off")
-    return Runtime(strategy=strategy, gpus=len(gpus), mixed_precision=use_mixed)
+    log.info("devices: %d GPU(s), %d replica(s), dtype policy %s", len(gpus), strategy.num_replicas_in_sync, policy)
+    return Runtime(strategy=strategy, gpus=len(gpus), mixed_precision=use_mixed, policy=policy)
 
 
 @functools.cache

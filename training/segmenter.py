@@ -38,6 +38,7 @@ ARCHITECTURES = ("unet3d", "attention_unet3d")
 #: filters) needs a 10x larger AdamW step to leave the all-background solution within minutes.
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "full": {"patch_size": 128, "steps_per_epoch": 250, "epochs": 100, "learning_rate": 1e-3},
+    "small": {"patch_size": 48, "steps_per_epoch": 100, "epochs": 15, "learning_rate": 2e-3},
     "tiny": {"patch_size": 32, "steps_per_epoch": 25, "epochs": 8, "learning_rate": 1e-2},
 }
 
@@ -78,6 +79,9 @@ class SegmenterTrainConfig:
     augment: bool = True
     overlap: float = 0.5
     mirror_tta: bool = False
+    target_spacing: float | None = None
+    outputs: str = "classes"
+    init_from: Path | None = None
     demo: bool = False
     progress: str = "keras"
     command: str = field(default_factory=lambda: shlex.join(["brainscan", *sys.argv[1:]]))
@@ -116,6 +120,12 @@ class SegmenterTrainConfig:
                              f"{self.weight_decay}")
         if self.weights_dtype not in ("float16", "float32"):
             raise ValueError(f"weights_dtype must be float16 or float32, got {self.weights_dtype!r}")
+        if self.outputs not in ("classes", "regions"):
+            raise ValueError(f"outputs must be classes or regions, got {self.outputs!r}")
+        if self.target_spacing is not None and not self.target_spacing > 0:
+            raise ValueError(f"target_spacing must be > 0 mm, got {self.target_spacing}")
+        if self.init_from is not None:
+            self.init_from = Path(self.init_from)
         if self.progress not in ("keras", "tqdm", "none"):
             raise ValueError(f"progress must be keras, tqdm or none, got {self.progress!r}")
         self.data, self.out = Path(self.data), Path(self.out)
@@ -140,6 +150,28 @@ class SegmenterTrainConfig:
         """The bundle's sliding-window settings."""
         return {"patch_size": [self.patch_size] * 3, "overlap": self.overlap, "batch_size": self.batch_size,
                 "mirror_axes": list(self.mirror_axes)}
+
+    def preprocess_config(self) -> Any:
+        from brainscan.preprocess.volume3d import VolumePreprocessConfig
+
+        # Every BraTS case is stored in LPS voxel order; serving brings other orientations to it.
+        return VolumePreprocessConfig(divisor=self.divisor, target_spacing=self.target_spacing, orientation="LPS")
+
+    def arch_args(self) -> dict[str, Any]:
+        """The registered builder's arguments (recorded in the manifest)."""
+        if self.outputs == "regions":
+            from brainscan.labels import REGION_ORDER
+
+            return {"num_classes": len(REGION_ORDER), "in_channels": 4, "preset": self.preset, "output": "sigmoid"}
+        return {"num_classes": len(BRATS_LABELS), "in_channels": 4, "preset": self.preset}
+
+    def segmenter(self, model: Any, predict_fn: Any = None) -> Any:
+        """The :class:`~brainscan.inference.segmenter.Segmenter` the bundle will serve, around ``model``."""
+        from brainscan.inference.segmenter import Segmenter
+
+        return Segmenter(model, self.preprocess_config(), patch_size=(self.patch_size,) * 3, overlap=self.overlap,
+                         batch_size=self.batch_size, mirror_axes=self.mirror_axes, outputs=self.outputs,
+                         predict_fn=predict_fn)
 
 
 def split_cases(cases: list[Any], *, val_fraction: float, val_cases: int | None, seed: int) -> tuple[list, list]:
@@ -173,45 +205,32 @@ def labelled_cases(data: Path, max_cases: int | None, seed: int) -> list[Any]:
     return labelled
 
 
-def evaluate_cases(model: Any, cases: list[Any], preprocess_config: Any, *, patch_size: int, overlap: float,
-                   batch_size: int, mirror_axes: tuple[int, ...] = (), cache_dir: Path | None = None,
-                   predict_fn: Any = None) -> dict[str, dict]:
+def evaluate_cases(segmenter: Any, cases: list[Any], cache_dir: Path | None = None) -> dict[str, dict]:
     """Segment whole cases as serving does and score them against their label files, on their own grid.
 
     Args:
-        model: the Keras segmenter (``(B, P, P, P, 4) -> (B, P, P, P, 4)`` probabilities).
+        segmenter: the :class:`~brainscan.inference.segmenter.Segmenter` the bundle will serve.
         cases: labelled :class:`~brainscan.data.brats.BratsCase` objects.
-        preprocess_config: the bundle's ``VolumePreprocessConfig``.
-        patch_size, overlap, batch_size, mirror_axes: the sliding-window settings.
-        cache_dir: preprocessed-case cache shared with training (same function, computed once).
-        predict_fn: a ready ``keras_predict_fn(model)`` to reuse its traced graph across rounds.
+        cache_dir: preprocessed-case cache shared with training (the same function, computed once).
 
     Returns:
         ``{case_id: segmentation_metrics(...)}`` (BraTS regions WT/TC/ET, labels, mean IoU).
     """
-    from brainscan.inference.sliding_window import keras_predict_fn, sliding_window_inference
     from brainscan.io.nifti import load_nifti
-    from brainscan.labels import index_to_brats
     from brainscan.metrics.segmentation import segmentation_metrics
-    from brainscan.preprocess.volume3d import restore_to_original
     from training.patches import prepare_case
 
-    predict_fn = predict_fn or keras_predict_fn(model, batch_size)
-    background_wins = tuple(1.0 if k == 0 else 0.0 for k in range(len(BRATS_LABELS)))
     results = {}
     for case in cases:
-        prepared = prepare_case(case, preprocess_config, cache_dir)
-        probabilities = sliding_window_inference(
-            np.asarray(prepared.image), predict_fn, patch_size=(patch_size,) * 3, overlap=overlap,
-            batch_size=batch_size, num_classes=len(BRATS_LABELS), mirror_axes=mirror_axes,
-        )
-        probabilities = restore_to_original(probabilities, prepared.info, fill=background_wins)
-        prediction = index_to_brats(np.argmax(probabilities, axis=-1))
+        prepared = prepare_case(case, segmenter.preprocess_config, cache_dir)
+        probabilities = segmenter.probabilities(np.asarray(prepared.image))
         # The truth is the label file itself, not the cropped training labels: a tumour voxel the
         # crop lost would count as missed.
         truth = load_nifti(case.seg)
+        spacing = truth.spacing[:3]
+        prediction = segmenter.decode(probabilities, prepared.info, spacing)
         labels = truth.data.reshape(truth.data.shape[:3]).astype(np.uint8)
-        results[case.case_id] = segmentation_metrics(prediction, labels, truth.spacing[:3])
+        results[case.case_id] = segmentation_metrics(prediction, labels, spacing)
     return results
 
 
@@ -245,13 +264,10 @@ def _callbacks(config: SegmenterTrainConfig, state: dict[str, Any], val_cases: l
             done = epoch + 1
             if done % config.val_every and done != config.epochs:
                 return
-            from brainscan.inference.sliding_window import keras_predict_fn
-
-            self.predict_fn = self.predict_fn or keras_predict_fn(self.model, config.batch_size)
+            segmenter = config.segmenter(self.model, self.predict_fn)
+            self.predict_fn = segmenter.predict_fn
             start = time.perf_counter()
-            per_case = evaluate_cases(self.model, val_cases, preprocess_config, patch_size=config.patch_size,
-                                      overlap=config.overlap, batch_size=config.batch_size, cache_dir=work / "cache",
-                                      predict_fn=self.predict_fn)
+            per_case = evaluate_cases(segmenter, val_cases, cache_dir=work / "cache")
             scores = region_dice(per_case)
             if logs is not None:
                 logs.update({f"val_dice_{k}": v for k, v in scores.items()})
@@ -315,10 +331,12 @@ def _build_and_compile(config: SegmenterTrainConfig, arch_args: dict[str, Any], 
     import keras
 
     from brainscan.models.registry import build_model
-    from training.losses import DiceCELoss, ForegroundDice
+    from training.losses import DiceCELoss, ForegroundDice, RegionDice, RegionDiceBCELoss
     from training.runtime import wrap_optimizer
 
     model = build_model(config.arch, arch_args)
+    if config.init_from is not None:
+        _load_initial_weights(model, config.init_from)
     steps = config.steps_per_epoch
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=config.learning_rate / 100 if config.warmup_epochs else config.learning_rate,
@@ -328,8 +346,33 @@ def _build_and_compile(config: SegmenterTrainConfig, arch_args: dict[str, Any], 
         alpha=0.01,
     )
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay, clipnorm=12.0)
-    model.compile(optimizer=wrap_optimizer(optimizer, runtime), loss=DiceCELoss(), metrics=[ForegroundDice()], jit_compile=False)
+    if config.outputs == "regions":
+        loss, metric = RegionDiceBCELoss(), RegionDice()
+    else:
+        loss, metric = DiceCELoss(), ForegroundDice()
+    model.compile(optimizer=wrap_optimizer(optimizer, runtime), loss=loss, metrics=[metric], jit_compile=False)
     return model
+
+
+def _load_initial_weights(model: Any, bundle_path: Path) -> None:
+    """Copy a bundle's weights into ``model`` (same architecture and arguments), cast to its dtypes.
+
+    Raises:
+        BundleError: the bundle is not a segmenter, or its network differs from ``model``.
+    """
+    from brainscan.errors import BundleError
+    from brainscan.models.bundle import load_bundle
+
+    bundle = load_bundle(bundle_path)
+    if bundle.task != "segmentation":
+        raise BundleError(f"--init-from {bundle_path}: a {bundle.task} bundle cannot start a segmenter")
+    source = bundle.model.weights
+    if len(source) != len(model.weights) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(source, model.weights)):
+        raise BundleError(f"--init-from {bundle_path}: its network ({bundle.architecture}, "
+                          f"{bundle.manifest['architecture_args']}) does not match this run's")
+    for target, weights in zip(model.weights, source):
+        target.assign(np.asarray(weights.numpy(), dtype=target.dtype))
+    log.info("initial weights from %s (%s %s)", bundle_path, bundle.architecture, bundle.version)
 
 
 def train_segmenter(config: SegmenterTrainConfig) -> Path:
@@ -345,7 +388,6 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     from brainscan.metrics.segmentation import aggregate_cases
     from brainscan.models.bundle import save_bundle
     from brainscan.models.store import ModelStore
-    from brainscan.preprocess.volume3d import VolumePreprocessConfig
     from training.patches import AugmentConfig, PatchSampler, dataset_fingerprint, prepare_cases
     from training.runtime import load_checkpoint, setup_runtime
 
@@ -358,12 +400,12 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         cases = labelled_cases(config.data, config.max_cases, config.seed)
         train, val = split_cases(cases, val_fraction=config.val_fraction, val_cases=config.val_cases, seed=config.seed)
         log.info("training cases: %d, validation cases: %d (whole volumes)", len(train), len(val))
-        preprocess_config = VolumePreprocessConfig(divisor=config.divisor)
+        preprocess_config = config.preprocess_config()
         prepared = prepare_cases(train, preprocess_config, cache_dir=work / "cache")
         # Validation cases go through the same cache now: a broken one fails here, not epochs later.
         prepare_cases(val, preprocess_config, cache_dir=work / "cache")
 
-        arch_args = {"num_classes": len(BRATS_LABELS), "in_channels": 4, "preset": config.preset}
+        arch_args = config.arch_args()
         state_path, last_path, best_path = work / "state.json", work / "last.keras", work / "best.weights.h5"
         config_dict = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
         state: dict[str, Any] = {"epoch": 0, "history": [], "best": None, "config": config_dict}
@@ -380,7 +422,8 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
 
         global_batch = config.batch_size * runtime.replicas
         sampler = PatchSampler(prepared, patch_size=config.patch_size, foreground_fraction=config.foreground_fraction,
-                               augment=AugmentConfig() if config.augment else None, seed=config.seed)
+                               augment=AugmentConfig() if config.augment else None, seed=config.seed,
+                               targets=config.outputs)
         # Continue the patch stream where the checkpoint left it, not from its first patch.
         dataset = sampler.dataset(global_batch, start=initial_epoch * config.steps_per_epoch * global_batch)
         callbacks = _callbacks(config, state, val, preprocess_config, initial_epoch)
@@ -398,9 +441,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         else:
             if best_path.exists():
                 model.load_weights(best_path)
-            per_case = evaluate_cases(model, val, preprocess_config, patch_size=config.patch_size,
-                                      overlap=config.overlap, batch_size=config.batch_size,
-                                      mirror_axes=config.mirror_axes, cache_dir=work / "cache")
+            per_case = evaluate_cases(config.segmenter(model), val, cache_dir=work / "cache")
         scores = region_dice(per_case)
         log.info("validation Dice of the bundled weights: WT %.3f TC %.3f ET %.3f (%d cases)",
                  scores["WT"], scores["TC"], scores["ET"], len(per_case))
@@ -417,7 +458,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
             label_map=dict(enumerate(BRATS_LABELS)),
             version=str(config.version),
             demo=config.demo,
-            inference=config.inference(),
+            inference=config.segmenter(model).manifest_inference(),
             metrics={
                 "dice": scores,
                 "validation": aggregate_cases(list(per_case.values())),
@@ -438,7 +479,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
                 "history": history,
                 "train_seconds_this_run": round(train_seconds, 1),
                 "devices": {"gpus": runtime.gpus, "replicas": runtime.replicas,
-                        "mixed_precision": runtime.mixed_precision},
+                        "mixed_precision": runtime.mixed_precision, "dtype_policy": runtime.policy},
             },
             weights_dtype=config.weights_dtype,
             overwrite=config.overwrite,

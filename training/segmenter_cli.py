@@ -11,6 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from training.runtime import MIXED_PRECISION_CHOICES
 from training.segmenter import ARCHITECTURES, PRESET_DEFAULTS
 
 _DESCRIPTION = """\
@@ -90,6 +91,15 @@ def add_segmenter_parser(commands: argparse._SubParsersAction) -> argparse.Argum
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
     parser.add_argument("--mirror-tta", action="store_true",
                         help="serve with test-time mirroring on the 3 axes (8x slower inference)")
+    parser.add_argument("--target-spacing", type=float, default=None, metavar="MM",
+                        help="resample cases to this isotropic voxel size before the network, e.g. 2 "
+                             "(8x fewer voxels than BraTS' 1 mm; masks come back at 1 mm). Default: keep the grid")
+    parser.add_argument("--outputs", choices=("classes", "regions"), default="classes",
+                        help="classes: softmax over background/NCR/ED/ET; regions: sigmoids for the nested "
+                             "whole tumour / tumour core / enhancing tumour (nnU-Net's BraTS setup)")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="BUNDLE",
+                        help="start from a segmentation bundle's weights (same --arch, --preset and --outputs), "
+                             "to continue training in stages")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="checkpoints, preprocessed cache and TensorBoard logs "
@@ -102,8 +112,9 @@ def add_segmenter_parser(commands: argparse._SubParsersAction) -> argparse.Argum
     parser.add_argument("--overwrite", action="store_true", help="replace a bundle of the same version")
     parser.add_argument("--weights-dtype", choices=("float16", "float32"), default="float16",
                         help="dtype of the stored weights (float16 halves the bundle size)")
-    parser.add_argument("--mixed-precision", choices=("auto", "on", "off"), default="auto",
-                        help="auto: float16 compute on GPUs only")
+    parser.add_argument("--mixed-precision", choices=MIXED_PRECISION_CHOICES, default="auto",
+                        help="auto: float16 compute on GPUs only; bf16: bfloat16 compute (fast on CPUs "
+                             "with avx512_bf16 or AMX)")
     parser.add_argument("--demo", action="store_true", help="mark the bundle as a demo (not for real use)")
     parser.set_defaults(func=run_segmenter)
     return parser
@@ -125,7 +136,8 @@ def config_from_args(args: argparse.Namespace):
         max_cases=args.max_cases, seed=args.seed, work_dir=args.work_dir, version=args.version, resume=args.resume,
         promote=args.promote, overwrite=args.overwrite, weights_dtype=args.weights_dtype,
         mixed_precision=args.mixed_precision, foreground_fraction=args.foreground_fraction, augment=args.augment,
-        overlap=args.overlap, mirror_tta=args.mirror_tta, demo=args.demo,
+        overlap=args.overlap, mirror_tta=args.mirror_tta, demo=args.demo, target_spacing=args.target_spacing,
+        outputs=args.outputs, init_from=args.init_from,
         **({"command": args.command_line} if getattr(args, "command_line", None) else {}),
     )
 

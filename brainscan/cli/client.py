@@ -55,8 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     segment = commands.add_parser(
         "segment", help="tumour mask of one BraTS case, computed by the server",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=_wrap("Upload the case in CASE_DIR (<case>_{t1,t1ce,t2,flair}.nii[.gz]), wait for the job while "
-                    "showing its progress on stderr, write the mask (BraTS labels 0/1/2/4, on the input grid) "
+        description=_wrap("Upload the case in CASE_DIR (<case>_{t1,t1ce,t2,flair}.nii[.gz], or BraTS 2023-2024 "
+                    "<case>-{t1n,t1c,t2w,t2f}.nii.gz), wait for the job while showing its progress on stderr, "
+                    "write the mask (BraTS labels 0/1/2/4, or 0/1/2/3 for a 2023-2024 case, on the input grid) "
                     "to --out and print the tumour volumes in mL and the job id."),
         epilog=f"example: brainscan client segment BraTS2021_00006 --out pred.nii.gz\n\n{EXIT_CODES_HELP}")
     segment.add_argument("case_dir", type=Path, metavar="CASE_DIR", help="BraTS case folder")

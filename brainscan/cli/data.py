@@ -22,8 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Detect the layout of PATH and describe it: image counts per split and class for the Kaggle "
             "Brain Tumor MRI layout (Training|Testing/<class>/*.jpg); modalities, shape, voxel spacing, "
             "label values and voxel counts for a BraTS case folder (or each case of a BraTS dataset "
-            "folder); and every problem found. Exit status 1 when problems were found, 2 when PATH "
-            "is not a dataset at all."
+            "folder); and every problem found. BraTS cases may follow the 2018-2021 naming "
+            "(<case>_{t1,t1ce,t2,flair,seg}.nii[.gz], enhancing tumour 4) or the 2023-2024 naming "
+            "(<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz, enhancing tumour 3); labels are listed as stored. "
+            "Exit status 1 when problems were found, 2 when PATH is not a dataset at all."
         ),
     )
     inspect.add_argument("path", type=Path, help="dataset or case folder")
@@ -63,7 +65,10 @@ def _print_kaggle(info: dict[str, Any]) -> None:
 
 
 def _print_case(case: dict[str, Any], indent: str = "") -> None:
-    print(f"{indent}case {case.get('case_id', '?')}")
+    from brainscan.labels import CONVENTION_NAMES
+
+    convention = CONVENTION_NAMES.get(case.get("label_convention") or "")
+    print(f"{indent}case {case.get('case_id', '?')}{f' ({convention} naming and labels)' if convention else ''}")
     for modality, file_name in (case.get("modalities") or {}).items():
         print(f"{indent}  {modality:<6} {file_name}")
     if case.get("seg"):

@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the bundle's name, version and demo flag, counts, timings), report.md (tables) and figures. "
             "Classifiers take a Kaggle-layout folder (Training|Testing/<class>/*.jpg; every split present is "
             "reported on its own) and write confusion_matrix.png, per_class_metrics.png and predictions.csv. "
-            "Segmenters take a BraTS dataset (or case) folder with <case>_seg files and write "
+            "Segmenters take a BraTS dataset (or case) folder with <case>_seg files (or BraTS 2023-2024 "
+            "<case>-seg files, whose label 3 is read as enhancing tumour) and write "
             "dice_boxplot.png and per_case.csv (Dice, IoU, sensitivity, specificity, HD95, volumes per "
             "region WT/TC/ET). Exit status 2 when DATA_DIR does not fit the bundle's task."
         ),
@@ -42,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--overlap", type=overlap_fraction, default=None,
                           help="segmentation: sliding-window overlap in [0, 1) (default: the bundle's)")
     evaluate.add_argument("--save-masks", action="store_true",
-                          help="segmentation: also write each predicted mask to REPORT_DIR/masks/")
+                          help="segmentation: also write each predicted mask to REPORT_DIR/masks/, in the label "
+                               "convention of its case (enhancing tumour 3 for BraTS 2023-2024 cases)")
     evaluate.add_argument("--models-root", type=Path, default=None,
                           help="model store for ARCH / TASK/ARCH (default: $BRAINSCAN_MODELS or ./models)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -44,10 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     segment = commands.add_parser(
         "segment", help="tumour mask of one BraTS case folder (t1, t1ce, t2, flair NIfTI)",
         description=(
-            "Segment the case in CASE_DIR (files <case>_{t1,t1ce,t2,flair}.nii[.gz]; a _seg file is not "
-            "needed) and write the mask to --out on the grid of the input (same shape, affine and header), "
-            "as uint8 BraTS labels: 0 background, 1 necrotic core, 2 edema, 4 enhancing tumour. Prints the "
-            "tumour volumes in mL (WT whole tumour, TC tumour core, ET enhancing tumour) and the timings."
+            "Segment the case in CASE_DIR (files <case>_{t1,t1ce,t2,flair}.nii[.gz], or BraTS 2023-2024 "
+            "<case>-{t1n,t1c,t2w,t2f}.nii.gz; a seg file is not needed) and write the mask to --out on the "
+            "grid of the input (same shape, affine and header), as uint8 BraTS labels: 0 background, "
+            "1 necrotic core, 2 edema, 4 enhancing tumour (3 for a case in the 2023-2024 naming, as that "
+            "challenge numbers it). Prints the tumour volumes in mL (WT whole tumour, TC tumour core, ET "
+            "enhancing tumour) and the timings."
         ),
         epilog="example: brainscan predict segment unet3d BraTS2021_00006 --out BraTS2021_00006_pred.nii.gz",
     )
@@ -165,7 +167,7 @@ def run_segment(args: argparse.Namespace) -> int:
     from brainscan.data.brats import find_case, load_case
     from brainscan.evaluation.segment import inference_settings, segment_case
     from brainscan.io.nifti import save_like
-    from brainscan.labels import REGION_NAMES
+    from brainscan.labels import CONVENTION_NAMES, REGION_NAMES, to_convention
     from brainscan.metrics.segmentation import volumes_ml
     from brainscan.models.bundle import load_bundle
 
@@ -186,7 +188,8 @@ def run_segment(args: argparse.Namespace) -> int:
         mask = segment_case(bundle, loaded, progress=progress, inference=overrides)
         segment_s = time.perf_counter() - segment_started
     write_started = time.perf_counter()
-    out = save_like(mask, loaded.reference, args.out)
+    written = to_convention(mask, loaded.label_convention)
+    out = save_like(written, loaded.reference, args.out)
     write_s = time.perf_counter() - write_started
     volumes = volumes_ml(mask, loaded.reference.spacing)
     timings = {"load_s": load_s, "segment_s": segment_s, "write_s": write_s,
@@ -194,7 +197,8 @@ def run_segment(args: argparse.Namespace) -> int:
     result = {
         "case_id": loaded.case_id, "input": str(args.case_dir), "mask": str(out), "shape": list(mask.shape),
         "spacing_mm": list(loaded.reference.spacing),
-        "labels_present": [int(v) for v in np.unique(mask) if v != 0],
+        "label_convention": loaded.label_convention,
+        "labels_present": [int(v) for v in np.unique(written) if v != 0],
         "volumes_ml": volumes, "model": model_info(bundle),
         "inference": {k: list(v) if isinstance(v, tuple) else v
                       for k, v in inference_settings(bundle, overrides).items()},
@@ -204,8 +208,8 @@ def run_segment(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     print(_model_line(bundle))
-    print(f"case {loaded.case_id}: mask written to {out} "
-          f"(shape {tuple(mask.shape)}, labels {result['labels_present']})")
+    print(f"case {loaded.case_id}: mask written to {out} (shape {tuple(mask.shape)}, labels "
+          f"{result['labels_present']} in the {CONVENTION_NAMES[loaded.label_convention]} convention)")
     names = {**REGION_NAMES, "NCR": "necrotic / non-enhancing core (label 1)", "ED": "edema (label 2)"}
     print(table(["region", "volume (mL)", "meaning"], [[k, fmt(v, 2), names.get(k, "")] for k, v in volumes.items()]))
     print("time: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items()))

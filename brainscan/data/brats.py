@@ -1,4 +1,4 @@
-"""Find, load, validate and inspect BraTS cases (2018-2021 naming, 4 modalities + segmentation).
+"""Find, load, validate and inspect BraTS cases (2018-2024 naming, 4 modalities + segmentation).
 
 A BraTS case is one folder holding ``<case>_{t1,t1ce,t2,flair}.nii[.gz]`` and, for training data,
 ``<case>_seg.nii[.gz]``. The case id is the common prefix, whatever the year:
@@ -6,6 +6,13 @@ A BraTS case is one folder holding ``<case>_{t1,t1ce,t2,flair}.nii[.gz]`` and, f
 - BraTS 2018: ``Brats18_2013_2_1_flair.nii.gz``, ``Brats18_CBICA_AAB_1_t1ce.nii.gz``
 - BraTS 2020: ``BraTS20_Training_001_t1.nii``, ``BraTS20_Validation_001_t2.nii``
 - BraTS 2021: ``BraTS2021_00006_flair.nii.gz``
+
+BraTS 2023-2024 cases name the files ``<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz``
+(``BraTS-GLI-00000-000-t1n.nii.gz``; t1n is t1, t1c t1ce, t2w t2, t2f flair) and number enhancing
+tumour 3 instead of 4. A case records the convention its files follow
+(:attr:`BratsCase.label_convention`); :func:`load_case` returns its segmentation in brainscan's
+labels {0, 1, 2, 4}, and code that writes a mask for the case converts it back with
+:func:`brainscan.labels.to_convention`. One case folder holds files of one layout only.
 
 Known quirk: in the widely shared BraTS 2020 copy, case 355's segmentation is named
 ``W39_1998.09.19_Segm.nii``; a single ``*Segm.nii[.gz]`` file is accepted as the segmentation when
@@ -40,15 +47,29 @@ from brainscan.errors import (
     VolumeMismatchError,
 )
 from brainscan.io.nifti import Volume, load_nifti, read_nifti_header
-from brainscan.labels import BRATS_LABEL_NAMES, MODALITIES, check_brats_labels
+from brainscan.labels import (
+    BRATS2021,
+    BRATS2023,
+    BRATS2023_MODALITIES,
+    CONVENTION_FILE_NAMES,
+    CONVENTION_NAMES,
+    MODALITIES,
+    convention_label_names,
+    from_convention,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Largest disagreement between two affines (in mm) that still counts as the same grid.
 AFFINE_ATOL_MM = 1e-3
 
-# Anchored at the end, so "_t1" never matches "_t1ce" and vice versa.
-_KIND_RE = re.compile(r"^(?P<case>.+)_(?P<kind>flair|t1ce|t1|t2|seg)$", re.IGNORECASE)
+# Anchored at the end, so "_t1" never matches "_t1ce" and vice versa; tried in this order.
+_KIND_RES: dict[str, re.Pattern[str]] = {
+    BRATS2021: re.compile(r"^(?P<case>.+)_(?P<kind>flair|t1ce|t1|t2|seg)$", re.IGNORECASE),
+    BRATS2023: re.compile(r"^(?P<case>.+)-(?P<kind>t1n|t1c|t2w|t2f|seg)$", re.IGNORECASE),
+}
+#: MODALITIES name -> its BraTS 2023-2024 name, for messages about 2023-layout folders.
+_BRATS2023_NAMES = {modality: name for name, modality in BRATS2023_MODALITIES.items()}
 _SEGM_RE = re.compile(r"segm$", re.IGNORECASE)
 # Hidden files include macOS "._name" resource forks, which would otherwise look like duplicates.
 _SKIP_DIRS = {"__MACOSX"}
@@ -61,14 +82,19 @@ class BratsCase:
     Attributes:
         case_id: common file prefix, e.g. ``"BraTS20_Training_001"``.
         folder: the case folder.
-        modalities: modality name -> file, in :data:`~brainscan.labels.MODALITIES` order.
+        modalities: modality name -> file, in :data:`~brainscan.labels.MODALITIES` order (also for
+            2023-2024 files: their t1n file is ``modalities["t1"]``).
         seg: the segmentation file, or ``None`` (validation/test data).
+        label_convention: the labels of the case's files, :data:`~brainscan.labels.BRATS2021`
+            ({0, 1, 2, 4}, ``<case>_t1`` naming) or :data:`~brainscan.labels.BRATS2023` ({0, 1, 2, 3},
+            ``<case>-t1n`` naming); masks written for the case use it.
     """
 
     case_id: str
     folder: Path
     modalities: dict[str, Path]
     seg: Path | None = None
+    label_convention: str = BRATS2021
 
 
 @dataclass
@@ -78,14 +104,17 @@ class LoadedCase:
     Attributes:
         case_id: as in :class:`BratsCase`.
         channels: float32 ``(4, X, Y, Z)`` in MODALITIES order, in the files' voxel order.
-        seg: uint8 ``(X, Y, Z)`` with BraTS labels {0, 1, 2, 4}, or ``None``.
+        seg: uint8 ``(X, Y, Z)`` with BraTS labels {0, 1, 2, 4} whatever the files' convention, or ``None``.
         reference: the flair :class:`Volume` (affine, header, spacing for writing masks back).
+        label_convention: as in :class:`BratsCase`: write masks for this case with
+            ``save_like(to_convention(mask, loaded.label_convention), loaded.reference, path)``.
     """
 
     case_id: str
     channels: np.ndarray
     seg: np.ndarray | None
     reference: Volume
+    label_convention: str = BRATS2021
 
 
 @dataclass
@@ -100,6 +129,21 @@ class CaseProblem:
         return {"folder": str(self.folder), "error": self.code, "detail": self.message}
 
 
+@dataclass(frozen=True)
+class CaseFile:
+    """What the name of a BraTS file says.
+
+    Attributes:
+        case_id: the case prefix, e.g. ``"BraTS2021_00006"`` or ``"BraTS-GLI-00000-000"``.
+        kind: a :data:`~brainscan.labels.MODALITIES` name (``"t1n"`` is ``"t1"``...) or ``"seg"``.
+        label_convention: :data:`~brainscan.labels.BRATS2021` or :data:`~brainscan.labels.BRATS2023`.
+    """
+
+    case_id: str
+    kind: str
+    label_convention: str
+
+
 def _nifti_stem(name: str) -> str | None:
     lower = name.lower()
     for ext in (".nii.gz", ".nii"):
@@ -108,65 +152,104 @@ def _nifti_stem(name: str) -> str | None:
     return None
 
 
-def _scan_folder(folder: Path) -> tuple[dict[str, list[Path]], list[Path], list[Path]]:
-    """Sort the NIfTI files of ``folder`` into kinds (modalities and "seg"), Segm files, others."""
+def match_case_file(name: str) -> CaseFile | None:
+    """Recognise a BraTS file name of either layout (suffixes case-insensitive, ``.nii`` or ``.nii.gz``).
+
+    Example:
+        >>> match_case_file("BraTS-GLI-00000-000-t1c.nii.gz")
+        CaseFile(case_id='BraTS-GLI-00000-000', kind='t1ce', label_convention='brats2023')
+        >>> match_case_file("BraTS2021_00006_t1ce.nii.gz").kind, match_case_file("notes.txt")
+        ('t1ce', None)
+    """
+    stem = _nifti_stem(name)
+    if stem is None:
+        return None
+    for convention, pattern in _KIND_RES.items():
+        match = pattern.match(stem)
+        if match:
+            kind = match["kind"].lower()
+            return CaseFile(match["case"], BRATS2023_MODALITIES.get(kind, kind), convention)
+    return None
+
+
+def _kind_name(kind: str, convention: str) -> str:
+    """A modality as the files of ``convention`` name it: ``"t1ce"``, or ``"t1c (t1ce)"``."""
+    return f"{_BRATS2023_NAMES[kind]} ({kind})" if convention == BRATS2023 and kind in _BRATS2023_NAMES else kind
+
+
+def _scan_folder(folder: Path) -> tuple[dict[str, list[Path]], list[Path], list[Path], dict[str, list[Path]]]:
+    """Sort the NIfTI files of ``folder`` into kinds (modalities and "seg"), Segm files, others, and
+    the recognised files by label convention."""
     by_kind: dict[str, list[Path]] = {}
     segm: list[Path] = []
     unrecognised: list[Path] = []
+    conventions: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file():
             continue
         stem = _nifti_stem(path.name)
         if stem is None:
             continue
-        match = _KIND_RE.match(stem)
-        if match:
-            by_kind.setdefault(match["kind"].lower(), []).append(path)
+        case_file = match_case_file(path.name)
+        if case_file is not None:
+            by_kind.setdefault(case_file.kind, []).append(path)
+            conventions.setdefault(case_file.label_convention, []).append(path)
         elif _SEGM_RE.search(stem):
             segm.append(path)
         else:
             unrecognised.append(path)
-    return by_kind, segm, unrecognised
+    return by_kind, segm, unrecognised, conventions
 
 
 def _case_prefix(path: Path) -> str:
-    match = _KIND_RE.match(_nifti_stem(path.name) or "")
-    assert match is not None
-    return match["case"]
+    case_file = match_case_file(path.name)
+    assert case_file is not None
+    return case_file.case_id
 
 
 def find_case(folder: str | Path) -> BratsCase:
-    """Recognise the files of one BraTS case folder (BraTS 2018-2021 naming).
+    """Recognise the files of one BraTS case folder (BraTS 2018-2021 or 2023-2024 naming).
 
     Args:
         folder: the case folder; files other than NIfTI, and hidden files, are ignored.
 
     Returns:
-        The :class:`BratsCase`; ``seg`` is ``None`` when the folder has no segmentation.
+        The :class:`BratsCase`; ``seg`` is ``None`` when the folder has no segmentation, and
+        ``label_convention`` says which naming (and so which labels) its files follow.
 
     Raises:
-        DatasetLayoutError: ``folder`` is not a folder, its files belong to different cases, or
-            the segmentation is ambiguous.
+        DatasetLayoutError: ``folder`` is not a folder, its files belong to different cases or mix
+            the 2018-2021 and 2023-2024 naming, or the segmentation is ambiguous.
         MissingModalityError: a modality is missing, or present twice (e.g. ``.nii`` and ``.nii.gz``).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetLayoutError(f"{folder} is not a folder; a BraTS case is a folder of NIfTI files")
-    by_kind, segm, unrecognised = _scan_folder(folder)
+    by_kind, segm, unrecognised, conventions = _scan_folder(folder)
 
+    if len(conventions) > 1:
+        listed = "; ".join(f"{CONVENTION_NAMES[c]} names {[p.name for p in paths][:5]}"
+                           for c, paths in conventions.items())
+        raise DatasetLayoutError(
+            f"case folder {folder.name} mixes file naming of two BraTS layouts ({listed}); name every file "
+            f"{CONVENTION_FILE_NAMES[BRATS2021]} or every file {CONVENTION_FILE_NAMES[BRATS2023]}"
+        )
+    convention = next(iter(conventions), BRATS2021)
     missing = [m for m in MODALITIES if m not in by_kind]
     if missing:
         found = sorted(p.name for paths in by_kind.values() for p in paths) + [p.name for p in unrecognised]
+        expected = (CONVENTION_FILE_NAMES[convention] if conventions else
+                    f"{CONVENTION_FILE_NAMES[BRATS2021]} or {CONVENTION_FILE_NAMES[BRATS2023]}")
         raise MissingModalityError(
-            f"case folder {folder.name} lacks {', '.join(missing)} (expected files named "
-            f"<case>_{{{','.join(MODALITIES)}}}.nii[.gz]); found: {found or 'no NIfTI files'}"
+            f"case folder {folder.name} lacks {', '.join(_kind_name(m, convention) for m in missing)} "
+            f"(expected files named {expected}, seg optional); found: {found or 'no NIfTI files'}"
         )
     for kind in (*MODALITIES, "seg"):
         paths = by_kind.get(kind, [])
         if len(paths) > 1:
             error = MissingModalityError if kind != "seg" else DatasetLayoutError
             raise error(
-                f"case folder {folder.name} holds {len(paths)} files for {kind}: "
+                f"case folder {folder.name} holds {len(paths)} files for {_kind_name(kind, convention)}: "
                 f"{[p.name for p in paths]}; keep exactly one"
             )
 
@@ -187,11 +270,14 @@ def find_case(folder: str | Path) -> BratsCase:
                 f"{[p.name for p in segm]}; cannot tell which is the segmentation"
             )
         seg = segm[0]  # BraTS 2020 case 355: "W39_1998.09.19_Segm.nii"
-    return BratsCase(case_id=prefixes.pop(), folder=folder, modalities=modalities, seg=seg)
+    return BratsCase(case_id=prefixes.pop(), folder=folder, modalities=modalities, seg=seg,
+                     label_convention=convention)
 
 
-def _validate(volumes: dict[str, Volume], seg: Volume | None, case_id: str) -> Iterator[BrainscanError]:
-    """Yield every problem of a case's volumes (``load_case`` raises the first, inspect lists all)."""
+def _validate(volumes: dict[str, Volume], seg: Volume | None, case_id: str,
+              convention: str = BRATS2021) -> Iterator[BrainscanError]:
+    """Yield every problem of a case's volumes (``load_case`` raises the first, inspect lists all);
+    the segmentation's labels are checked against ``convention``."""
     shapes = {name: vol.shape for name, vol in volumes.items()}
     for name, shape in shapes.items():
         if len(shape) != 3:
@@ -219,10 +305,9 @@ def _validate(volumes: dict[str, Volume], seg: Volume | None, case_id: str) -> I
             yield InvalidLabelsError(f"{case_id} seg holds non-integer values {values[:10].tolist()}")
         else:
             try:
-                check_brats_labels(values)
+                from_convention(values, convention)
             except InvalidLabelsError as exc:
-                hint = " (label 3 for enhancing tumour is BraTS 2023 naming; map 3 -> 4)" if 3 in values else ""
-                yield InvalidLabelsError(f"{case_id} {exc}{hint}")
+                yield InvalidLabelsError(f"{case_id} {exc.message}")
 
 
 def _load_volume(path: Path) -> Volume:
@@ -242,24 +327,26 @@ def load_case(case: BratsCase, *, with_seg: bool = True) -> LoadedCase:
 
     Returns:
         :class:`LoadedCase` with float32 channels ``(4, X, Y, Z)`` in MODALITIES order and a uint8
-        segmentation ``(X, Y, Z)`` or ``None``.
+        segmentation ``(X, Y, Z)`` in labels {0, 1, 2, 4} (a 2023-2024 file's 3 becomes 4) or ``None``.
 
     Raises:
         BadDimensionsError: a volume is not 3D.
         VolumeMismatchError: shapes differ, or affines differ by more than 1e-3 mm.
         NonFiniteError: a volume holds NaN/inf (the message names the modality).
-        InvalidLabelsError: the segmentation holds values outside {0, 1, 2, 4}.
+        InvalidLabelsError: the segmentation holds values outside its convention's labels
+            ({0, 1, 2, 4} for 2018-2021 files, {0, 1, 2, 3} for 2023-2024 files).
         And the file errors of :func:`~brainscan.io.nifti.load_nifti`.
     """
     volumes = {m: _load_volume(case.modalities[m]) for m in MODALITIES}
     seg_volume = _load_volume(case.seg) if with_seg and case.seg is not None else None
     if seg_volume is not None:
         volumes["seg"] = seg_volume
-    for problem in _validate(volumes, seg_volume, case.case_id):
+    for problem in _validate(volumes, seg_volume, case.case_id, case.label_convention):
         raise problem
     channels = np.stack([volumes[m].data.astype(np.float32, copy=False) for m in MODALITIES])
-    seg = seg_volume.data.astype(np.uint8) if seg_volume is not None else None
-    return LoadedCase(case_id=case.case_id, channels=channels, seg=seg, reference=volumes["flair"])
+    seg = from_convention(seg_volume.data, case.label_convention) if seg_volume is not None else None
+    return LoadedCase(case_id=case.case_id, channels=channels, seg=seg, reference=volumes["flair"],
+                      label_convention=case.label_convention)
 
 
 def scan_dataset(dataset_root: str | Path) -> tuple[list[BratsCase], list[CaseProblem]]:
@@ -313,7 +400,8 @@ def find_cases(dataset_root: str | Path, *, strict: bool = False) -> list[BratsC
     if not cases:
         raise DatasetLayoutError(
             f"no BraTS case folders under {dataset_root}; point at the folder that holds "
-            "e.g. BraTS20_Training_001/ with <case>_{t1,t1ce,t2,flair,seg}.nii[.gz]"
+            f"e.g. BraTS20_Training_001/ with {CONVENTION_FILE_NAMES[BRATS2021]} (or BraTS-GLI-00000-000/ "
+            f"with {CONVENTION_FILE_NAMES[BRATS2023]})"
         )
     for problem in problems:
         logger.warning("skipping %s: %s", problem.folder, problem.message)
@@ -329,16 +417,18 @@ def inspect_case(folder: str | Path, *, read_data: bool = True) -> dict[str, Any
             labels; ``False`` reads headers only (fast, for whole datasets).
 
     Returns:
-        JSON-able dict: ``case_id``, ``folder``, ``modalities`` (name -> file name, those found),
-        ``seg`` (file name or None), ``shape``, ``spacing_mm``, ``orientation`` (axis codes of
-        the voxel order, e.g. ``"LPS"``), ``dtypes`` (on-disk, per file),
-        ``labels`` (BraTS label -> ``{"name", "voxels", "volume_ml"}`` if the seg was read, else
-        None) and ``problems`` (list of ``{"error": code, "detail": message}``; empty if good).
+        JSON-able dict: ``case_id``, ``folder``, ``label_convention`` (``"brats2021"`` or
+        ``"brats2023"``, from the file names), ``modalities`` (MODALITIES name -> file name, those
+        found), ``seg`` (file name or None), ``shape``, ``spacing_mm``, ``orientation`` (axis codes
+        of the voxel order, e.g. ``"LPS"``), ``dtypes`` (on-disk, per file), ``labels`` (label
+        value as stored in the file -> ``{"name", "voxels", "volume_ml"}``, named in the case's
+        convention, if the seg was read, else None) and ``problems`` (list of
+        ``{"error": code, "detail": message}``; empty if good).
     """
     folder = Path(folder)
     report: dict[str, Any] = {
-        "case_id": None, "folder": str(folder), "modalities": {}, "seg": None, "shape": None,
-        "spacing_mm": None, "orientation": None, "dtypes": {}, "labels": None, "problems": [],
+        "case_id": None, "folder": str(folder), "label_convention": None, "modalities": {}, "seg": None,
+        "shape": None, "spacing_mm": None, "orientation": None, "dtypes": {}, "labels": None, "problems": [],
     }
     try:
         case = find_case(folder)
@@ -348,6 +438,7 @@ def inspect_case(folder: str | Path, *, read_data: bool = True) -> dict[str, Any
             return report
         case = _partial_case(folder)
     report["case_id"] = case.case_id
+    report["label_convention"] = case.label_convention
     report["modalities"] = {m: p.name for m, p in case.modalities.items()}
     report["seg"] = case.seg.name if case.seg is not None else None
 
@@ -378,13 +469,15 @@ def inspect_case(folder: str | Path, *, read_data: bool = True) -> dict[str, Any
             error = VolumeMismatchError(f"{case.case_id} volumes differ in shape: {shapes}")
             report["problems"].append(error.to_dict())
         return report
-    report["problems"].extend(p.to_dict() for p in _validate(volumes, volumes.get("seg"), case.case_id))
+    problems = _validate(volumes, volumes.get("seg"), case.case_id, case.label_convention)
+    report["problems"].extend(p.to_dict() for p in problems)
     seg = volumes.get("seg")
     if seg is not None and np.isfinite(seg.data).all():
         values, counts = np.unique(seg.data, return_counts=True)
+        names = convention_label_names(case.label_convention)
         report["labels"] = {
             int(v): {
-                "name": BRATS_LABEL_NAMES.get(int(v), "not a BraTS label"),
+                "name": names.get(int(v), "not a BraTS label"),
                 "voxels": int(c),
                 "volume_ml": round(int(c) * seg.voxel_volume_ml, 3),
             }
@@ -394,12 +487,15 @@ def inspect_case(folder: str | Path, *, read_data: bool = True) -> dict[str, Any
 
 
 def _partial_case(folder: Path) -> BratsCase:
-    """Best-effort :class:`BratsCase` of a broken folder: the first file found per kind."""
-    by_kind, segm, _ = _scan_folder(folder)
+    """Best-effort :class:`BratsCase` of a broken folder: the first file found per kind; the
+    convention of most of its files (2018-2021 on a tie)."""
+    by_kind, segm, _, conventions = _scan_folder(folder)
     modalities = {m: by_kind[m][0] for m in MODALITIES if m in by_kind}
     seg = by_kind["seg"][0] if "seg" in by_kind else (segm[0] if len(segm) == 1 else None)
     prefixes = sorted({_case_prefix(p) for p in modalities.values()})
-    return BratsCase(case_id=prefixes[0] if prefixes else folder.name, folder=folder, modalities=modalities, seg=seg)
+    convention = max((BRATS2021, BRATS2023), key=lambda c: len(conventions.get(c, [])))
+    return BratsCase(case_id=prefixes[0] if prefixes else folder.name, folder=folder, modalities=modalities, seg=seg,
+                     label_convention=convention)
 
 
 def inspect_dataset(dataset_root: str | Path, *, read_data: bool = False) -> dict[str, Any]:
@@ -410,16 +506,20 @@ def inspect_dataset(dataset_root: str | Path, *, read_data: bool = False) -> dic
         read_data: decode voxels of every case (slow on a full dataset: ~0.3 s per case).
 
     Returns:
-        JSON-able dict: ``root``, ``n_cases`` (usable by name), ``n_with_seg``, ``shapes`` and
-        ``spacings_mm`` (value -> number of cases), ``label_voxels`` (label -> total voxels, if
-        ``read_data``), ``cases`` (per-case :func:`inspect_case` reports) and ``problems``
-        (``{"folder", "error", "detail"}`` for every broken folder or case).
+        JSON-able dict: ``root``, ``n_cases`` (usable by name), ``n_with_seg``,
+        ``label_conventions`` (convention -> number of cases), ``shapes`` and ``spacings_mm``
+        (value -> number of cases), ``label_voxels`` (label as stored in the files -> total
+        voxels, if ``read_data``), ``cases`` (per-case :func:`inspect_case` reports) and
+        ``problems`` (``{"folder", "error", "detail"}`` for every broken folder or case).
     """
     cases, layout_problems = scan_dataset(dataset_root)
+    conventions: dict[str, int] = {}
+    for case in cases:
+        conventions[case.label_convention] = conventions.get(case.label_convention, 0) + 1
     summary: dict[str, Any] = {
         "root": str(dataset_root), "n_cases": len(cases), "n_with_seg": sum(c.seg is not None for c in cases),
-        "shapes": {}, "spacings_mm": {}, "label_voxels": {} if read_data else None, "cases": [],
-        "problems": [p.to_dict() for p in layout_problems],
+        "label_conventions": conventions, "shapes": {}, "spacings_mm": {},
+        "label_voxels": {} if read_data else None, "cases": [], "problems": [p.to_dict() for p in layout_problems],
     }
     for case in cases:
         report = inspect_case(case.folder, read_data=read_data)
@@ -435,6 +535,6 @@ def inspect_dataset(dataset_root: str | Path, *, read_data: bool = False) -> dic
 
 
 __all__ = [
-    "AFFINE_ATOL_MM", "BratsCase", "CaseProblem", "LoadedCase", "find_case", "find_cases",
-    "inspect_case", "inspect_dataset", "load_case", "scan_dataset",
+    "AFFINE_ATOL_MM", "BratsCase", "CaseFile", "CaseProblem", "LoadedCase", "find_case", "find_cases",
+    "inspect_case", "inspect_dataset", "load_case", "match_case_file", "scan_dataset",
 ]

@@ -32,8 +32,8 @@ def detect_layout(path: str | Path) -> str:
 
     Returns:
         ``"kaggle"`` (``Training|Testing/<class>/*.jpg`` or a split folder of class folders),
-        ``"brats_case"`` (a folder of ``<case>_{t1,t1ce,t2,flair}.nii[.gz]``) or ``"brats_dataset"``
-        (a folder of such case folders).
+        ``"brats_case"`` (a folder of ``<case>_{t1,t1ce,t2,flair}.nii[.gz]``, or of BraTS 2023-2024
+        ``<case>-{t1n,t1c,t2w,t2f}.nii.gz``) or ``"brats_dataset"`` (a folder of such case folders).
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
@@ -56,16 +56,17 @@ def detect_layout(path: str | Path) -> str:
         return KAGGLE
     raise DatasetLayoutError(
         f"{path} is neither a Kaggle Brain Tumor MRI folder (Training|Testing/<class>/*.jpg), "
-        "a BraTS case folder (<case>_t1.nii.gz, _t1ce, _t2, _flair[, _seg]) "
-        "nor a folder of BraTS case folders"
+        "a BraTS case folder (<case>_t1.nii.gz, _t1ce, _t2, _flair[, _seg], or BraTS 2023-2024 "
+        "<case>-t1n.nii.gz, -t1c, -t2w, -t2f[, -seg]) nor a folder of BraTS case folders"
     )
 
 
 def inspect_path(path: str | Path, *, read_data: bool = True) -> dict[str, Any]:
     """Describe a dataset folder: ``{"layout": ..., "path": ..., **details, "problems": [...]}``.
 
-    Kaggle: counts per split and class. BraTS case: modalities, shape, spacing, labels and their voxel
-    counts. BraTS dataset: the same per case. Problems are collected, not raised, so that one broken
+    Kaggle: counts per split and class. BraTS case: label convention (2018-2021 or 2023-2024 naming),
+    modalities, shape, spacing, labels (as stored in the files) and their voxel counts. BraTS dataset:
+    the same per case. Problems are collected, not raised, so that one broken
     case does not hide the others. ``read_data=False`` reads NIfTI headers only (fast on a whole
     dataset, but no label counts and no check of the voxel values).
     """

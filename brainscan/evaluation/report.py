@@ -41,7 +41,8 @@ _LAYOUT_WORDS = {"kaggle": "a Kaggle-layout folder of 2D slices (Training|Testin
                  "brats_dataset": "a folder of BraTS case folders (3D NIfTI volumes)",
                  "brats_case": "a BraTS case folder (3D NIfTI volumes)"}
 _NEEDS = {"classification": "a Kaggle-layout folder (Training|Testing/<class>/*.jpg)",
-          "segmentation": "a BraTS dataset folder of cases with <case>_seg.nii[.gz] files"}
+          "segmentation": "a BraTS dataset folder of cases with <case>_seg.nii[.gz] (or BraTS 2023-2024 "
+                          "<case>-seg.nii.gz) files"}
 _SEG_METRICS = ("dice", "iou", "sensitivity", "specificity", "hd95", "volume_ml", "volume_ml_truth")
 
 
@@ -192,7 +193,8 @@ def _evaluate_segmentation(bundle: Any, data_dir: Path, layout: str, out_dir: Pa
         raise DatasetLayoutError(f"no usable BraTS case under {data_dir}" + (f": {detail}" if detail else ""))
     if not labelled:
         raise DatasetLayoutError(
-            f"none of the {len(cases)} BraTS case(s) under {data_dir} has a segmentation (<case>_seg.nii[.gz]); "
+            f"none of the {len(cases)} BraTS case(s) under {data_dir} has a segmentation (<case>_seg.nii[.gz], "
+            "or <case>-seg.nii.gz in the BraTS 2023-2024 layout); "
             "evaluation needs ground truth; use `brainscan predict segment` for unlabelled cases"
         )
     warnings = [f"{p.folder.name}: skipped ({p.message})" for p in problems]

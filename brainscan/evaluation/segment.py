@@ -3,12 +3,10 @@
 :func:`segment_case` is the one inference path for 3D segmentation (CLI, evaluation and the
 segmenter worker all call it):
 
-1. ``bundle.preprocess`` (the manifest's ``volume3d`` config: z-score, crop to brain, pad);
-2. :func:`~brainscan.inference.sliding_window.sliding_window_inference` with the manifest's
-   ``inference`` section (``patch_size``, ``overlap``, ``batch_size``, ``mirror_axes``) through
-   :func:`~brainscan.inference.sliding_window.keras_predict_fn`;
-3. argmax, output index -> BraTS label through the manifest's ``label_map``;
-4. :func:`~brainscan.preprocess.volume3d.restore_to_original`, background outside the crop.
+it checks the case and hands it to :class:`brainscan.inference.segmenter.Segmenter` built from the
+manifest: preprocessing (z-score, crop to brain, resampling to the manifest's spacing, pad), the
+sliding window of the ``inference`` section, decoding (argmax over classes, or nested WT/TC/ET
+thresholds for region outputs) back on the input grid, and the recorded post-processing.
 
 The mask therefore lies voxel for voxel on the input grid and can be written with
 :func:`brainscan.io.nifti.save_like` next to the input.
@@ -29,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from brainscan.errors import BadDimensionsError, BrainscanError, BundleError, EmptyInputError, VolumeMismatchError
-from brainscan.labels import MODALITIES
+from brainscan.labels import MODALITIES, to_convention
 
 ProgressFn = Callable[[int, int], None]
 
@@ -124,8 +122,7 @@ def segment_case(
         VolumeMismatchError: ``reference`` is on another grid than the channels.
         And the errors of ``preprocess_case`` (NaN/inf voxels) and ``sliding_window_inference``.
     """
-    from brainscan.inference.sliding_window import keras_predict_fn, sliding_window_inference
-    from brainscan.preprocess.volume3d import restore_to_original
+    from brainscan.inference.segmenter import Segmenter
 
     _check_segmenter(bundle)
     channels = np.asarray(getattr(case, "channels", case))
@@ -141,22 +138,10 @@ def segment_case(
         raise VolumeMismatchError(
             f"reference grid {tuple(reference.shape[:3])} differs from the channels' grid {tuple(channels.shape[1:])}"
         )
-    settings = inference_settings(bundle, inference)
-    volume, crop_info = bundle.preprocess(_select_modalities(bundle, channels))
-    lookup = _label_lookup(bundle)
-    probabilities = sliding_window_inference(
-        volume,
-        predict_fn or keras_predict_fn(bundle.model, batch_size=settings["batch_size"]),
-        patch_size=settings["patch_size"],
-        overlap=settings["overlap"],
-        batch_size=settings["batch_size"],
-        mirror_axes=settings["mirror_axes"],
-        num_classes=len(lookup),
-        progress=progress,
-    )
-    labels = lookup[np.argmax(probabilities, axis=-1)]
-    del probabilities  # the (X', Y', Z', K) float32 array is the largest object here
-    return restore_to_original(labels, crop_info, fill=0)
+    spacing = tuple(reference.spacing[:3]) if reference is not None else None
+    affine = getattr(reference, "affine", None)
+    segmenter = Segmenter.from_bundle(bundle, inference, predict_fn=predict_fn)
+    return segmenter.segment(_select_modalities(bundle, channels), spacing, affine=affine, progress=progress)
 
 
 def evaluate_segmenter(
@@ -223,7 +208,8 @@ def evaluate_segmenter(
         seconds = time.perf_counter() - started
         mask_path = None
         if masks_dir is not None:
-            mask_path = save_like(mask, loaded.reference, Path(masks_dir) / f"{loaded.case_id}_pred.nii.gz")
+            mask_path = save_like(to_convention(mask, loaded.label_convention), loaded.reference,
+                                  Path(masks_dir) / f"{loaded.case_id}_pred.nii.gz")
         rows.append({
             "case_id": loaded.case_id,
             "folder": str(case.folder),

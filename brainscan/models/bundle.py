@@ -68,7 +68,7 @@ import numpy as np
 
 import brainscan
 from brainscan.errors import BundleError
-from brainscan.labels import BRATS_LABEL_NAMES, BRATS_LABELS, MODALITIES
+from brainscan.labels import BRATS_LABEL_NAMES, BRATS_LABELS, MODALITIES, REGION_ORDER
 from brainscan.models.registry import TASKS
 
 SCHEMA_VERSION = 1
@@ -224,7 +224,11 @@ def save_bundle(
     else:
         if classes is not None:
             raise ValueError("classes is for classification bundles; pass label_map for segmentation")
-        sections.update(_label_sections(label_map, outputs))
+        regions = sections["inference"].get("outputs") == "regions"
+        if regions and outputs != len(REGION_ORDER):
+            raise ValueError(f"a region model has {len(REGION_ORDER)} outputs {REGION_ORDER}, this one has {outputs}")
+        # A region model's label_map describes the labels of the mask it writes, not its channels.
+        sections.update(_label_sections(label_map, None if regions else outputs))
         input_spec["modalities"] = _check_modalities(modalities, input_spec["channels"])
     sections = {key: _jsonable(value, key) for key, value in sections.items()}
     arrays = _variable_arrays(model)
@@ -284,6 +288,8 @@ def load_bundle(path: str | Path, *, compile: bool = False) -> Bundle:
     _match_weights(model, stored, error=BundleError, where=f"bundle {path}")
     outputs = model.outputs[0].shape[-1]
     names = manifest.get("classes") or manifest.get("label_map")
+    if (manifest.get("inference") or {}).get("outputs") == "regions":
+        names = REGION_ORDER  # the label_map lists the mask's labels; the channels are the regions
     if outputs is not None and outputs != len(names):
         raise BundleError(f"bundle {path}: the network has {outputs} outputs but the manifest names {len(names)}")
     model.set_weights([array.astype(variable.dtype) for variable, array in zip(model.weights, stored.values())])
@@ -520,6 +526,8 @@ def _inference_section(task: str, inference: dict[str, Any] | None, input_spec: 
             raise ValueError(f"inference['overlap'] must be in [0, 1), got {section['overlap']}")
         if not set(section["mirror_axes"]) <= {0, 1, 2}:
             raise ValueError(f"inference['mirror_axes'] must be spatial axes 0-2, got {section['mirror_axes']}")
+        if section.get("outputs", "classes") not in ("classes", "regions"):
+            raise ValueError(f"inference['outputs'] must be classes or regions, got {section['outputs']!r}")
     if not (isinstance(section["batch_size"], int) and section["batch_size"] >= 1):
         raise ValueError(f"inference['batch_size'] must be a positive int, got {section['batch_size']!r}")
     return section

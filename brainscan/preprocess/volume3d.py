@@ -7,11 +7,16 @@ network input, :func:`crop_like` crops the training label map the same way, and
 
 Steps (BraTS volumes are skull-stripped, with exactly 0 outside the brain):
 
+0. if ``orientation`` is set (e.g. ``"LPS"``, the voxel order of every BraTS case) and the caller
+   gives the case's affine, the voxel axes are permuted and flipped into that order, so that a
+   case stored sagittally or mirrored reaches the network as the training cases did;
 1. brain mask = voxels where any channel is non-zero (all voxels if there are none);
 2. per modality, z-score with mean/std over brain voxels, clipped to ``+-clip_zscore``,
    background set to 0;
 3. crop to the brain bounding box (+ ``margin``, clamped to the volume);
-4. pad each spatial axis symmetrically with zeros up to a multiple of ``divisor`` (the network's
+4. if ``target_spacing`` is set, resample the crop to that voxel size (trilinear), e.g. 2 mm,
+   which cuts the voxel count eightfold for a 1 mm BraTS case;
+5. pad each spatial axis symmetrically with zeros up to a multiple of ``divisor`` (the network's
    total downsampling factor), and move channels last for Keras: ``(X', Y', Z', C)``.
 
 Example:
@@ -47,12 +52,18 @@ class VolumePreprocessConfig:
         clip_zscore: z-scores are clipped to ``[-clip_zscore, clip_zscore]`` (> 0).
         crop_to_brain: crop to the bounding box of non-zero voxels.
         margin: voxels kept around the brain bounding box on each side (>= 0).
+        target_spacing: isotropic voxel size in mm that the network works at (> 0), or ``None``
+            to keep the input grid. :func:`restore_to_original` resamples predictions back.
+        orientation: three axis codes (nibabel's, e.g. ``"LPS"``) the voxel axes are brought to
+            when the affine is known, or ``None`` to use the voxel order as stored.
     """
 
     divisor: int = 16
     clip_zscore: float = 5.0
     crop_to_brain: bool = True
     margin: int = 0
+    target_spacing: float | None = None
+    orientation: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.divisor, bool) or not isinstance(self.divisor, (int, np.integer)) or self.divisor < 1:
@@ -65,11 +76,29 @@ class VolumePreprocessConfig:
             raise ValueError(f"crop_to_brain must be true or false, got {self.crop_to_brain!r}")
         if isinstance(self.margin, bool) or not isinstance(self.margin, (int, np.integer)) or self.margin < 0:
             raise ValueError(f"margin must be an integer >= 0, got {self.margin!r}")
+        if self.target_spacing is not None:
+            if isinstance(self.target_spacing, bool) or not isinstance(self.target_spacing, (int, float, np.number)) \
+                    or not (math.isfinite(self.target_spacing) and self.target_spacing > 0):
+                raise ValueError(f"target_spacing must be a finite number of mm > 0 or None, got {self.target_spacing!r}")
+            self.target_spacing = float(self.target_spacing)
+        if self.orientation is not None:
+            codes = str(self.orientation).upper()
+            pairs = ({"L", "R"}, {"A", "P"}, {"S", "I"})
+            if len(codes) != 3 or sorted(next(i for i, p in enumerate(pairs) if c in p) if any(c in p for p in pairs)
+                                         else -1 for c in codes) != [0, 1, 2]:
+                raise ValueError(f"orientation must be 3 axis codes, one of L/R, A/P and S/I each (e.g. 'LPS'), "
+                                 f"got {self.orientation!r}")
+            self.orientation = codes
         self.divisor, self.margin = int(self.divisor), int(self.margin)
         self.clip_zscore, self.crop_to_brain = float(self.clip_zscore), bool(self.crop_to_brain)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for key in ("target_spacing", "orientation"):
+            if d[key] is None:
+                # manifests written before these options existed stay byte-identical
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VolumePreprocessConfig:
@@ -94,24 +123,41 @@ class CropInfo:
     Attributes:
         original_shape: spatial shape ``(X, Y, Z)`` of the input.
         crop: ``(start, stop)`` per spatial axis, into the original grid.
-        pad: ``(before, after)`` zeros added per spatial axis after cropping.
+        pad: ``(before, after)`` zeros added per spatial axis after cropping (and resampling).
+        resampled_shape: shape of the crop after resampling to the target spacing, or ``None``
+            when the crop was not resampled.
+        reorient: nibabel orientation transform ``((axis, flip), ...)`` applied to the input's
+            voxel axes before cropping, or ``None``. ``crop`` indexes the reoriented grid.
     """
 
     original_shape: tuple[int, int, int]
     crop: tuple[tuple[int, int], ...]
     pad: tuple[tuple[int, int], ...]
+    resampled_shape: tuple[int, int, int] | None = None
+    reorient: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.reorient is not None:
+            transform = tuple((int(a), int(f)) for a, f in self.reorient)
+            if sorted(a for a, _ in transform) != [0, 1, 2] or any(f not in (-1, 1) for _, f in transform):
+                raise ValueError(f"CropInfo reorient must permute axes 0-2 with flips +-1, got {self.reorient}")
+            object.__setattr__(self, "reorient", None if transform == ((0, 1), (1, 1), (2, 1)) else transform)
         shape = tuple(int(s) for s in self.original_shape)
         crop = tuple((int(a), int(b)) for a, b in self.crop)
         pad = tuple((int(a), int(b)) for a, b in self.pad)
         if len(shape) != 3 or len(crop) != 3 or len(pad) != 3:
             raise ValueError(f"CropInfo needs 3 spatial axes, got shape {shape}, crop {crop}, pad {pad}")
-        for axis, (size, (start, stop), (before, after)) in enumerate(zip(shape, crop, pad)):
+        grid = shape if self.reorient is None else _reoriented_shape(shape, self.reorient)
+        for axis, (size, (start, stop), (before, after)) in enumerate(zip(grid, crop, pad)):
             if not (size >= 1 and 0 <= start < stop <= size and before >= 0 and after >= 0):
                 raise ValueError(
                     f"inconsistent CropInfo on axis {axis}: size {size}, crop {(start, stop)}, pad {(before, after)}"
                 )
+        if self.resampled_shape is not None:
+            resampled = tuple(int(r) for r in self.resampled_shape)
+            if len(resampled) != 3 or min(resampled) < 1:
+                raise ValueError(f"CropInfo resampled_shape must be 3 positive sizes, got {self.resampled_shape}")
+            object.__setattr__(self, "resampled_shape", resampled)
         object.__setattr__(self, "original_shape", shape)
         object.__setattr__(self, "crop", crop)
         object.__setattr__(self, "pad", pad)
@@ -121,9 +167,21 @@ class CropInfo:
         return tuple(stop - start for start, stop in self.crop)  # type: ignore[return-value]
 
     @property
+    def reoriented_shape(self) -> tuple[int, int, int]:
+        """Shape of the input after reorientation (the grid ``crop`` indexes)."""
+        if self.reorient is None:
+            return self.original_shape
+        return _reoriented_shape(self.original_shape, self.reorient)
+
+    @property
+    def network_shape(self) -> tuple[int, int, int]:
+        """Shape of the crop on the network's grid (after resampling, before padding)."""
+        return self.resampled_shape if self.resampled_shape is not None else self.cropped_shape
+
+    @property
     def padded_shape(self) -> tuple[int, int, int]:
         """Spatial shape of the network input ``(X', Y', Z')``."""
-        return tuple(c + b + a for c, (b, a) in zip(self.cropped_shape, self.pad))  # type: ignore[return-value]
+        return tuple(c + b + a for c, (b, a) in zip(self.network_shape, self.pad))  # type: ignore[return-value]
 
     @property
     def crop_slices(self) -> tuple[slice, slice, slice]:
@@ -131,22 +189,68 @@ class CropInfo:
 
     @property
     def unpad_slices(self) -> tuple[slice, slice, slice]:
-        return tuple(slice(b, b + c) for c, (b, _) in zip(self.cropped_shape, self.pad))  # type: ignore[return-value]
+        return tuple(slice(b, b + c) for c, (b, _) in zip(self.network_shape, self.pad))  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, list]:
-        return {
+        d = {
             "original_shape": list(self.original_shape),
             "crop": [list(c) for c in self.crop],
             "pad": [list(p) for p in self.pad],
         }
+        if self.resampled_shape is not None:
+            d["resampled_shape"] = list(self.resampled_shape)
+        if self.reorient is not None:
+            d["reorient"] = [list(r) for r in self.reorient]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CropInfo:
         """Inverse of :meth:`to_dict`. Raises ValueError on missing keys or inconsistent values."""
         try:
-            return cls(original_shape=tuple(d["original_shape"]), crop=tuple(d["crop"]), pad=tuple(d["pad"]))
+            resampled, reorient = d.get("resampled_shape"), d.get("reorient")
+            return cls(original_shape=tuple(d["original_shape"]), crop=tuple(d["crop"]), pad=tuple(d["pad"]),
+                       resampled_shape=tuple(resampled) if resampled is not None else None,
+                       reorient=tuple(tuple(r) for r in reorient) if reorient is not None else None)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a CropInfo dict ({exc!r}): {d!r}") from exc
+
+
+def _reoriented_shape(shape: Sequence[int], transform: Sequence[Sequence[int]]) -> tuple[int, int, int]:
+    out = [0, 0, 0]
+    for axis, (target, _) in enumerate(transform):
+        out[int(target)] = int(shape[axis])
+    return tuple(out)  # type: ignore[return-value]
+
+
+def orientation_transform(affine: np.ndarray, orientation: str) -> tuple[tuple[int, int], ...]:
+    """The nibabel transform taking voxel axes of ``affine`` to the axis codes ``orientation``."""
+    from nibabel import orientations
+
+    transform = orientations.ornt_transform(orientations.io_orientation(np.asarray(affine)),
+                                            orientations.axcodes2ornt(tuple(orientation)))
+    return tuple((int(a), int(f)) for a, f in transform)
+
+
+def reorient(array: np.ndarray, transform: Sequence[Sequence[int]] | None) -> np.ndarray:
+    """Apply an orientation transform to the 3 leading (spatial) axes of ``array``."""
+    if transform is None:
+        return array
+    from nibabel import orientations
+
+    return orientations.apply_orientation(array, np.asarray(transform, dtype=np.float64))
+
+
+def undo_reorient(array: np.ndarray, transform: Sequence[Sequence[int]] | None) -> np.ndarray:
+    """Inverse of :func:`reorient` with the same ``transform``."""
+    if transform is None:
+        return array
+    from nibabel import orientations
+
+    # transform[i] = (j, flip): input axis i became axis j; so axis j goes back to i, flipped alike.
+    inverse = np.zeros((3, 2), dtype=np.float64)
+    for axis, (target, flip) in enumerate(transform):
+        inverse[int(target)] = (axis, flip)
+    return orientations.apply_orientation(array, inverse)
 
 
 def _channel_name(index: int, n_channels: int) -> str:
@@ -166,6 +270,43 @@ def brain_bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[tuple[int, in
     return tuple(box)
 
 
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target_spacing: float) -> tuple[int, int, int]:
+    """Voxel counts of a ``shape`` grid of ``spacing`` mm voxels resampled to ``target_spacing`` mm."""
+    return tuple(max(1, int(round(n * s / target_spacing))) for n, s in zip(shape, spacing))  # type: ignore[return-value]
+
+
+def resample(array: np.ndarray, shape: Sequence[int], *, order: int) -> np.ndarray:
+    """Resample ``(X, Y, Z[, K])`` to spatial ``shape`` (voxel edges aligned: each voxel is a cell).
+
+    Args:
+        array: the volume; a channel axis, if any, is resampled channel by channel.
+        shape: target spatial shape.
+        order: 0 nearest (labels, keeps the dtype), 1 trilinear (intensities, probabilities: float32).
+
+    Returns:
+        ``(*shape[, K])``.
+    """
+    from scipy import ndimage
+
+    shape = tuple(int(n) for n in shape)
+    if tuple(array.shape[:3]) == shape:
+        return array if order == 0 else np.asarray(array, dtype=np.float32)
+    zoom = [n / o for n, o in zip(shape, array.shape[:3])]
+    if order == 0:
+        # Nearest neighbour by index: the cell centre of each output voxel, mapped to the input grid.
+        index = [np.minimum(((np.arange(n) + 0.5) / z).astype(np.int64), o - 1)
+                 for n, z, o in zip(shape, zoom, array.shape[:3])]
+        return array[np.ix_(*index)]
+    source = np.asarray(array, dtype=np.float32)
+    if source.ndim == 3:
+        return ndimage.zoom(source, zoom, order=1, mode="nearest", grid_mode=True)[tuple(slice(0, n) for n in shape)]
+    out = np.empty((*shape, source.shape[3]), dtype=np.float32)
+    for k in range(source.shape[3]):
+        out[..., k] = ndimage.zoom(source[..., k], zoom, order=1, mode="nearest", grid_mode=True)[
+            tuple(slice(0, n) for n in shape)]
+    return out
+
+
 def _pad_widths(shape: Sequence[int], divisor: int) -> tuple[tuple[int, int], ...]:
     widths = []
     for size in shape:
@@ -175,13 +316,19 @@ def _pad_widths(shape: Sequence[int], divisor: int) -> tuple[tuple[int, int], ..
 
 
 def preprocess_case(
-    channels: np.ndarray, config: VolumePreprocessConfig | None = None
+    channels: np.ndarray, config: VolumePreprocessConfig | None = None, spacing: Sequence[float] | None = None,
+    affine: np.ndarray | None = None,
 ) -> tuple[np.ndarray, CropInfo]:
-    """Normalise, crop and pad one case for a 3D network.
+    """Normalise, crop, resample and pad one case for a 3D network.
 
     Args:
         channels: ``(C, X, Y, Z)`` intensities (for BraTS, C=4 in MODALITIES order), any real dtype.
         config: parameters; defaults to ``VolumePreprocessConfig()``.
+        spacing: voxel size in mm per spatial axis (the NIfTI header's); ``None`` means 1 mm, the
+            BraTS grid. Used only when ``config.target_spacing`` is set; taken from ``affine``
+            when only that is given.
+        affine: the case's voxel-to-world matrix (4x4); with ``config.orientation`` it decides how
+            the voxel axes are reordered. ``None``: the voxel order as stored.
 
     Returns:
         ``(x, info)``: ``x`` float32 ``(X', Y', Z', C)`` (channels last), every ``X', Y', Z'`` a
@@ -203,6 +350,25 @@ def preprocess_case(
         if not np.isfinite(channels[index]).all():
             raise NonFiniteError(f"{_channel_name(index, n_channels)} holds NaN or infinite values")
 
+    transform = None
+    if affine is not None:
+        affine = np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.isfinite(affine).all():
+            raise BadDimensionsError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
+        if spacing is None:
+            spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+        if config.orientation is not None:
+            transform = orientation_transform(affine, config.orientation)
+            if transform == ((0, 1), (1, 1), (2, 1)):
+                transform = None
+    original_shape = tuple(channels.shape[1:])
+    if transform is not None:
+        channels = np.stack([reorient(c, transform) for c in channels])
+        if spacing is not None:
+            permuted = [0.0, 0.0, 0.0]
+            for axis, (target, _) in enumerate(transform):
+                permuted[target] = float(tuple(spacing)[axis])
+            spacing = tuple(permuted)
     mask = np.any(channels != 0, axis=0)
     if config.crop_to_brain:
         crop = brain_bounding_box(mask, config.margin)
@@ -222,10 +388,19 @@ def preprocess_case(
             np.clip(z, -config.clip_zscore, config.clip_zscore, out=z)
             out[index][mask] = z[mask]
 
-    pad = _pad_widths(out.shape[1:], config.divisor)
-    out = np.pad(out, ((0, 0), *pad))
-    info = CropInfo(original_shape=tuple(channels.shape[1:]), crop=crop, pad=pad)
-    return np.ascontiguousarray(np.moveaxis(out, 0, -1)), info
+    out = np.moveaxis(out, 0, -1)
+    network_shape = None
+    if config.target_spacing is not None:
+        spacing = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)[:3]
+        if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+            raise BadDimensionsError(f"voxel spacing must be 3 positive sizes in mm, got {spacing}")
+        network_shape = resampled_shape(out.shape[:3], spacing, config.target_spacing)
+        out = resample(out, network_shape, order=1)
+    pad = _pad_widths(out.shape[:3], config.divisor)
+    out = np.pad(out, (*pad, (0, 0)))
+    info = CropInfo(original_shape=original_shape, crop=crop, pad=pad, resampled_shape=network_shape,
+                    reorient=transform)
+    return np.ascontiguousarray(out), info
 
 
 def _check_spatial(array: np.ndarray, expected: tuple[int, ...], what: str) -> None:
@@ -252,7 +427,10 @@ def crop_like(seg: np.ndarray, info: CropInfo) -> np.ndarray:
     seg = np.asarray(seg)
     _check_spatial(seg, info.original_shape, "label map")
     extra = ((0, 0),) * (seg.ndim - 3)
-    return np.pad(seg[info.crop_slices], (*info.pad, *extra))
+    cropped = reorient(seg, info.reorient)[info.crop_slices]
+    if info.resampled_shape is not None:
+        cropped = resample(cropped, info.resampled_shape, order=0)
+    return np.pad(cropped, (*info.pad, *extra))
 
 
 def restore_to_original(
@@ -280,13 +458,18 @@ def restore_to_original(
         raise BadDimensionsError(
             f"fill must be a scalar or one value per channel ({pred.shape[3:] or 'no channel axis'}), got {fill!r}"
         )
-    out = np.empty(info.original_shape + pred.shape[3:], dtype=pred.dtype)
+    inner = pred[info.unpad_slices]
+    if info.resampled_shape is not None:
+        # Probabilities are interpolated (trilinear); labels take the nearest network voxel.
+        floating = np.issubdtype(pred.dtype, np.floating)
+        inner = resample(inner, info.cropped_shape, order=1 if floating else 0).astype(pred.dtype, copy=False)
+    out = np.empty(info.reoriented_shape + pred.shape[3:], dtype=pred.dtype)
     out[...] = fill_values
-    out[info.crop_slices] = pred[info.unpad_slices]
-    return out
+    out[info.crop_slices] = inner
+    return np.ascontiguousarray(undo_reorient(out, info.reorient))
 
 
 __all__ = [
-    "CropInfo", "VolumePreprocessConfig", "brain_bounding_box", "crop_like", "preprocess_case",
-    "restore_to_original",
+    "CropInfo", "VolumePreprocessConfig", "brain_bounding_box", "crop_like", "orientation_transform",
+    "preprocess_case", "reorient", "resample", "resampled_shape", "restore_to_original", "undo_reorient",
 ]

@@ -1,7 +1,8 @@
 """FastAPI app of the segmenter job API (contract: ``docs/CONTRACTS.md``, "Segmenter contract").
 
 Routes:
-    POST   /v1/jobs?model=unet3d        multipart: ``t1``+``t1ce``+``t2``+``flair``, or ``case`` (zip), or
+    POST   /v1/jobs?model=unet3d        multipart: ``t1``+``t1ce``+``t2``+``flair`` (or BraTS 2023-2024
+                                        ``t1n``+``t1c``+``t2w``+``t2f``), or ``case`` (zip), or
                                         ``volume`` (4D); header ``X-Brainscan-Owner``. 202 + job body
     GET    /v1/jobs/{id}                the job body (404 for another owner's job)
     GET    /v1/jobs/{id}/files/{name}   an input, or once succeeded the mask / a preview
@@ -40,7 +41,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from brainscan import web
 from brainscan.errors import BrainscanError, BundleError, InputTooLargeError, UnsupportedFormatError
-from brainscan.labels import MODALITIES
+from brainscan.labels import BRATS2023_MODALITIES, MODALITIES
 from brainscan.web import error_response
 from services.segmenter.intake import UPLOAD_FIELDS, IntakeLimits, UploadPart, accept_upload
 from services.segmenter.jobs import FINAL, MODALITY_FILES, JobNotFoundError, JobStateError, public_view
@@ -64,12 +65,19 @@ _UPLOAD_SCHEMA = {
         "required": True,
         "content": {"multipart/form-data": {"schema": {
             "type": "object",
-            "description": "exactly one of: the four modality files; 'case' (a zip of a BraTS case folder); "
-                           "'volume' (one 4D NIfTI, channels t1, t1ce, t2, flair)",
+            "description": "exactly one of: the four modality files (t1, t1ce, t2, flair, or the BraTS 2023-2024 "
+                           "names t1n, t1c, t2w, t2f); 'case' (a zip of a BraTS case folder of either naming); "
+                           "'volume' (one 4D NIfTI, channels t1, t1ce, t2, flair). An upload in the 2023-2024 "
+                           "naming gets a mask that numbers enhancing tumour 3, as that challenge does, not 4",
             "properties": {
                 **{m: {"type": "string", "format": "binary", "description": f"{m} volume (.nii / .nii.gz)"}
                    for m in MODALITIES},
-                "case": {"type": "string", "format": "binary", "description": "zip of <case>_<modality>.nii[.gz]"},
+                **{name: {"type": "string", "format": "binary",
+                          "description": f"BraTS 2023-2024 name of the {m} volume (.nii / .nii.gz)"}
+                   for name, m in BRATS2023_MODALITIES.items()},
+                "case": {"type": "string", "format": "binary",
+                         "description": "zip of <case>_<modality>.nii[.gz], or of BraTS 2023-2024 "
+                                        "<case>-<t1n|t1c|t2w|t2f>.nii.gz"},
                 "volume": {"type": "string", "format": "binary", "description": "4D NIfTI (X, Y, Z, 4)"},
             },
         }}},

@@ -3,8 +3,9 @@
 Everything here runs BEFORE a job exists, so a bad upload never reaches the queue. The upload is
 checked in the order of what costs least:
 
-1. the form: exactly one of the three shapes (``t1``/``t1ce``/``t2``/``flair`` files, ``case``
-   zip, ``volume`` 4D file), no unknown or repeated field (400);
+1. the form: exactly one of the three shapes (``t1``/``t1ce``/``t2``/``flair`` files, or the same
+   four under their BraTS 2023-2024 names ``t1n``/``t1c``/``t2w``/``t2f``; ``case`` zip; ``volume``
+   4D file), no unknown or repeated field, no mix of the two namings (400);
 2. each NIfTI header, from at most a few KB of (decompressed) bytes, before nibabel or any
    decompression of the voxel data: NIfTI by content (415), not truncated (422), 3D (or 4D with 4
    channels for ``volume``; 2D / 5D: 422), each axis at most ``max_dim`` (422), at most
@@ -18,8 +19,14 @@ checked in the order of what costs least:
    header geometry, through :func:`brainscan.io.nifti.save_nifti`.
 
 Zip members are never used as paths: only their base names are matched to modalities (BraTS
-naming ``<case>_<modality>.nii[.gz]``; ``seg`` and other files are ignored), and each is copied,
-with a size cap, to a staging file named after its modality.
+naming ``<case>_<modality>.nii[.gz]``, or BraTS 2023-2024 ``<case>-{t1n,t1c,t2w,t2f}.nii.gz``;
+``seg`` and other files are ignored), and each is copied, with a size cap, to a staging file named
+after its modality.
+
+The naming of the upload decides the label convention of the job's mask, recorded as
+``meta["label_convention"]``: ``"brats2023"`` (enhancing tumour 3) for 2023-2024 field or member
+names, ``"brats2021"`` (enhancing tumour 4) otherwise, 4D volumes included. Stored inputs are
+always ``input_<modality>.nii.gz`` with the :data:`~brainscan.labels.MODALITIES` names.
 
 Example:
     >>> limits = IntakeLimits(max_upload_bytes=512 << 20, max_voxels=2**25)
@@ -42,7 +49,7 @@ from typing import IO, Any
 import nibabel as nib
 import numpy as np
 
-from brainscan.data.brats import AFFINE_ATOL_MM
+from brainscan.data.brats import AFFINE_ATOL_MM, match_case_file
 from brainscan.errors import (
     BadDimensionsError,
     BrainscanError,
@@ -56,20 +63,30 @@ from brainscan.errors import (
     VolumeMismatchError,
 )
 from brainscan.io.nifti import load_nifti, read_nifti_header, save_nifti
-from brainscan.labels import MODALITIES
+from brainscan.labels import (
+    BRATS2021,
+    BRATS2023,
+    BRATS2023_MODALITIES,
+    CONVENTION_FILE_NAMES,
+    CONVENTION_NAMES,
+    MODALITIES,
+)
 
 SOURCES = ("files", "zip", "4d")
 CASE_FIELD = "case"
 VOLUME_FIELD = "volume"
-UPLOAD_FIELDS = (*MODALITIES, CASE_FIELD, VOLUME_FIELD)
+#: label convention -> {form field: modality} of the four-files upload; the BraTS 2023-2024 field
+#: names make the job's mask use that convention (enhancing tumour 3)
+MODALITY_FIELDS: dict[str, dict[str, str]] = {BRATS2021: {m: m for m in MODALITIES},
+                                              BRATS2023: dict(BRATS2023_MODALITIES)}
+UPLOAD_FIELDS = (*MODALITIES, *BRATS2023_MODALITIES, CASE_FIELD, VOLUME_FIELD)
 #: NIfTI data types that hold intensities (complex, RGB and 128-bit types are refused)
 INTENSITY_DTYPES = {2: "uint8", 4: "int16", 8: "int32", 16: "float32", 64: "float64", 256: "int8",
                     512: "uint16", 768: "uint32", 1024: "int64", 1280: "uint64"}
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _COPY_CHUNK = 1 << 20
-# BraTS file naming, anchored at the end so "_t1" never matches "_t1ce" (as brainscan.data.brats).
-_MEMBER_RE = re.compile(r"^(?P<case>.+)_(?P<kind>flair|t1ce|t1|t2|seg)\.nii(?:\.gz)?$", re.IGNORECASE)
+_BRATS2023_NAMES = {modality: name for name, modality in BRATS2023_MODALITIES.items()}
 _PRINTABLE = re.compile(r"[^\w .()+,-]")
 
 
@@ -134,7 +151,8 @@ class IntakeResult:
 
     Attributes:
         files: ``input_<modality>.nii.gz`` -> normalised file in the staging folder.
-        meta: ``{"shape", "spacing_mm", "source", "orientation", "filenames"}`` for the job.
+        meta: ``{"shape", "spacing_mm", "source", "orientation", "filenames", "label_convention"}``
+            for the job (``filenames`` keyed by MODALITIES name, whatever the upload's naming).
     """
 
     files: dict[str, Path]
@@ -157,6 +175,24 @@ def display_name(filename: str | None, fallback: str) -> str:
 
 # -- the form -----------------------------------------------------------------------------------
 
+_ALL_MODALITY_FIELDS = {name for fields in MODALITY_FIELDS.values() for name in fields}
+_FIELD_HINT = f"four files {list(MODALITIES)} (or, BraTS 2023-2024 names, {list(BRATS2023_MODALITIES)})"
+
+
+def files_convention(fields: set[str] | Sequence[str]) -> str:
+    """The label convention that the modality field names of a four-files upload use.
+
+    Raises:
+        BrainscanError: (400, ``ambiguous_upload``) 2018-2021 and 2023-2024 names mixed.
+    """
+    used = {convention: [name for name in names if name in fields] for convention, names in MODALITY_FIELDS.items()}
+    used = {convention: names for convention, names in used.items() if names}
+    if len(used) > 1:
+        listed = " and ".join(f"{CONVENTION_NAMES[c]} field names {names}" for c, names in used.items())
+        raise BrainscanError(f"the upload mixes {listed}; name the four files either {list(MODALITIES)} or "
+                             f"{list(BRATS2023_MODALITIES)}", code="ambiguous_upload")
+    return next(iter(used), BRATS2021)
+
 
 def select_source(parts: Sequence[UploadPart], texts: Sequence[str] = ()) -> str:
     """Decide which of the three upload shapes ``parts`` is, or raise a 400/422.
@@ -170,7 +206,7 @@ def select_source(parts: Sequence[UploadPart], texts: Sequence[str] = ()) -> str
 
     Raises:
         BrainscanError: (400) an unknown, repeated or non-file field, or two shapes at once
-            (code ``ambiguous_upload``, e.g. files and a zip).
+            (code ``ambiguous_upload``, e.g. files and a zip, or 2018-2021 and 2023-2024 field names).
         EmptyInputError: (400) no field at all.
         MissingModalityError: (422) some but not all of the four modality files.
     """
@@ -180,26 +216,26 @@ def select_source(parts: Sequence[UploadPart], texts: Sequence[str] = ()) -> str
     names = [part.field for part in parts]
     unknown = sorted({name for name in names if name not in UPLOAD_FIELDS})
     if unknown:
-        raise BrainscanError(f"unknown upload field(s) {unknown[:6]}; use {list(MODALITIES)} (four files), "
+        raise BrainscanError(f"unknown upload field(s) {unknown[:6]}; use {_FIELD_HINT}, "
                              f"'{CASE_FIELD}' (a zip) or '{VOLUME_FIELD}' (one 4D NIfTI)", code="invalid_upload")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise BrainscanError(f"field(s) {repeated} sent more than once; send each once", code="invalid_upload")
     given = set(names)
-    shapes = [source for source, present in (("files", bool(given & set(MODALITIES))), ("zip", CASE_FIELD in given),
-                                             ("4d", VOLUME_FIELD in given)) if present]
+    shapes = [source for source, present in (("files", bool(given & _ALL_MODALITY_FIELDS)),
+                                             ("zip", CASE_FIELD in given), ("4d", VOLUME_FIELD in given)) if present]
     if not shapes:
-        raise EmptyInputError(f"no volumes uploaded; send four files {list(MODALITIES)}, a zip as "
+        raise EmptyInputError(f"no volumes uploaded; send {_FIELD_HINT}, a zip as "
                               f"'{CASE_FIELD}', or one 4D NIfTI as '{VOLUME_FIELD}'")
     if len(shapes) > 1:
-        raise BrainscanError(f"the upload mixes {' and '.join(shapes)}; send exactly one of: four files "
-                             f"{list(MODALITIES)}, a zip as '{CASE_FIELD}', a 4D NIfTI as '{VOLUME_FIELD}'",
-                             code="ambiguous_upload")
+        raise BrainscanError(f"the upload mixes {' and '.join(shapes)}; send exactly one of: {_FIELD_HINT}, "
+                             f"a zip as '{CASE_FIELD}', a 4D NIfTI as '{VOLUME_FIELD}'", code="ambiguous_upload")
     if shapes[0] == "files":
-        missing = [m for m in MODALITIES if m not in given]
+        fields = list(MODALITY_FIELDS[files_convention(given)])
+        missing = [name for name in fields if name not in given]
         if missing:
             raise MissingModalityError(f"missing modality {', '.join(missing)}: a case needs all of "
-                                       f"{list(MODALITIES)} (or send them as a zip or one 4D volume)")
+                                       f"{fields} (or send them as a zip or one 4D volume)")
     return shapes[0]
 
 
@@ -222,15 +258,18 @@ def accept_upload(parts: Sequence[UploadPart], staging: Path, limits: IntakeLimi
     source = select_source(parts, texts)
     by_field = {part.field: part for part in parts}
     if source == "files":
-        staged = {m: _stage_stream(by_field[m].file, staging / f"{m}.upload", limits, m) for m in MODALITIES}
-        names = {m: display_name(by_field[m].filename, m) for m in MODALITIES}
+        convention = files_convention(set(by_field))
+        field_of = {modality: name for name, modality in MODALITY_FIELDS[convention].items()}
+        staged = {m: _stage_stream(by_field[field_of[m]].file, staging / f"{m}.upload", limits, field_of[m])
+                  for m in MODALITIES}
+        names = {m: display_name(by_field[field_of[m]].filename, field_of[m]) for m in MODALITIES}
     elif source == "zip":
-        staged, names = _stage_zip(by_field[CASE_FIELD], staging, limits)
+        staged, names, convention = _stage_zip(by_field[CASE_FIELD], staging, limits)
     else:
         part = by_field[VOLUME_FIELD]
         path = _stage_stream(part.file, staging / "volume.upload", limits, VOLUME_FIELD)
         return _accept_4d(path, display_name(part.filename, VOLUME_FIELD), staging, limits)
-    return _accept_modalities(staged, names, staging, limits, source)
+    return _accept_modalities(staged, names, staging, limits, source, convention)
 
 
 # -- staging ------------------------------------------------------------------------------------
@@ -251,14 +290,19 @@ def _stage_stream(stream: IO[bytes], dest: Path, limits: IntakeLimits, what: str
     return dest
 
 
-def _stage_zip(part: UploadPart, staging: Path, limits: IntakeLimits) -> tuple[dict[str, Path], dict[str, str]]:
+def _stage_zip(part: UploadPart, staging: Path, limits: IntakeLimits
+               ) -> tuple[dict[str, Path], dict[str, str], str]:
     """Copy the four modality members of a case zip to ``staging/<modality>.upload``.
+
+    Returns:
+        ``(staged files, display names, label convention of the member names)``, the first two
+        keyed by MODALITIES name.
 
     Raises:
         UnsupportedFormatError: (415) not a zip. CorruptFileError: (422) a damaged or encrypted zip.
         InputTooLargeError: (413) too many members, or a member larger than a NIfTI can be.
         MissingModalityError: (422) a modality missing or present twice. DatasetLayoutError: (422)
-            files of several cases.
+            files of several cases, or of both BraTS namings.
     """
     head = part.file.read(4)
     part.file.seek(0)
@@ -266,7 +310,8 @@ def _stage_zip(part: UploadPart, staging: Path, limits: IntakeLimits) -> tuple[d
         raise EmptyInputError(f"{CASE_FIELD} is empty (0 bytes)")
     if head not in _ZIP_MAGICS:
         raise UnsupportedFormatError(f"{CASE_FIELD} is not a zip file; zip the case folder "
-                                     "(<case>_{t1,t1ce,t2,flair}.nii.gz) or send the four files")
+                                     f"({CONVENTION_FILE_NAMES[BRATS2021]} or {CONVENTION_FILE_NAMES[BRATS2023]}) "
+                                     "or send the four files")
     try:
         archive = zipfile.ZipFile(part.file)
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
@@ -278,22 +323,34 @@ def _stage_zip(part: UploadPart, staging: Path, limits: IntakeLimits) -> tuple[d
                                      f"{limits.max_zip_members}")
         found: dict[str, list[zipfile.ZipInfo]] = {}
         cases: dict[str, str] = {}
+        conventions: dict[str, list[str]] = {}
         for info in members:
             parts_of_name = info.filename.replace("\\", "/").split("/")
             base = parts_of_name[-1]
             if info.is_dir() or not base or base.startswith(".") or "__MACOSX" in parts_of_name:
                 continue
-            match = _MEMBER_RE.match(base)
-            if not match or match["kind"].lower() == "seg":
+            case_file = match_case_file(base)
+            if case_file is None or case_file.kind == "seg":
                 continue  # the segmentation and unrelated files are not inputs
-            kind = match["kind"].lower()
-            found.setdefault(kind, []).append(info)
-            cases[kind] = match["case"]
+            found.setdefault(case_file.kind, []).append(info)
+            cases[case_file.kind] = case_file.case_id
+            conventions.setdefault(case_file.label_convention, []).append(display_name(base, "?"))
+        if len(conventions) > 1:
+            listed = " and ".join(f"{CONVENTION_NAMES[c]} names {names[:4]}" for c, names in conventions.items())
+            raise DatasetLayoutError(f"the {CASE_FIELD} zip mixes {listed}; zip one case folder whose files are "
+                                     f"all named {CONVENTION_FILE_NAMES[BRATS2021]} or all "
+                                     f"{CONVENTION_FILE_NAMES[BRATS2023]}")
+        convention = next(iter(conventions), BRATS2021)
         missing = [m for m in MODALITIES if m not in found]
         if missing:
             seen = [display_name(i.filename, "?") for i in members if not i.is_dir()][:8]
-            raise MissingModalityError(f"the {CASE_FIELD} zip has no {', '.join(missing)} volume (files must be named "
-                                       f"<case>_{{{','.join(MODALITIES)}}}.nii[.gz]); found {seen}")
+            if conventions:
+                wanted = [f"{_BRATS2023_NAMES[m]} ({m})" if convention == BRATS2023 else m for m in missing]
+                expected = CONVENTION_FILE_NAMES[convention]
+            else:
+                wanted, expected = missing, f"{CONVENTION_FILE_NAMES[BRATS2021]} or {CONVENTION_FILE_NAMES[BRATS2023]}"
+            raise MissingModalityError(f"the {CASE_FIELD} zip has no {', '.join(wanted)} volume (files must be named "
+                                       f"{expected}); found {seen}")
         twice = {m: [display_name(i.filename, "?") for i in infos] for m, infos in found.items() if len(infos) > 1}
         if twice:
             raise MissingModalityError(f"{CASE_FIELD} holds several files for {sorted(twice)}: {twice}; keep one each")
@@ -319,7 +376,7 @@ def _stage_zip(part: UploadPart, staging: Path, limits: IntakeLimits) -> tuple[d
                 raise UnsupportedFormatError(f"{CASE_FIELD} member {name} uses an unsupported compression: "
                                              f"{exc}; use deflate") from exc
             names[modality] = name
-    return staged, names
+    return staged, names, convention
 
 
 # -- headers ------------------------------------------------------------------------------------
@@ -440,7 +497,7 @@ def _header_geometry(path: Path, name: str, limits: IntakeLimits) -> tuple[tuple
 
 
 def _accept_modalities(staged: Mapping[str, Path], names: Mapping[str, str], staging: Path,
-                       limits: IntakeLimits, source: str) -> IntakeResult:
+                       limits: IntakeLimits, source: str, convention: str) -> IntakeResult:
     geometry = {}
     for modality in MODALITIES:
         name = names[modality]
@@ -468,7 +525,7 @@ def _accept_modalities(staged: Mapping[str, Path], names: Mapping[str, str], sta
         del volume, data
         staged[modality].unlink()
     shape, _, spacing = geometry["flair"]
-    return IntakeResult(files=files, meta=_meta(shape[:3], spacing, reference, source, dict(names)))
+    return IntakeResult(files=files, meta=_meta(shape[:3], spacing, reference, source, dict(names), convention))
 
 
 def _accept_4d(path: Path, name: str, staging: Path, limits: IntakeLimits) -> IntakeResult:
@@ -484,7 +541,7 @@ def _accept_4d(path: Path, name: str, staging: Path, limits: IntakeLimits) -> In
                                                         modality, f"{name} channel {channel} ({modality})", staging)
     del volume
     path.unlink()
-    return IntakeResult(files=files, meta=_meta(shape[:3], spacing, affine, "4d", {VOLUME_FIELD: name}))
+    return IntakeResult(files=files, meta=_meta(shape[:3], spacing, affine, "4d", {VOLUME_FIELD: name}, BRATS2021))
 
 
 def _write_input(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header, modality: str, name: str,
@@ -502,12 +559,13 @@ def _write_input(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header,
 
 
 def _meta(shape: Sequence[int], spacing: Sequence[float], affine: np.ndarray, source: str,
-          filenames: dict[str, str]) -> dict[str, Any]:
+          filenames: dict[str, str], convention: str) -> dict[str, Any]:
     return {
         "shape": [int(s) for s in shape],
         "spacing_mm": [round(float(s), 6) for s in spacing],
         "source": source,
         "orientation": "".join(nib.aff2axcodes(affine)),
         "filenames": filenames,
+        "label_convention": convention,
     }
 

@@ -26,7 +26,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from brainscan.errors import BrainscanError
-from brainscan.labels import BRATS_LABEL_NAMES, BRATS_LABELS
+from brainscan.labels import BRATS2021, BRATS_LABEL_NAMES, BRATS_LABELS, convention_label_names
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -198,6 +198,12 @@ def stage_progress(stage: str, fraction: float = 0.0) -> float:
     """Overall progress at ``fraction`` (0-1) of the way through ``stage``."""
     start, end = STAGE_PROGRESS[stage]
     return round(start + (end - start) * min(max(fraction, 0.0), 1.0), 4)
+
+
+def result_labels(convention: str = BRATS2021) -> dict[str, str]:
+    """Label value in a job's mask -> name: :data:`RESULT_LABELS` for ``"brats2021"``, and
+    ``{"1": "NCR", "2": "ED", "3": "ET"}`` for a job uploaded with BraTS 2023-2024 names."""
+    return {str(label): name for label, name in convention_label_names(convention).items() if label != 0}
 
 
 def is_expired(job: dict[str, Any], now: datetime) -> bool:

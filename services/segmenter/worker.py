@@ -49,16 +49,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from brainscan.errors import BrainscanError, BundleError
-from brainscan.labels import MODALITIES
+from brainscan.labels import BRATS2021, MODALITIES
 from brainscan.web import configure_logging
 from services.segmenter.jobs import (
     FINAL,
     MASK_FILE,
     PREVIEW_FILES,
-    RESULT_LABELS,
     JobNotFoundError,
     JobStateError,
     parse_iso,
+    result_labels,
     stage_progress,
     utc_now,
 )
@@ -297,6 +297,7 @@ class JobRunner:
         from brainscan.data.brats import BratsCase, load_case
         from brainscan.evaluation.segment import segment_case
         from brainscan.io.nifti import save_like
+        from brainscan.labels import to_convention
         from brainscan.metrics.segmentation import volumes_ml
         from services.segmenter.intake import input_file_name
         from services.segmenter.previews import render_previews
@@ -317,7 +318,9 @@ class JobRunner:
         self.store.update(job_id, expect_status={"running"}, stage="writing results",
                           progress=stage_progress("writing results"), stage_detail=None)
         reference = case.reference
-        save_like(mask.astype("uint8"), reference, self.store.path_for(job_id, MASK_FILE))
+        # the mask speaks the labels of the upload's naming (enhancing tumour 3 for BraTS 2023-2024 names)
+        convention = job["input"].get("label_convention", BRATS2021)
+        save_like(to_convention(mask, convention), reference, self.store.path_for(job_id, MASK_FILE))
         self.store.commit_file(job_id, MASK_FILE)
         volumes = volumes_ml(mask, reference.spacing)
         previews = render_previews(case.channels[3], mask, reference.affine, reference.spacing)
@@ -333,7 +336,7 @@ class JobRunner:
             "total_s": round(written - started, 3),
         }
         result = {"mask": MASK_FILE, "volumes_ml": {k: round(v, 3) for k, v in volumes.items()},
-                  "previews": dict(PREVIEW_FILES), "labels": dict(RESULT_LABELS)}
+                  "previews": dict(PREVIEW_FILES), "labels": result_labels(convention)}
         self.store.transition(job_id, "succeeded", expect_status={"running"}, result=result, timings=timings)
         log.info("job %s succeeded", job_id, extra={"job_id": job_id, "timings": timings,
                                                     "model": job["model"]["arch"], "volumes_ml": result["volumes_ml"]})

@@ -147,6 +147,88 @@ def test_metrics_segmentation_refuses_other_grids(brats_phantoms: Path, tmp_path
     assert "shape" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def brats2023_case(brats_phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first phantom case in the BraTS 2023-2024 layout: ``<case>-{t1n,t1c,t2w,t2f,seg}``, ET labelled 3."""
+    from brainscan.labels import BRATS2023_MODALITIES
+
+    source = sorted(p for p in brats_phantoms.iterdir() if p.is_dir())[0]
+    folder = tmp_path_factory.mktemp("brats2023") / "BraTS-GLI-00000-000"
+    folder.mkdir()
+    for name, modality in BRATS2023_MODALITIES.items():
+        shutil.copy(source / f"{source.name}_{modality}.nii.gz", folder / f"{folder.name}-{name}.nii.gz")
+    seg = nib.load(str(source / f"{source.name}_seg.nii.gz"))
+    labels = np.asarray(seg.dataobj).copy()
+    assert (labels == 4).any()
+    labels[labels == 4] = 3
+    nib.save(nib.Nifti1Image(labels, seg.affine, seg.header), str(folder / f"{folder.name}-seg.nii.gz"))
+    return folder
+
+
+def test_inspect_brats2023_case(brats2023_case: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert main(["data", "inspect", str(brats2023_case), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["layout"], info["label_convention"], info["problems"]) == ("brats_case", "brats2023", [])
+    assert info["modalities"]["t1ce"] == "BraTS-GLI-00000-000-t1c.nii.gz"
+    assert {k: v["name"] for k, v in info["labels"].items()} == {"0": "background", "1": "NCR", "2": "ED", "3": "ET"}
+    assert main(["data", "inspect", str(brats2023_case)]) == 0
+    text = capsys.readouterr().out
+    assert "case BraTS-GLI-00000-000 (BraTS 2023-2024 naming and labels)" in text
+    assert "BraTS-GLI-00000-000-t2f.nii.gz" in text and "no problems found" in text
+
+
+def test_inspect_reports_a_2021_label_in_a_2023_case(brats2023_case: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / brats2023_case.name
+    shutil.copytree(brats2023_case, broken)
+    seg_path = broken / f"{broken.name}-seg.nii.gz"
+    seg = nib.load(str(seg_path))
+    data = np.asarray(seg.dataobj).copy()
+    data[0, 0, 0] = 4
+    nib.save(nib.Nifti1Image(data, seg.affine, seg.header), str(seg_path))
+    capsys.readouterr()
+    assert main(["data", "inspect", str(broken)]) == 1
+    out = capsys.readouterr().out
+    assert "[4] outside the BraTS 2023-2024 label set" in out and "[invalid_labels]" in out
+
+
+def _seg_files(brats_phantoms: Path, brats2023_case: Path) -> dict[str, Path]:
+    source = sorted(p for p in brats_phantoms.iterdir() if p.is_dir())[0]
+    return {"2021": source / f"{source.name}_seg.nii.gz", "2023": brats2023_case / f"{brats2023_case.name}-seg.nii.gz"}
+
+
+def test_metrics_segmentation_scores_2023_files_like_2021_ones(brats_phantoms: Path, brats2023_case: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    segs = _seg_files(brats_phantoms, brats2023_case)
+    results = {}
+    for layout, path in segs.items():
+        capsys.readouterr()
+        assert main(["metrics", "segmentation", "--pred", str(path), "--truth", str(path), "--json"]) == 0
+        results[layout] = json.loads(capsys.readouterr().out)
+    assert (results["2021"].pop("label_convention"), results["2023"].pop("label_convention")) == (
+        "brats2021", "brats2023")
+    assert results["2023"] == results["2021"]
+    assert results["2023"]["ET"]["volume_ml"] > 0 and results["2023"]["ET"]["dice"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("pred, truth, convention, words", [
+    ("2021", "2023", "auto", ["prediction", "[4] outside the BraTS 2023-2024"]),
+    ("2023", "2023", "brats2021", ["prediction", "[3] outside the BraTS 2018-2021"]),
+    ("2023", "2021", "auto", ["prediction", "[3] outside the BraTS 2018-2021"]),
+], ids=["2021_pred_2023_truth", "2023_files_forced_2021", "2023_pred_2021_truth"])
+def test_metrics_segmentation_refuses_labels_of_the_other_convention(
+        pred: str, truth: str, convention: str, words: list[str], brats_phantoms: Path, brats2023_case: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    segs = _seg_files(brats_phantoms, brats2023_case)
+    capsys.readouterr()
+    assert main(["metrics", "segmentation", "--pred", str(segs[pred]), "--truth", str(segs[truth]),
+                 "--label-convention", convention]) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, err
+
+
 def test_models_list_empty_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "--root", str(tmp_path), "list"]) == 0
     assert "no model bundles" in capsys.readouterr().out

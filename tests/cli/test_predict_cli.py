@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from brainscan.cli.main import main
-from brainscan.labels import KAGGLE_CLASSES
+from brainscan.labels import BRATS2021, BRATS2023, BRATS2023_MODALITIES, KAGGLE_CLASSES
 from tests.bundles import make_classifier_store
 from tests.evaluation import make_segmenter_bundle
 from tests.paths import BRATS_SAMPLE, needs_brats_sample
@@ -129,6 +129,47 @@ def test_segment_writes_mask_on_the_input_grid(store: Path, case_dir: Path, tmp_
     expected = volumes_ml(mask, result["spacing_mm"])
     assert result["volumes_ml"] == pytest.approx(expected)
     assert set(result["timings"]) == {"load_s", "segment_s", "write_s", "total_s"}
+
+
+@pytest.fixture(scope="module")
+def case_dir_2023(case_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The phantom case under BraTS 2023-2024 names (``<case>-t1n.nii.gz``...), without its seg."""
+    folder = tmp_path_factory.mktemp("brats2023") / "BraTS-GLI-00000-000"
+    folder.mkdir()
+    for name, modality in BRATS2023_MODALITIES.items():
+        (folder / f"{folder.name}-{name}.nii.gz").symlink_to(case_dir / f"{case_dir.name}_{modality}.nii.gz")
+    return folder
+
+
+@pytest.mark.parametrize("layout, convention, enhancing", [("2021", BRATS2021, 4), ("2023", BRATS2023, 3)])
+def test_segment_writes_the_labels_of_the_case_convention(layout: str, convention: str, enhancing: int, store: Path,
+                                                          case_dir: Path, case_dir_2023: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import brainscan.evaluation.segment as segment
+    from brainscan.io.nifti import load_nifti
+    from brainscan.metrics.segmentation import volumes_ml
+
+    folder = case_dir if layout == "2021" else case_dir_2023
+    flair = load_nifti(case_dir / f"{case_dir.name}_flair.nii.gz")
+    mask = np.zeros(flair.shape, np.uint8)
+    mask[10:20, 10:20, 8:14] = 2
+    mask[12:18, 12:18, 9:13] = 1
+    mask[14:16, 14:16, 10:12] = 4
+    monkeypatch.setattr(segment, "segment_case", lambda bundle, case, **kwargs: mask.copy())
+    out = tmp_path / "mask.nii.gz"
+    capsys.readouterr()
+    assert main(["predict", "segment", "unet3d", str(folder), "--out", str(out), "--json",
+                 "--models-root", str(store), "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    written = load_nifti(out)
+    np.testing.assert_array_equal(written.data, np.where(mask == 4, enhancing, mask))
+    np.testing.assert_allclose(written.affine, flair.affine)
+    assert (result["label_convention"], result["labels_present"]) == (convention, [1, 2, enhancing])
+    assert result["volumes_ml"] == pytest.approx(volumes_ml(mask, flair.spacing))
+    assert main(["predict", "segment", "unet3d", str(folder), "--out", str(out), "--models-root", str(store),
+                 "--quiet"]) == 0
+    assert f"labels [1, 2, {enhancing}]" in capsys.readouterr().out
 
 
 @needs_brats_sample

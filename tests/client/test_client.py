@@ -129,6 +129,29 @@ def test_wait_raises_for_a_job_that_did_not_succeed(status: str, code: str) -> N
     assert info.value.code == code and info.value.job == body
 
 
+@pytest.mark.parametrize("suffixes, fields", [
+    (["_t1", "_t1ce", "_t2", "_flair"], ["t1", "t1ce", "t2", "flair"]),
+    (["-t1n", "-t1c", "-t2w", "-t2f"], ["t1n", "t1c", "t2w", "t2f"]),
+], ids=["2021 folder", "2023 folder"])
+def test_a_case_folder_is_sent_under_the_names_of_its_layout(suffixes: list[str], fields: list[str],
+                                                             tmp_path: Path) -> None:
+    """The server answers in the labels of the field names: a BraTS 2023-2024 folder keeps its names."""
+    import nibabel as nib
+    import numpy as np
+
+    case = tmp_path / "case"
+    case.mkdir()
+    for suffix in suffixes:
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), str(case / f"BraTS-X-001{suffix}.nii.gz"))
+    client, seen, _ = scripted(httpx.Response(202, json={"id": "j", "status": "queued"}))
+    assert client.submit_segmentation(case)["id"] == "j"
+    body = seen[0].content
+    assert [field for field in ("t1", "t1ce", "t2", "flair", "t1n", "t1c", "t2w", "t2f")
+            if f'name="{field}"'.encode() in body] == fields
+    for suffix in suffixes:
+        assert f'filename="BraTS-X-001{suffix}.nii.gz"'.encode() in body
+
+
 # -- the real stack -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

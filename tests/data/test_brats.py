@@ -1,4 +1,5 @@
-"""Tests of brainscan.data.brats on tiny synthetic cases written with the real BraTS naming schemes."""
+"""Tests of brainscan.data.brats on tiny synthetic cases written with the real BraTS naming schemes
+(2018-2021 ``<case>_t1ce`` with labels {0, 1, 2, 4}, and 2023-2024 ``<case>-t1c`` with {0, 1, 2, 3})."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from brainscan.errors import (
     VolumeMismatchError,
 )
 from brainscan.io.nifti import save_nifti
-from brainscan.labels import MODALITIES
+from brainscan.labels import BRATS2021, BRATS2023, BRATS2023_MODALITIES, MODALITIES
 from tests.paths import BRATS_SAMPLE, needs_brats_sample
 
 SHAPE = (12, 10, 8)
@@ -390,6 +391,199 @@ def test_inspect_dataset(tmp_path: Path, read_data: bool) -> None:
     if read_data:
         values, counts = np.unique(_seg_data(), return_counts=True)
         assert summary["label_voxels"] == {v: 3 * c for v, c in zip(values.tolist(), counts.tolist())}
+
+
+# ------------------------------------------------------------------------------- BraTS 2023-2024 layout
+
+#: MODALITIES name -> BraTS 2023-2024 file suffix
+SUFFIX_2023 = {modality: name for name, modality in BRATS2023_MODALITIES.items()}
+
+
+def _seg_2023(shape: tuple[int, ...] = SHAPE) -> np.ndarray:
+    """:func:`_seg_data` as a BraTS 2023-2024 file numbers it: enhancing tumour 3."""
+    seg = _seg_data(shape)
+    seg[seg == 4] = 3
+    return seg
+
+
+def write_case_2023(
+    folder: Path,
+    case_id: str,
+    *,
+    ext: str = ".nii.gz",
+    seg: np.ndarray | None = None,
+    with_seg: bool = True,
+    skip: tuple[str, ...] = (),
+    suffix_case=str.lower,
+) -> dict[str, np.ndarray]:
+    """Write a synthetic case as ``<case_id>-{t1n,t1c,t2w,t2f,seg}<ext>``; returns the arrays written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for index, modality in enumerate(MODALITIES):
+        if modality in skip:
+            continue
+        written[modality] = _modality_data(index)
+        save_nifti(written[modality], folder / f"{case_id}-{suffix_case(SUFFIX_2023[modality])}{ext}", affine=AFFINE)
+    if with_seg:
+        written["seg"] = _seg_2023() if seg is None else seg
+        save_nifti(written["seg"], folder / f"{case_id}-{suffix_case('seg')}{ext}", affine=AFFINE)
+    return written
+
+
+NAMING_2023 = [
+    # (case_id, extension, with seg, suffix case)
+    ("BraTS-GLI-00000-000", ".nii.gz", True, str.lower),
+    ("BraTS-GLI-00002-001", ".nii.gz", False, str.lower),
+    ("BraTS-MEN-00004-000", ".nii.gz", True, str.upper),
+    ("BraTS-SSA-00002-000", ".nii", True, str.lower),
+]
+
+
+@pytest.mark.parametrize(("case_id", "ext", "with_seg", "suffix_case"), NAMING_2023)
+def test_find_case_recognises_brats2023_naming(tmp_path: Path, case_id: str, ext: str, with_seg: bool,
+                                               suffix_case) -> None:
+    folder = tmp_path / case_id
+    write_case_2023(folder, case_id, ext=ext, with_seg=with_seg, suffix_case=suffix_case)
+    case = find_case(folder)
+    assert (case.case_id, case.label_convention) == (case_id, BRATS2023)
+    assert list(case.modalities) == list(MODALITIES)
+    for modality, path in case.modalities.items():
+        assert path.name == f"{case_id}-{suffix_case(SUFFIX_2023[modality])}{ext}"  # t1n is t1, t1c is t1ce
+    assert (case.seg.name if case.seg else None) == (f"{case_id}-{suffix_case('seg')}{ext}" if with_seg else None)
+
+
+def test_find_case_of_2021_naming_records_its_convention(tmp_path: Path) -> None:
+    write_case(tmp_path / "c", "BraTS2021_00006")
+    assert find_case(tmp_path / "c").label_convention == BRATS2021
+
+
+def _missing_t2f(folder: Path) -> None:
+    write_case_2023(folder, "BraTS-GLI-00000-000", skip=("flair",))
+
+
+def _duplicate_t1c(folder: Path) -> None:
+    write_case_2023(folder, "BraTS-GLI-00000-000")
+    save_nifti(_modality_data(1), folder / "BraTS-GLI-00000-000-t1c.nii", affine=AFFINE)
+
+
+def _mixed_layouts(folder: Path) -> None:
+    write_case_2023(folder, "BraTS-GLI-00000-000", skip=("t2",))
+    save_nifti(_modality_data(2), folder / "BraTS-GLI-00000-000_t2.nii.gz", affine=AFFINE)
+
+
+def _seg_of_2021_layout(folder: Path) -> None:
+    write_case_2023(folder, "BraTS-GLI-00000-000", with_seg=False)
+    save_nifti(_seg_data(), folder / "BraTS-GLI-00000-000_seg.nii.gz", affine=AFFINE)
+
+
+def _two_2023_cases(folder: Path) -> None:
+    write_case_2023(folder, "BraTS-GLI-00000-000", with_seg=False)
+    save_nifti(_seg_2023(), folder / "BraTS-GLI-00001-000-seg.nii.gz", affine=AFFINE)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (_missing_t2f, MissingModalityError, r"lacks t2f \(flair\) \(expected files named <case>-\{t1n,t1c,t2w,t2f"),
+        (_duplicate_t1c, MissingModalityError, r"2 files for t1c \(t1ce\)"),
+        (_mixed_layouts, DatasetLayoutError, r"mixes file naming of two BraTS layouts.*_t2\.nii\.gz"),
+        (_seg_of_2021_layout, DatasetLayoutError, "mixes file naming"),
+        (_two_2023_cases, DatasetLayoutError, "several cases"),
+        (lambda folder: folder.mkdir(), MissingModalityError, r"<case>_\{t1,t1ce.* or <case>-\{t1n,t1c"),
+    ],
+    ids=["missing_t2f", "duplicate_t1c", "mixed_modalities", "seg_of_other_layout", "two_cases", "empty_folder"],
+)
+def test_find_case_errors_2023_layout(tmp_path: Path, make, error: type, message: str) -> None:
+    folder = tmp_path / "case"
+    make(folder)
+    with pytest.raises(error, match=message):
+        find_case(folder)
+
+
+LABEL_CONVERSION = [
+    # (layout writer, labels stored in the seg file, labels load_case returns, convention)
+    (write_case, [0, 1, 2, 4], [0, 1, 2, 4], BRATS2021),
+    (write_case_2023, [0, 1, 2, 3], [0, 1, 2, 4], BRATS2023),
+    (write_case_2023, [0, 2], [0, 2], BRATS2023),  # no enhancing tumour: nothing to convert
+]
+
+
+@pytest.mark.parametrize(("writer", "stored", "loaded_labels", "convention"), LABEL_CONVERSION,
+                         ids=["2021_as_is", "2023_3_becomes_4", "2023_without_et"])
+def test_load_case_returns_brainscan_labels(tmp_path: Path, writer, stored: list[int], loaded_labels: list[int],
+                                            convention: str) -> None:
+    seg = np.zeros(SHAPE, np.uint8)
+    for index, label in enumerate(stored):
+        seg[index + 2 : index + 4, 3:7, 2:6] = label
+    folder = tmp_path / "case"
+    if writer is write_case_2023:
+        written = write_case_2023(folder, "BraTS-GLI-00000-000", seg=seg)
+    else:
+        written = write_case(folder, "BraTS2021_00001")
+        _replace(folder, "seg", seg)
+    loaded = load_case(find_case(folder))
+    assert loaded.label_convention == convention
+    assert loaded.seg is not None and loaded.seg.dtype == np.uint8
+    assert np.unique(loaded.seg).tolist() == loaded_labels
+    expected = seg.copy()
+    expected[seg == 3] = 4
+    np.testing.assert_array_equal(loaded.seg, expected)
+    for index, modality in enumerate(MODALITIES):
+        np.testing.assert_array_equal(loaded.channels[index], written[modality])
+
+
+BAD_LABELS = [
+    # (layout writer, bad label in the seg file, words the message must hold)
+    (write_case_2023, 4, r"\[4\] outside the BraTS 2023-2024 label set \[0, 1, 2, 3\].*4 is enhancing tumour in "
+                         r"BraTS 2018-2021 files.*<case>_\{t1,t1ce,t2,flair,seg\}.*map 4 -> 3"),
+    (write_case, 3, r"\[3\] outside the BraTS 2018-2021 label set \[0, 1, 2, 4\].*3 is enhancing tumour in "
+                    r"BraTS 2023-2024 files.*<case>-\{t1n,t1c,t2w,t2f,seg\}.*map 3 -> 4"),
+    (write_case_2023, 5, r"\[5\] outside the BraTS 2023-2024 label set"),
+]
+
+
+@pytest.mark.parametrize(("writer", "bad", "message"), BAD_LABELS, ids=["4_in_2023", "3_in_2021", "5_in_2023"])
+def test_load_case_refuses_labels_of_the_other_convention(tmp_path: Path, writer, bad: int, message: str) -> None:
+    seg = _seg_2023() if writer is write_case_2023 else _seg_data()
+    seg[2, 2, 2] = bad
+    folder = tmp_path / "case"
+    if writer is write_case_2023:
+        write_case_2023(folder, "BraTS-GLI-00000-000", seg=seg)
+    else:
+        write_case(folder, "BraTS2021_00001")
+        _replace(folder, "seg", seg)
+    case = find_case(folder)
+    with pytest.raises(InvalidLabelsError, match=message):
+        load_case(case)
+    assert load_case(case, with_seg=False).seg is None
+    problems = inspect_case(folder)["problems"]
+    assert [p["error"] for p in problems] == ["invalid_labels"] and f"[{bad}]" in problems[0]["detail"]
+
+
+@pytest.mark.parametrize("read_data", [True, False])
+def test_inspect_2023_case_names_labels_in_its_convention(tmp_path: Path, read_data: bool) -> None:
+    written = write_case_2023(tmp_path / "c", "BraTS-GLI-00000-000")
+    report = inspect_case(tmp_path / "c", read_data=read_data)
+    assert (report["case_id"], report["label_convention"]) == ("BraTS-GLI-00000-000", BRATS2023)
+    assert report["modalities"] == {m: f"BraTS-GLI-00000-000-{SUFFIX_2023[m]}.nii.gz" for m in MODALITIES}
+    assert report["seg"] == "BraTS-GLI-00000-000-seg.nii.gz"
+    assert report["problems"] == []
+    if read_data:
+        values, counts = np.unique(written["seg"], return_counts=True)
+        assert {k: v["voxels"] for k, v in report["labels"].items()} == dict(zip(values.tolist(), counts.tolist()))
+        assert {k: v["name"] for k, v in report["labels"].items()} == {0: "background", 1: "NCR", 2: "ED", 3: "ET"}
+    else:
+        assert report["labels"] is None
+
+
+def test_inspect_dataset_counts_cases_per_convention(tmp_path: Path) -> None:
+    write_case(tmp_path / "BraTS2021_00001", "BraTS2021_00001")
+    write_case_2023(tmp_path / "BraTS-GLI-00000-000", "BraTS-GLI-00000-000")
+    write_case_2023(tmp_path / "BraTS-GLI-00001-000", "BraTS-GLI-00001-000", with_seg=False)
+    summary = inspect_dataset(tmp_path, read_data=True)
+    assert summary["label_conventions"] == {BRATS2021: 1, BRATS2023: 2}
+    assert (summary["n_cases"], summary["n_with_seg"], summary["problems"]) == (3, 2, [])
+    assert [c.label_convention for c in find_cases(tmp_path)] == [BRATS2023, BRATS2023, BRATS2021]
 
 
 # ----------------------------------------------------------------------------------------- real data

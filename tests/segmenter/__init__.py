@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brainscan.labels import MODALITIES
+from brainscan.labels import BRATS2023_MODALITIES, MODALITIES
 
 #: an oblique-free LPS grid with anisotropic voxels, like many clinical series
 LPS_AFFINE = np.array([[-1.0, 0, 0, 90.0], [0, -1.2, 0, 110.0], [0, 0, 1.5, -60.0], [0, 0, 0, 1]])
@@ -55,6 +55,14 @@ def case_zip(members: Mapping[str, bytes], *, compression: int = zipfile.ZIP_DEF
 def brats_zip(files: Mapping[str, bytes], case_id: str = "BraTS2021_00001", folder: str = "BraTS2021_00001/") -> bytes:
     """A zipped BraTS case folder: ``<folder><case>_<modality>.nii.gz`` per modality."""
     return case_zip({f"{folder}{case_id}_{m}.nii.gz": data for m, data in files.items()})
+
+
+def brats2023_zip(files: Mapping[str, bytes], case_id: str = "BraTS-GLI-00000-000",
+                  folder: str = "BraTS-GLI-00000-000/") -> bytes:
+    """A zipped BraTS 2023-2024 case folder: ``<folder><case>-{t1n,t1c,t2w,t2f}.nii.gz`` (``files`` keyed
+    by MODALITIES name)."""
+    suffix = {modality: name for name, modality in BRATS2023_MODALITIES.items()}
+    return case_zip({f"{folder}{case_id}-{suffix[m]}.nii.gz": data for m, data in files.items()})
 
 
 def stack_4d(files: Mapping[str, bytes], affine: np.ndarray = LPS_AFFINE) -> bytes:

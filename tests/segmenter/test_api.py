@@ -23,14 +23,22 @@ import pytest
 from fastapi.testclient import TestClient
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from brainscan.labels import MODALITIES
+from brainscan.labels import BRATS2021, BRATS2023, BRATS2023_MODALITIES, MODALITIES
 from services.segmenter.app import ServiceUnavailableError, create_app
 from services.segmenter.previews import render_previews, tumour_centre
 from services.segmenter.settings import Settings
 from services.segmenter.store import LocalJobStore
-from services.segmenter.worker import JobRunner, ModelCache
+from services.segmenter.worker import JobRunner, LoadedSegmenter, ModelCache
 from tests.paths import REPO_ROOT
-from tests.segmenter import SMALL_SHAPE, brats_zip, case_files, make_segmenter_store, nifti_bytes, stack_4d
+from tests.segmenter import (
+    SMALL_SHAPE,
+    brats2023_zip,
+    brats_zip,
+    case_files,
+    make_segmenter_store,
+    nifti_bytes,
+    stack_4d,
+)
 from tests.servers import free_port
 
 OWNER = {"X-Brainscan-Owner": "alice"}
@@ -422,6 +430,56 @@ def test_transient_errors_are_retried_then_fail(app_parts: tuple[TestClient, Rec
     assert record["status"] == status
     if status == "failed":
         assert record["error"]["error"] == "transient_error"
+
+
+class FixedMaskModels:
+    """A model cache whose model is never called: the test replaces ``segment_case`` by a fixed mask."""
+
+    def get(self, arch: str, version: str) -> LoadedSegmenter:
+        return LoadedSegmenter(bundle=None, predict_fn=lambda batch: batch)
+
+
+def _fixed_mask() -> np.ndarray:
+    mask = np.zeros(SMALL_SHAPE, np.uint8)
+    mask[6:12, 6:12, 4:8] = 2
+    mask[8:11, 8:11, 5:7] = 1
+    mask[9, 9, 5:7] = 4
+    return mask
+
+
+GOOD_2023 = {name: GOOD[modality] for name, modality in BRATS2023_MODALITIES.items()}
+MASK_CONVENTIONS = {
+    # upload -> (label convention of the job, enhancing tumour in the written mask, result labels)
+    "2021 names": (GOOD, BRATS2021, 4, {"1": "NCR", "2": "ED", "4": "ET"}),
+    "2023 names": (GOOD_2023, BRATS2023, 3, {"1": "NCR", "2": "ED", "3": "ET"}),
+    "2023 zip": ({"case": brats2023_zip(GOOD)}, BRATS2023, 3, {"1": "NCR", "2": "ED", "3": "ET"}),
+    "4d": ({"volume": stack_4d(GOOD)}, BRATS2021, 4, {"1": "NCR", "2": "ED", "4": "ET"}),
+}
+
+
+@pytest.mark.parametrize("fields, convention, enhancing, labels", MASK_CONVENTIONS.values(),
+                         ids=MASK_CONVENTIONS.keys())
+def test_runner_writes_the_mask_in_the_labels_of_the_upload(
+        app_parts: tuple[TestClient, RecordingQueue, LocalJobStore], models: Path, monkeypatch: pytest.MonkeyPatch,
+        fields: dict[str, bytes], convention: str, enhancing: int, labels: dict[str, str]) -> None:
+    import brainscan.evaluation.segment as segment
+    from brainscan.metrics.segmentation import volumes_ml
+
+    mask = _fixed_mask()
+    monkeypatch.setattr(segment, "segment_case", lambda bundle, case, **kwargs: mask.copy())
+    client, _, store = app_parts
+    job = submit(client, fields).json()
+    assert job["input"]["label_convention"] == convention
+    runner = JobRunner(settings_for(models, store.root), store, FixedMaskModels())  # type: ignore[arg-type]
+    assert runner.run(job["id"])["status"] == "succeeded"
+    body = client.get(job["links"]["self"], headers=OWNER).json()
+    assert body["result"]["labels"] == labels
+    written = nib.Nifti1Image.from_bytes(gzip.decompress(client.get(body["result"]["mask_url"], headers=OWNER).content))
+    expected = np.where(mask == 4, enhancing, mask)
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), expected)
+    # volumes are the tumour's, whatever the numbering of the file
+    spacing = [float(z) for z in written.header.get_zooms()[:3]]
+    assert body["result"]["volumes_ml"] == {k: pytest.approx(v, abs=1e-3) for k, v in volumes_ml(mask, spacing).items()}
 
 
 # -- previews -----------------------------------------------------------------------------------

@@ -25,12 +25,13 @@ from brainscan.errors import (
     UnsupportedFormatError,
     VolumeMismatchError,
 )
-from brainscan.labels import MODALITIES
+from brainscan.labels import BRATS2021, BRATS2023, BRATS2023_MODALITIES, MODALITIES
 from services.segmenter import intake
 from services.segmenter.intake import IntakeLimits, UploadPart, accept_upload, inspect_header, select_source
 from tests.segmenter import (
     LPS_AFFINE,
     SMALL_SHAPE,
+    brats2023_zip,
     brats_zip,
     case_files,
     case_zip,
@@ -331,3 +332,72 @@ def test_other_nifti_flavours_are_read(tmp_path: Path, image_class: type, endian
         stored = nib.load(result.files[f"input_{modality}.nii.gz"])
         np.testing.assert_array_equal(np.asanyarray(stored.dataobj), modality_volume(modality))
         np.testing.assert_allclose(stored.affine, LPS_AFFINE, atol=1e-5)
+
+
+# -- BraTS 2023-2024 names ----------------------------------------------------------------------
+
+#: MODALITIES name -> BraTS 2023-2024 name (the form field and the file suffix)
+NAME_2023 = {modality: name for name, modality in BRATS2023_MODALITIES.items()}
+GOOD_2023 = {NAME_2023[m]: data for m, data in GOOD.items()}
+
+CONVENTIONS = {
+    # upload -> (source, label convention of the job's mask)
+    "2021 files": (GOOD, "files", BRATS2021),
+    "2023 files": (GOOD_2023, "files", BRATS2023),
+    "2021 zip": ({"case": brats_zip(GOOD)}, "zip", BRATS2021),
+    "2023 zip": ({"case": brats2023_zip(GOOD)}, "zip", BRATS2023),
+    "2023 zip with seg": ({"case": case_zip({"c/BraTS-GLI-00000-000-seg.nii.gz": GOOD["t1"],
+                                             **{f"c/BraTS-GLI-00000-000-{NAME_2023[m]}.nii.gz": GOOD[m]
+                                                for m in MODALITIES}})}, "zip", BRATS2023),
+    "4d": ({"volume": stack_4d(GOOD)}, "4d", BRATS2021),
+}
+
+
+@pytest.mark.parametrize("fields, source, convention", CONVENTIONS.values(), ids=CONVENTIONS.keys())
+def test_upload_naming_decides_the_label_convention(tmp_path: Path, fields: dict[str, bytes], source: str,
+                                                    convention: str) -> None:
+    result = accept(fields, tmp_path)
+    assert (result.meta["source"], result.meta["label_convention"]) == (source, convention)
+    # whatever the naming, the inputs are stored under the MODALITIES names, each with its own volume
+    assert sorted(result.files) == sorted(f"input_{m}.nii.gz" for m in MODALITIES)
+    for modality in MODALITIES:
+        stored = nib.load(result.files[f"input_{modality}.nii.gz"])
+        np.testing.assert_array_equal(np.asanyarray(stored.dataobj), modality_volume(modality))
+
+
+def test_2023_names_are_kept_for_display(tmp_path: Path) -> None:
+    files = accept(GOOD_2023, tmp_path / "files").meta["filenames"]
+    assert files == {m: f"{NAME_2023[m]}.nii.gz" for m in MODALITIES}
+    zipped = accept({"case": brats2023_zip(GOOD)}, tmp_path / "zip").meta["filenames"]
+    assert zipped == {m: f"BraTS-GLI-00000-000-{NAME_2023[m]}.nii.gz" for m in MODALITIES}
+
+
+BAD_2023_UPLOADS = {
+    "mixed field names": ({**{m: GOOD[m] for m in ("t1", "t1ce")}, "t2w": GOOD["t2"], "t2f": GOOD["flair"]},
+                          BrainscanError, 400, "ambiguous_upload", ["BraTS 2018-2021 field names ['t1', 't1ce']",
+                                                                    "BraTS 2023-2024 field names ['t2w', 't2f']"]),
+    "t1 and t1n": ({**GOOD, "t1n": GOOD["t1"]}, BrainscanError, 400, "ambiguous_upload", ["t1n"]),
+    "missing t2f": ({k: v for k, v in GOOD_2023.items() if k != "t2f"}, MissingModalityError, 422,
+                    "missing_modality", ["t2f", "['t1n', 't1c', 't2w', 't2f']"]),
+    "unknown field": ({**GOOD_2023, "t1gd": GOOD["t1ce"]}, BrainscanError, 400, "invalid_upload", ["t1gd", "t1n"]),
+    "zip mixing namings": ({"case": case_zip({"c/BraTS-GLI-00000-000-t1n.nii.gz": GOOD["t1"],
+                                              "c/BraTS-GLI-00000-000-t1c.nii.gz": GOOD["t1ce"],
+                                              "c/BraTS-GLI-00000-000_t2.nii.gz": GOOD["t2"],
+                                              "c/BraTS-GLI-00000-000-t2f.nii.gz": GOOD["flair"]})},
+                           DatasetLayoutError, 422, "dataset_layout", ["mixes", "_t2.nii.gz", "-t1n.nii.gz"]),
+    "2023 zip missing t1c": ({"case": brats2023_zip({m: GOOD[m] for m in MODALITIES if m != "t1ce"})},
+                             MissingModalityError, 422, "missing_modality", ["t1c (t1ce)", "<case>-{t1n,t1c"]),
+    "2023 zip of two cases": ({"case": case_zip({f"c/BraTS-GLI-0000{int(m == 't2')}-000-{NAME_2023[m]}.nii.gz": GOOD[m]
+                                                 for m in MODALITIES})},
+                              DatasetLayoutError, 422, "dataset_layout", ["several cases"]),
+}
+
+
+@pytest.mark.parametrize("fields, error, status, code, words", BAD_2023_UPLOADS.values(), ids=BAD_2023_UPLOADS.keys())
+def test_bad_2023_uploads_are_refused(tmp_path: Path, fields: dict[str, bytes], error: type, status: int, code: str,
+                                      words: list[str]) -> None:
+    with pytest.raises(error) as caught:
+        accept(fields, tmp_path)
+    assert (caught.value.http_status, caught.value.code) == (status, code)
+    for word in words:
+        assert word in caught.value.message, caught.value.message
