@@ -8,7 +8,13 @@ Prints, for the CURRENT bundle of ``segmentation/<arch>`` in the model store:
      time in the queue; and the overhead = end to end - inference;
   4. in-process sliding-window seconds: ``segment_case`` with a compiled ``predict_fn`` (warm);
   5. the naive pattern: the same sliding window calling ``model.predict`` on each patch;
-  6. peak RSS (VmHWM) of the worker's pool process, which loads the model and segments the case.
+  6. peak RSS (VmHWM) of the worker's pool process, which loads the model and segments the case;
+  7. the MONAI peer: the same network ported to PyTorch (bench/monai_peer.py, weights copied and
+     checked against Keras) through MONAI's ``sliding_window_inference`` (Gaussian blending) with
+     the bundle's window and overlap, at the bundle's resolution, on the whole volume (MONAI's usual
+     use) and on brainscan's brain crop; then one line ``MONAI ... N.Nx``: MONAI's whole-volume
+     seconds over brainscan's end-to-end seconds through the gateway. Needs the virtualenv
+     ``--monai-venv`` (default <repo>/.venv-monai); without it the row says so and is skipped.
 
 Usage:
   .venv/bin/python bench/segment.py [--models models] [--arch unet3d] [--repeats 2]
@@ -137,6 +143,70 @@ def in_process(bundle_path: Path, case: Path, repeats: int) -> dict[str, float]:
             "patches": patches, "agree": agree}
 
 
+def monai_peer(bundle_path: Path, case: Path, venv: Path, work: Path, repeats: int) -> dict[str, Any] | None:
+    """The MONAI row: export the bundle's weights and volumes, run bench/monai_peer.py in ``venv``."""
+    import json
+    import time as _time
+
+    import numpy as np
+
+    from brainscan.data.brats import find_case, load_case
+    from brainscan.inference.segmenter import Segmenter
+    from brainscan.models.bundle import load_bundle
+    from brainscan.preprocess.volume3d import preprocess_case
+
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        print(f"MONAI: skipped, no virtualenv at {venv} (python3.11 -m venv {venv} && "
+              f"{venv}/bin/pip install torch==2.13.0 monai)")
+        return None
+    bundle = load_bundle(bundle_path)
+    if bundle.architecture != "unet3d":
+        print(f"MONAI: skipped, only the plain unet3d is ported to PyTorch (this bundle is {bundle.architecture})")
+        return None
+    loaded = load_case(find_case(case), with_seg=False)
+    segmenter = Segmenter.from_bundle(bundle)
+    affine = loaded.reference.affine
+    crop, _ = segmenter.preprocess(loaded.channels, affine=affine)
+    uncropped_config = type(bundle.preprocess_config)(**{**bundle.preprocess_config.to_dict(), "crop_to_brain": False})
+    whole, _ = preprocess_case(loaded.channels, uncropped_config, affine=affine)
+    weights = {f"{layer.name}/{i}": np.asarray(w.numpy(), dtype=np.float32)
+               for layer in bundle.model.layers for i, w in enumerate(layer.weights)}
+    patch = segmenter.patch_size
+    check_input = np.random.default_rng(0).normal(size=(1, *patch, crop.shape[-1])).astype(np.float32)
+    check_output = np.asarray(bundle.model(check_input, training=False))
+    np.savez(work / "monai-weights.npz", **weights)
+    np.savez(work / "monai-volumes.npz", whole=whole, crop=crop, check_input=check_input, check_output=check_output)
+    args = bundle.manifest["architecture"]["args"]
+    from brainscan.models.unet3d import PRESETS
+
+    preset = PRESETS[args.get("preset", "full")]
+    spec = {"weights": str(work / "monai-weights.npz"), "volumes": str(work / "monai-volumes.npz"),
+            "in_channels": crop.shape[-1], "num_classes": segmenter.num_outputs,
+            "base_filters": args.get("base_filters") or preset["base_filters"], "levels": args.get("levels") or
+            preset["levels"], "output": args.get("output", "softmax"), "patch_size": list(patch),
+            "overlap": segmenter.overlap, "sw_batch_size": segmenter.batch_size, "repeats": repeats,
+            "run": ["whole", "crop"]}
+    done = subprocess.run([str(python), str(REPO / "bench" / "monai_peer.py"), json.dumps(spec)], capture_output=True,
+                          text=True, timeout=1800)
+    if done.returncode:
+        print(f"MONAI: failed ({done.stderr[-2000:]})")
+        return None
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # brainscan's own sliding window on the same two volumes, for the like-for-like ratio
+    ours = {}
+    for name, volume in (("whole", whole), ("crop", crop)):
+        segmenter.probabilities(volume)  # warm
+        seconds = []
+        for _ in range(repeats):
+            started = _time.perf_counter()
+            segmenter.probabilities(volume)
+            seconds.append(_time.perf_counter() - started)
+        ours[name] = statistics.median(seconds)
+    result["brainscan"] = ours
+    return result
+
+
 def gateway_serves_segmentations() -> bool:
     """Whether this tree's gateway has the segmentation routes (they came after the classifier's)."""
     import importlib.util
@@ -150,6 +220,8 @@ def main() -> None:
     parser.add_argument("--arch", default="unet3d", help="segmentation architecture in the store")
     parser.add_argument("--case", type=Path, default=None, help="BraTS case folder (default: full-size phantom)")
     parser.add_argument("--repeats", type=int, default=2, help="jobs per path; medians are printed")
+    parser.add_argument("--monai-venv", type=Path, default=REPO / ".venv-monai",
+                        help="virtualenv with torch and monai for the MONAI row (default <repo>/.venv-monai)")
     args = parser.parse_args()
     models = args.models.resolve()
     bundle_path, manifest = current_bundle(models, args.arch)
@@ -230,6 +302,20 @@ def main() -> None:
     print(f"naive model.predict per patch:                      {figures['naive_s']:7.2f} s "
           f"(masks agree on {100 * figures['agree']:.3f} % of voxels)")
     print(f"ratio naive / compiled: {figures['naive_s'] / figures['compiled_s']:.2f}x")
+
+    print("\n== MONAI peer: the same network and window settings in PyTorch (median of %d) ==" % args.repeats)
+    peer = monai_peer(bundle_path, case, args.monai_venv.resolve(), work, args.repeats)
+    if peer is not None:
+        print(f"port check: PyTorch vs Keras on one window, max |difference| {peer['check_max_abs_diff']:.2e}")
+        for name, label in (("whole", "whole volume (no crop)"), ("crop", "brain crop (as brainscan serves)")):
+            print(f"{label:<34} {tuple(peer[name]['shape'])}: MONAI sliding_window_inference "
+                  f"{statistics.median(peer[name]['seconds']):7.2f} s | brainscan sliding window "
+                  f"{peer['brainscan'][name]:7.2f} s")
+        gateway_rows = rows.get("gateway -> segmenter") or rows.get("segmenter API")
+        end_to_end = statistics.median(seconds for seconds, _ in gateway_rows)
+        monai_whole = statistics.median(peer["whole"]["seconds"])
+        print(f"MONAI whole-volume {monai_whole:.2f} s / brainscan end to end {end_to_end:.2f} s: "
+              f"{monai_whole / end_to_end:.1f}x")
 
 
 if __name__ == "__main__":

@@ -364,11 +364,21 @@ export function initSegmentation({ onUnauthorized }) {
     renderSelectedModel();
   }
 
+  // The bundle's validation Dice, from its manifest; said plainly to be no independent test.
+  function validationDiceText(metrics) {
+    const dice = metrics && metrics.dice;
+    if (!dice || !["WT", "TC", "ET"].every((r) => typeof dice[r] === "number")) return "";
+    const cases = Number.isInteger(metrics.validation_cases) ? ` on ${metrics.validation_cases} held-out cases` : "";
+    const scores = ["WT", "TC", "ET"].map((r) => `${r} ${dice[r].toFixed(2)}`).join(", ");
+    return ` Validation Dice ${scores}${cases} (not an independent test).`;
+  }
+
   function renderSelectedModel() {
     const model = state.models.get(el.modelSelect.value);
     el.modelBadge.hidden = !(model && model.demo);
     el.modelInfo.textContent = model
-      ? `Architecture ${model.arch}, version ${model.version}${model.demo ? ": a demo model, not trained for real use." : "."}`
+      ? `Architecture ${model.arch}, version ${model.version}${model.demo ? ": a demo model, not trained for real use." : "."}` +
+        validationDiceText(model.metrics)
       : "";
   }
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def make_segmenter_bundle(path: Path, *, patch_size: Sequence[int] = (32, 32, 32), overlap: float = 0.5,
                           version: str = "test-1", seed: int = 0, regions: bool = False,
-                          postprocessing: dict | None = None) -> Path:
+                          postprocessing: dict | None = None, metrics: dict | None = None) -> Path:
     """Write a tiny, untrained (seeded) 3D U-Net segmentation bundle at ``path``.
 
     Plumbing tests need a real bundle that loads and predicts through the real code path, not a
@@ -33,7 +33,7 @@ def make_segmenter_bundle(path: Path, *, patch_size: Sequence[int] = (32, 32, 32
         build_model("unet3d", args), path, task="segmentation", architecture="unet3d", architecture_args=args,
         preprocessing=preprocessing, version=version, demo=True,
         label_map={0: 0, 1: 1, 2: 2, 3: 4},
-        inference=inference,
+        inference=inference, metrics=metrics,
         training={"data_fingerprint": "none", "data_description": "untrained (seeded init) for tests",
                   "command": "tests/evaluation/__init__.py", "epochs": 0, "seed": seed},
     )

@@ -77,7 +77,9 @@ def make_segmenter_store(root: Path, *, patch_size: Sequence[int] = (64, 64, 64)
     from brainscan.models.store import ModelStore
     from tests.evaluation import make_segmenter_bundle
 
+    # Made-up validation figures (the bundle is untrained): the page must show what a manifest says.
     make_segmenter_bundle(root / "segmentation" / "unet3d" / version, patch_size=patch_size, overlap=overlap,
-                          version=version)
+                          version=version, metrics={"dice": {"WT": 0.875, "TC": 0.5, "ET": 0.25, "mean": 0.54},
+                                                    "validation_cases": 4})
     ModelStore(root).promote("segmentation", "unet3d", version)
     return root
