@@ -419,7 +419,7 @@ def _load_initial_weights(model: Any, bundle_path: Path) -> None:
     source = bundle.model.weights
     if len(source) != len(model.weights) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(source, model.weights)):
         raise BundleError(f"--init-from {bundle_path}: its network ({bundle.architecture}, "
-                          f"{bundle.manifest['architecture_args']}) does not match this run's")
+                          f"{bundle.manifest['architecture']['args']}) does not match this run's")
     for target, weights in zip(model.weights, source):
         target.assign(np.asarray(weights.numpy(), dtype=target.dtype))
     log.info("initial weights from %s (%s %s)", bundle_path, bundle.architecture, bundle.version)
@@ -522,6 +522,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
                 "seed": config.seed,
                 "config": config_dict,
                 "validation_case_ids": [c.case_id for c in val],
+                "training_case_ids": [c.case_id for c in train],
                 "epochs_run": len(history),
                 "best_epoch": state["best"]["epoch"] if state["best"] else None,
                 "history": history,

@@ -22,6 +22,10 @@ SHIPPED = ModelStore(REPO_ROOT / "models")
 MAX_BUNDLE_BYTES = 60 * 1024 * 1024
 CLASSIFIERS = SHIPPED.list("classification")
 SEGMENTERS = SHIPPED.list("segmentation")
+REAL_SEGMENTERS = [e for e in SEGMENTERS if not e.demo]
+BRATS_TRAIN = BRATS_SAMPLE.parents[1] / "brats-train"
+# float16 weights and another summation order move a few boundary voxels: Dice within 0.01.
+DICE_TOLERANCE = 0.01
 # float16 storage of the weights may flip a borderline prediction or two of ~860.
 ACCURACY_TOLERANCE = 0.005
 
@@ -33,6 +37,33 @@ def _ids(entries) -> list[str]:
 def test_models_are_shipped() -> None:
     assert {e.arch for e in CLASSIFIERS} >= {"resnet50"}
     assert {e.arch for e in SEGMENTERS} == {"unet3d", "attention_unet3d"}
+    # the served segmenters are trained on real BraTS cases, not the phantom demos
+    assert {e.arch for e in REAL_SEGMENTERS if e.current} == {"unet3d", "attention_unet3d"}
+
+
+@pytest.mark.skipif(not BRATS_TRAIN.is_dir(), reason=f"real BraTS cases not found at {BRATS_TRAIN}")
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", REAL_SEGMENTERS, ids=_ids(REAL_SEGMENTERS))
+def test_evaluate_reproduces_the_validation_dice(entry, tmp_path, capsys) -> None:
+    """The README's figures: `brainscan evaluate` on the manifest's validation cases gives its Dice again."""
+    from brainscan.models.bundle import read_manifest
+
+    manifest = read_manifest(entry.path)
+    cases = tmp_path / "validation"
+    cases.mkdir()
+    for case_id in manifest["training"]["validation_case_ids"]:
+        found = [d for d in (BRATS_TRAIN / case_id, BRATS_SAMPLE.parent / case_id) if d.is_dir()]
+        assert found, f"validation case {case_id} is in neither {BRATS_TRAIN} nor {BRATS_SAMPLE.parent}"
+        (cases / case_id).symlink_to(found[0])
+    out = tmp_path / "report"
+    assert main(["evaluate", str(entry.path), str(cases), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    for region in ("WT", "TC", "ET"):
+        measured = report["aggregate"][region]["dice"]["mean"]
+        expected = manifest["metrics"]["dice"][region]
+        print(f"{entry.arch}-{entry.version} {region}: Dice {measured:.4f} (manifest {expected:.4f})")
+        assert measured == pytest.approx(expected, abs=DICE_TOLERANCE)
 
 
 @pytest.mark.parametrize("entry", CLASSIFIERS + SEGMENTERS, ids=_ids(CLASSIFIERS + SEGMENTERS))
@@ -47,8 +78,15 @@ def test_bundle_is_intact_and_small_enough(entry) -> None:
     assert training["command"].startswith(("brainscan train ", "brainscan models ensure-demo"))
     assert len(training["data_fingerprint"]) == 64 or manifest["demo"]
     assert isinstance(training["epochs"], int) and isinstance(training["seed"], int)
-    if entry.task == "segmentation":
-        assert manifest["demo"] is True, "no BraTS training set exists offline: shipped U-Nets are demos"
+    if entry.task == "segmentation" and not manifest["demo"]:
+        assert manifest["inference"]["outputs"] == "regions"
+        assert manifest["preprocessing"]["params"]["target_spacing"] > 0
+        dice = manifest["metrics"]["dice"]
+        assert all(0.0 <= dice[r] <= 1.0 for r in ("WT", "TC", "ET"))
+        assert manifest["metrics"]["validation_cases"] == len(training["validation_case_ids"]) > 0
+        assert not set(training["validation_case_ids"]) & set(training.get("training_case_ids") or [])
+    elif entry.task == "segmentation":
+        assert "phantom" in training["data_description"] or training["command"].startswith("brainscan models")
     else:
         assert manifest["demo"] is False
         assert "Testing" not in training["data_description"].replace("Training split only", "")

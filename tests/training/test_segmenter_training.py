@@ -277,3 +277,54 @@ def test_demo_cli_parses_root_and_force(tmp_path):
     args = cli(add_demo_parser).parse_args(["ensure-demo", "--root", str(tmp_path), "--force", "--arch", "unet3d"])
     assert (args.ensure_root, args.force, args.demo_archs) == (tmp_path, True, ["unet3d"])
     assert args.func.__name__ == "run_ensure_demo"
+
+
+@pytest.fixture(scope="module")
+def region_run(phantoms, tmp_path_factory) -> tuple[Path, SegmenterTrainConfig]:
+    """A short region-output run at a target spacing: the shipped models' recipe, in miniature."""
+    config = tiny_config(phantoms, "unet3d", tmp_path_factory.mktemp("models-regions"),
+                         tmp_path_factory.mktemp("work-regions"), epochs=2, steps_per_epoch=3, val_every=1,
+                         warmup_epochs=0, outputs="regions", target_spacing=6.0, version="regions-1")
+    return train_segmenter(config), config
+
+
+@pytest.mark.slow
+def test_region_run_records_outputs_resolution_and_postprocessing(region_run):
+    from brainscan.evaluation.segment import segment_case
+    from brainscan.models.bundle import load_bundle
+
+    bundle_path, config = region_run
+    bundle = load_bundle(bundle_path)
+    manifest = bundle.manifest
+    assert manifest["architecture"]["args"]["output"] == "sigmoid"
+    assert manifest["preprocessing"]["params"]["target_spacing"] == 6.0
+    assert manifest["preprocessing"]["params"]["orientation"] == "LPS"
+    assert manifest["inference"]["outputs"] == "regions"
+    selection = manifest["metrics"]["postprocessing_selection"]
+    assert selection[0]["postprocessing"]["min_enhancing_mm3"] == 0.0 and len(selection) > 1
+    chosen = manifest["inference"]["postprocessing"]
+    assert chosen in [row["postprocessing"] for row in selection]
+    assert manifest["training"]["validation_case_ids"] and manifest["training"]["training_case_ids"]
+    case = find_cases(config.data)[0]
+    mask = segment_case(bundle, load_case(case, with_seg=False))
+    assert mask.shape == load_nifti(case.modalities["flair"]).data.shape[:3]
+    assert set(np.unique(mask).tolist()) <= {0, 1, 2, 4}
+
+
+@pytest.mark.slow
+def test_init_from_copies_a_bundles_weights_and_refuses_another_network(region_run, tmp_path):
+    from brainscan.errors import BundleError
+    from brainscan.models.bundle import load_bundle
+    from training.runtime import setup_runtime
+    from training.segmenter import _build_and_compile
+
+    bundle_path, config = region_run
+    runtime = setup_runtime(1)
+    start = SegmenterTrainConfig(**{**config.__dict__, "init_from": bundle_path, "work_dir": tmp_path / "w",
+                                    "version": "stage-2"})
+    model = _build_and_compile(start, start.arch_args(), runtime)
+    for ours, theirs in zip(model.weights, load_bundle(bundle_path).model.weights):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    other = SegmenterTrainConfig(**{**start.__dict__, "outputs": "classes"})
+    with pytest.raises(BundleError, match="does not match"):
+        _build_and_compile(other, other.arch_args(), runtime)
