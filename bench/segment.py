@@ -124,9 +124,9 @@ def in_process(bundle_path: Path, case: Path, repeats: int) -> dict[str, float]:
     warm = np.zeros((1, *settings["patch_size"], channels), np.float32)
     compiled(warm)
     bundle.model.predict(warm, verbose=0)
-    volume, _ = bundle.preprocess(loaded.channels)
-    patches = count_patches(volume.shape[:3], settings["patch_size"], settings["overlap"],
-                            mirror_axes=settings["mirror_axes"])
+    volume, _ = bundle.preprocess(loaded.channels, affine=loaded.reference.affine)
+    patches = count_patches(volume.shape[:3], volume.shape[:3] if settings["one_pass"] else settings["patch_size"],
+                            settings["overlap"], mirror_axes=settings["mirror_axes"])
 
     def naive(batch: np.ndarray) -> np.ndarray:
         return bundle.model.predict(batch, verbose=0)

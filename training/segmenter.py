@@ -79,6 +79,7 @@ class SegmenterTrainConfig:
     augment: bool = True
     overlap: float = 0.5
     mirror_tta: bool = False
+    one_pass: bool = False
     target_spacing: float | None = None
     outputs: str = "classes"
     init_from: Path | None = None
@@ -170,7 +171,8 @@ class SegmenterTrainConfig:
         from brainscan.inference.segmenter import Segmenter
 
         return Segmenter(model, self.preprocess_config(), patch_size=(self.patch_size,) * 3, overlap=self.overlap,
-                         batch_size=self.batch_size, mirror_axes=self.mirror_axes, outputs=self.outputs,
+                         batch_size=self.batch_size, mirror_axes=self.mirror_axes, one_pass=self.one_pass,
+                         outputs=self.outputs,
                          predict_fn=predict_fn)
 
 

@@ -99,6 +99,9 @@ def add_segmenter_parser(commands: argparse._SubParsersAction) -> argparse.Argum
     parser.add_argument("--no-augment", dest="augment", action="store_false",
                         help="train on raw patches (no flips, no intensity jitter)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
+    parser.add_argument("--one-pass", action="store_true",
+                        help="serve (and validate) by running the whole brain crop in one network call instead "
+                             "of sliding windows: faster when the crop is small, as at 2 mm")
     parser.add_argument("--mirror-tta", action="store_true",
                         help="serve with test-time mirroring on the 3 axes (8x slower inference)")
     parser.add_argument("--target-spacing", type=float, default=None, metavar="MM",
@@ -146,7 +149,8 @@ def config_from_args(args: argparse.Namespace):
         max_cases=args.max_cases, seed=args.seed, work_dir=args.work_dir, version=args.version, resume=args.resume,
         promote=args.promote, overwrite=args.overwrite, weights_dtype=args.weights_dtype,
         mixed_precision=args.mixed_precision, foreground_fraction=args.foreground_fraction, augment=args.augment,
-        overlap=args.overlap, mirror_tta=args.mirror_tta, demo=args.demo, target_spacing=args.target_spacing,
+        overlap=args.overlap, mirror_tta=args.mirror_tta, one_pass=args.one_pass, demo=args.demo,
+        target_spacing=args.target_spacing,
         outputs=args.outputs, init_from=args.init_from,
         **({"command": args.command_line} if getattr(args, "command_line", None) else {}),
     )

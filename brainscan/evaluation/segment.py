@@ -31,7 +31,7 @@ from brainscan.labels import MODALITIES, to_convention
 
 ProgressFn = Callable[[int, int], None]
 
-_INFERENCE_KEYS = ("patch_size", "overlap", "batch_size", "mirror_axes")
+_INFERENCE_KEYS = ("patch_size", "overlap", "batch_size", "mirror_axes", "one_pass")
 
 
 def _check_segmenter(bundle: Any) -> None:
@@ -46,11 +46,12 @@ def inference_settings(bundle: Any, overrides: dict[str, Any] | None = None) -> 
 
     Args:
         bundle: a segmentation bundle.
-        overrides: any of ``patch_size``, ``overlap``, ``batch_size``, ``mirror_axes`` (``None``
-            values are ignored), e.g. ``{"overlap": 0.0}`` for a quick preview.
+        overrides: any of ``patch_size``, ``overlap``, ``batch_size``, ``mirror_axes``, ``one_pass``
+            (``None`` values are ignored), e.g. ``{"overlap": 0.0}`` for a quick preview.
 
     Returns:
-        ``{"patch_size": (x, y, z), "overlap": float, "batch_size": int, "mirror_axes": tuple}``.
+        ``{"patch_size": (x, y, z), "overlap": float, "batch_size": int, "mirror_axes": tuple,
+        "one_pass": bool}`` (``one_pass``: the whole preprocessed volume in one network call).
 
     Raises:
         ValueError: an unknown override key.
@@ -67,6 +68,7 @@ def inference_settings(bundle: Any, overrides: dict[str, Any] | None = None) -> 
         "overlap": float(merged.get("overlap", 0.5)),
         "batch_size": int(merged.get("batch_size") or 1),
         "mirror_axes": tuple(int(a) for a in (merged.get("mirror_axes") or ())),
+        "one_pass": bool(merged.get("one_pass", False)),
     }
 
 

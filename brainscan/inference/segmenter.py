@@ -44,6 +44,8 @@ class Segmenter:
             ``predict_fn`` is given.
         preprocess_config: the bundle's :class:`VolumePreprocessConfig`.
         patch_size, overlap, batch_size, mirror_axes: sliding-window settings.
+        one_pass: run the whole preprocessed volume (the brain crop) in one network call instead
+            of windows: fewer voxels computed when the crop is small, as at 2 mm.
         outputs: ``"classes"`` (K = len(label_map), argmax) or ``"regions"`` (K = 3, WT/TC/ET).
         label_map: output index -> BraTS label (classes outputs).
         postprocessing: :class:`PostprocessConfig`.
@@ -55,7 +57,7 @@ class Segmenter:
 
     def __init__(self, model: Any, preprocess_config: VolumePreprocessConfig, *, patch_size: Sequence[int],
                  overlap: float = 0.5, batch_size: int = 1, mirror_axes: Sequence[int] = (),
-                 outputs: str = "classes", label_map: dict[int, int] | None = None,
+                 one_pass: bool = False, outputs: str = "classes", label_map: dict[int, int] | None = None,
                  postprocessing: PostprocessConfig | None = None,
                  predict_fn: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         if outputs not in OUTPUT_KINDS:
@@ -68,6 +70,7 @@ class Segmenter:
         self.overlap = float(overlap)
         self.batch_size = int(batch_size)
         self.mirror_axes = tuple(int(a) for a in mirror_axes)
+        self.one_pass = bool(one_pass)
         self.outputs = outputs
         self.label_map = dict(label_map) if label_map is not None else dict(enumerate(BRATS_LABELS))
         self.postprocessing = postprocessing or PostprocessConfig()
@@ -111,7 +114,7 @@ class Segmenter:
     def manifest_inference(self) -> dict[str, Any]:
         """The ``inference`` section a bundle of this segmenter records."""
         return {"patch_size": list(self.patch_size), "overlap": self.overlap, "batch_size": self.batch_size,
-                "mirror_axes": list(self.mirror_axes), "outputs": self.outputs,
+                "mirror_axes": list(self.mirror_axes), "one_pass": self.one_pass, "outputs": self.outputs,
                 "postprocessing": self.postprocessing.to_dict()}
 
     def preprocess(self, channels: np.ndarray, spacing: Sequence[float] | None = None,
@@ -123,8 +126,9 @@ class Segmenter:
         """Sliding-window probabilities ``(X', Y', Z', K)`` of a preprocessed volume."""
         from brainscan.inference.sliding_window import sliding_window_inference
 
+        patch = tuple(volume.shape[:3]) if self.one_pass else self.patch_size
         return sliding_window_inference(
-            volume, self.predict_fn, patch_size=self.patch_size, overlap=self.overlap, batch_size=self.batch_size,
+            volume, self.predict_fn, patch_size=patch, overlap=self.overlap, batch_size=self.batch_size,
             mirror_axes=self.mirror_axes, num_classes=self.num_outputs, progress=progress,
         )
 
