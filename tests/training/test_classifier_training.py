@@ -400,7 +400,7 @@ def test_mixed_precision_training_across_two_replicas(arch, extra, kaggle_phanto
     done = subprocess.run([sys.executable, "-c", TWO_CPU_MAIN, *command], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "2 replica(s), mixed precision on" in done.stderr
+    assert "2 replica(s), dtype policy mixed_float16" in done.stderr
     bundle = load_bundle(tmp_path / "models" / "classification" / arch / "test-1")
     assert bundle.manifest["training"]["devices"] == {"gpus": 0, "replicas": 2, "mixed_precision": True}
     history = bundle.manifest["training"]["history"]

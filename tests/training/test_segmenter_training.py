@@ -126,7 +126,12 @@ def test_bundle_manifest_records_training(trained, phantoms, store):
     assert (manifest["task"], manifest["demo"], manifest["architecture"]["name"]) == ("segmentation", False, arch)
     assert manifest["label_map"] == {"0": 0, "1": 1, "2": 2, "3": 4}
     assert manifest["preprocessing"]["params"]["divisor"] == 8
-    assert manifest["inference"] == {"patch_size": [32, 32, 32], "overlap": 0.5, "batch_size": 2, "mirror_axes": []}
+    inference = manifest["inference"]
+    assert {k: inference[k] for k in ("patch_size", "overlap", "batch_size", "mirror_axes", "one_pass", "outputs")} \
+        == {"patch_size": [32, 32, 32], "overlap": 0.5, "batch_size": 2, "mirror_axes": [], "one_pass": False,
+            "outputs": "classes"}
+    # the post-processing is the one validation chose among the candidates it recorded
+    assert inference["postprocessing"] in [row["postprocessing"] for row in manifest["metrics"]["postprocessing_selection"]]
     validation = manifest["metrics"]["validation"]
     assert validation["n_cases"] == 1
     assert validation["WT"]["dice"]["mean"] == pytest.approx(manifest["metrics"]["dice"]["WT"])
