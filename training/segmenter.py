@@ -22,6 +22,7 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,10 @@ class SegmenterTrainConfig:
                              f"{self.weight_decay}")
         if self.weights_dtype not in ("float16", "float32"):
             raise ValueError(f"weights_dtype must be float16 or float32, got {self.weights_dtype!r}")
-        if self.outputs not in ("classes", "regions"):
-            raise ValueError(f"outputs must be classes or regions, got {self.outputs!r}")
+        from brainscan.inference.segmenter import OUTPUT_KINDS
+
+        if self.outputs not in OUTPUT_KINDS:
+            raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {self.outputs!r}")
         if self.target_spacing is not None and not self.target_spacing > 0:
             raise ValueError(f"target_spacing must be > 0 mm, got {self.target_spacing}")
         if self.init_from is not None:
@@ -207,6 +210,25 @@ def labelled_cases(data: Path, max_cases: int | None, seed: int) -> list[Any]:
     return labelled
 
 
+def predict_cases(segmenter: Any, cases: list[Any], cache_dir: Path | None = None) -> Iterator[tuple]:
+    """Segmenter probabilities of labelled cases, with what scoring them needs.
+
+    Yields:
+        ``(case_id, CropInfo, probabilities (X', Y', Z', K), truth labels (X, Y, Z) uint8, spacing)``.
+        The truth is the label file itself, on its own grid, not the cropped training labels: a
+        tumour voxel the crop lost counts as missed.
+    """
+    from brainscan.io.nifti import load_nifti
+    from training.patches import prepare_case
+
+    for case in cases:
+        prepared = prepare_case(case, segmenter.preprocess_config, cache_dir)
+        probabilities = segmenter.probabilities(np.asarray(prepared.image))
+        truth = load_nifti(case.seg)
+        labels = truth.data.reshape(truth.data.shape[:3]).astype(np.uint8)
+        yield case.case_id, prepared.info, probabilities, labels, truth.spacing[:3]
+
+
 def evaluate_cases(segmenter: Any, cases: list[Any], cache_dir: Path | None = None) -> dict[str, dict]:
     """Segment whole cases as serving does and score them against their label files, on their own grid.
 
@@ -218,22 +240,10 @@ def evaluate_cases(segmenter: Any, cases: list[Any], cache_dir: Path | None = No
     Returns:
         ``{case_id: segmentation_metrics(...)}`` (BraTS regions WT/TC/ET, labels, mean IoU).
     """
-    from brainscan.io.nifti import load_nifti
     from brainscan.metrics.segmentation import segmentation_metrics
-    from training.patches import prepare_case
 
-    results = {}
-    for case in cases:
-        prepared = prepare_case(case, segmenter.preprocess_config, cache_dir)
-        probabilities = segmenter.probabilities(np.asarray(prepared.image))
-        # The truth is the label file itself, not the cropped training labels: a tumour voxel the
-        # crop lost would count as missed.
-        truth = load_nifti(case.seg)
-        spacing = truth.spacing[:3]
-        prediction = segmenter.decode(probabilities, prepared.info, spacing)
-        labels = truth.data.reshape(truth.data.shape[:3]).astype(np.uint8)
-        results[case.case_id] = segmentation_metrics(prediction, labels, spacing)
-    return results
+    return {case_id: segmentation_metrics(segmenter.decode(probabilities, info, spacing), labels, spacing)
+            for case_id, info, probabilities, labels, spacing in predict_cases(segmenter, cases, cache_dir)}
 
 
 #: Smallest gain in mean validation Dice for which a post-processing step is switched on.
@@ -258,24 +268,16 @@ def select_postprocessing(segmenter: Any, cases: list[Any], cache_dir: Path | No
         ``(PostprocessConfig, per_case metrics of the chosen one, table of every candidate's Dice)``.
     """
     from brainscan.inference.postprocess import PostprocessConfig
-    from brainscan.io.nifti import load_nifti
     from brainscan.metrics.segmentation import segmentation_metrics
-    from training.patches import prepare_case
 
-    predicted = []
-    for case in cases:
-        prepared = prepare_case(case, segmenter.preprocess_config, cache_dir)
-        truth = load_nifti(case.seg)
-        labels = truth.data.reshape(truth.data.shape[:3]).astype(np.uint8)
-        predicted.append((case, prepared.info, segmenter.probabilities(np.asarray(prepared.image)), labels,
-                          truth.spacing[:3]))
+    predicted = list(predict_cases(segmenter, cases, cache_dir))
     best: tuple[Any, dict[str, dict], float] | None = None
     table = []
     for candidate in candidates:
         config = PostprocessConfig(threshold=segmenter.postprocessing.threshold, **candidate)
         segmenter.postprocessing = config
-        per_case = {case.case_id: segmentation_metrics(segmenter.decode(probabilities, info, spacing), labels, spacing)
-                    for case, info, probabilities, labels, spacing in predicted}
+        per_case = {case_id: segmentation_metrics(segmenter.decode(probabilities, info, spacing), labels, spacing)
+                    for case_id, info, probabilities, labels, spacing in predicted}
         scores = region_dice(per_case)
         table.append({"postprocessing": config.to_dict(), "dice": scores})
         log.info("post-processing %s: Dice WT %.3f TC %.3f ET %.3f mean %.4f", candidate or "none", scores["WT"],

@@ -72,15 +72,6 @@ def inference_settings(bundle: Any, overrides: dict[str, Any] | None = None) -> 
     }
 
 
-def _label_lookup(bundle: Any) -> np.ndarray:
-    """uint8 array mapping output index -> BraTS label, from the manifest's ``label_map``."""
-    label_map = bundle.label_map
-    lookup = np.zeros(len(label_map), dtype=np.uint8)
-    for index, label in label_map.items():
-        lookup[index] = label
-    return lookup
-
-
 def _select_modalities(bundle: Any, channels: np.ndarray) -> np.ndarray:
     """The channels the network expects, in its order, from ``(4, X, Y, Z)`` in MODALITIES order."""
     wanted = list(bundle.manifest["input"].get("modalities") or MODALITIES)

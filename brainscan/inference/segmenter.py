@@ -84,11 +84,9 @@ class Segmenter:
         Raises:
             BundleError: not a segmentation bundle, or a manifest section that cannot be used.
         """
-        from brainscan.evaluation.segment import inference_settings
+        from brainscan.evaluation.segment import _check_segmenter, inference_settings
 
-        if bundle.task != "segmentation":
-            raise BundleError(f"bundle {bundle.name} ({bundle.path}) is a {bundle.task} model; "
-                              "a segmentation bundle is needed")
+        _check_segmenter(bundle)
         settings = inference_settings(bundle, overrides)
         section = bundle.inference
         try:
