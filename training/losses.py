@@ -119,8 +119,8 @@ class ForegroundDice(keras.metrics.Metric):
         return ops.mean(dice)
 
     def reset_state(self) -> None:
-        self.intersection.assign(ops.zeros_like(self.intersection))
-        self.total.assign(ops.zeros_like(self.total))
+        self.intersection.assign(ops.zeros(self.intersection.shape, dtype=self.intersection.dtype))
+        self.total.assign(ops.zeros(self.total.shape, dtype=self.total.dtype))
 
     def get_config(self) -> dict:
         return {**super().get_config(), "num_classes": self.num_classes}

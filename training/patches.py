@@ -68,6 +68,30 @@ class PreparedCase:
         return tuple(self.labels.shape)  # type: ignore[return-value]
 
 
+@dataclass
+class PackedCase:
+    """A labelled case read from a pack (:mod:`training.pack`): preprocessed already, no NIfTI needed.
+
+    Attributes:
+        case_id: as in the source folder.
+        prepared: the case on the network grid, made by :func:`prepare_case` when the pack was written.
+        preprocessing: the :class:`VolumePreprocessConfig` dict it was made with.
+        spacing: the voxel size (mm) of the source grid, on which ``truth`` lies.
+        label_convention: the labels of the source files (masks for the case use it).
+        fingerprint: the case's lines of :func:`dataset_fingerprint` (file names and sizes), so that a
+            run on the pack has the data fingerprint of a run on the folder it came from.
+        truth: returns the source label map ``(X, Y, Z)`` uint8 in labels {0, 1, 2, 4}, read on demand.
+    """
+
+    case_id: str
+    prepared: PreparedCase
+    preprocessing: dict[str, Any]
+    spacing: tuple[float, float, float]
+    label_convention: str
+    fingerprint: list[str]
+    truth: Any
+
+
 def _foreground_index(labels: np.ndarray) -> dict[int, np.ndarray]:
     flat = labels.ravel()
     return {k: np.flatnonzero(flat == k).astype(np.int32) for k in range(1, NUM_CLASSES) if (flat == k).any()}
@@ -99,11 +123,13 @@ def _source_signature(case: BratsCase, config: VolumePreprocessConfig) -> dict[s
     }
 
 
-def prepare_case(case: BratsCase, config: VolumePreprocessConfig, cache_dir: Path | None = None) -> PreparedCase:
+def prepare_case(case: BratsCase | PackedCase, config: VolumePreprocessConfig,
+                 cache_dir: Path | None = None) -> PreparedCase:
     """Load, validate and preprocess a labelled case, through an on-disk cache if given.
 
     Args:
-        case: from :func:`~brainscan.data.brats.find_cases`; must have a segmentation.
+        case: from :func:`~brainscan.data.brats.find_cases` (must have a segmentation), or a
+            :class:`PackedCase` (returned as packed, once its preprocessing is checked against ``config``).
         config: the preprocessing the bundle will record.
         cache_dir: folder for ``<case_id>/{image,labels}.npy``; reused while the source files
             (names, sizes, mtimes) and ``config`` are unchanged, and memory-mapped when read.
@@ -112,6 +138,12 @@ def prepare_case(case: BratsCase, config: VolumePreprocessConfig, cache_dir: Pat
         DatasetLayoutError: the case has no segmentation.
         And the errors of :func:`~brainscan.data.brats.load_case`.
     """
+    if isinstance(case, PackedCase):
+        if case.preprocessing != config.to_dict():
+            raise DatasetLayoutError(f"case {case.case_id} of the pack was preprocessed with {case.preprocessing}, "
+                                     f"this run needs {config.to_dict()}: write the pack again with the run's "
+                                     "--preset and --target-spacing")
+        return case.prepared
     if case.seg is None:
         raise DatasetLayoutError(f"case {case.case_id} has no segmentation; training needs <case>_seg.nii[.gz]")
     folder = Path(cache_dir) / case.case_id if cache_dir is not None else None
@@ -136,7 +168,7 @@ def prepare_case(case: BratsCase, config: VolumePreprocessConfig, cache_dir: Pat
     return prepared
 
 
-def prepare_cases(cases: Sequence[BratsCase], config: VolumePreprocessConfig,
+def prepare_cases(cases: Sequence[BratsCase | PackedCase], config: VolumePreprocessConfig,
                   cache_dir: Path | None = None) -> list[PreparedCase]:
     """:func:`prepare_case` for each case, with a log line per 25 cases."""
     prepared = []
@@ -411,18 +443,63 @@ class PatchSampler:
         dataset = tf.data.Dataset.counter(start).map(cut, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
+    def batch(self, batch_size: int, number: int, *, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Batch ``number`` of the stream that :meth:`dataset` yields (same patches, same targets)."""
+        first = start + number * batch_size
+        images, labels = zip(*(self.sample(first + i) for i in range(batch_size)))
+        index = np.stack(labels)
+        if self.targets == "regions":
+            index = index.astype(np.int32)
+            target = np.stack([index > 0, (index == 1) | (index == 3), index == 3], axis=-1)
+        else:
+            target = np.eye(NUM_CLASSES, dtype=bool)[index]
+        return np.stack(images), target.astype(np.float32)
 
-def dataset_fingerprint(cases: Sequence[BratsCase]) -> str:
-    """sha256 of every case id with its files' names and sizes (order-independent)."""
-    lines = []
-    for case in cases:
-        for path in [*case.modalities.values(), case.seg]:
-            if path is not None:
-                lines.append(f"{case.case_id}\t{path.name}\t{path.stat().st_size}")
+    def batches(self, batch_size: int, steps: int, *, start: int = 0, workers: int = 1) -> Any:
+        """``steps`` batches as a ``keras.utils.PyDataset``: the same stream as :meth:`dataset`, for
+        Keras backends without tf.data (JAX on a GPU machine that has no TensorFlow).
+
+        Args:
+            batch_size: patches per batch.
+            steps: batches in all (the rest of the run: ``(epochs - done) * steps_per_epoch``).
+            start: index of the first patch.
+            workers: processes cutting patches in parallel (1: in the training thread).
+        """
+        import keras
+
+        if batch_size < 1 or steps < 1:
+            raise ValueError(f"batch_size and steps must be at least 1, got {batch_size}, {steps}")
+        sampler = self
+
+        class PatchBatches(keras.utils.PyDataset):
+            def __init__(self) -> None:
+                super().__init__(workers=workers, use_multiprocessing=workers > 1, max_queue_size=4 * workers)
+
+            def __len__(self) -> int:
+                return steps
+
+            def __getitem__(self, number: int) -> tuple[np.ndarray, np.ndarray]:
+                return sampler.batch(batch_size, int(number), start=start)
+
+        return PatchBatches()
+
+
+def fingerprint_lines(case: BratsCase | PackedCase) -> list[str]:
+    """A case's share of :func:`dataset_fingerprint`: its id with each file's name and size."""
+    if isinstance(case, PackedCase):
+        return list(case.fingerprint)
+    return [f"{case.case_id}\t{path.name}\t{path.stat().st_size}"
+            for path in [*case.modalities.values(), case.seg] if path is not None]
+
+
+def dataset_fingerprint(cases: Sequence[BratsCase | PackedCase]) -> str:
+    """sha256 of every case id with its files' names and sizes (order-independent; a pack's cases
+    give the fingerprint of the folder they were packed from)."""
+    lines = [line for case in cases for line in fingerprint_lines(case)]
     return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
 
 
 __all__ = [
-    "AugmentConfig", "PatchSampler", "PreparedCase", "augment_patch", "dataset_fingerprint", "extract_patch",
+    "AugmentConfig", "PackedCase", "PatchSampler", "PreparedCase", "fingerprint_lines", "augment_patch", "dataset_fingerprint", "extract_patch",
     "prepare_arrays", "prepare_case", "prepare_cases", "spatial_transform", "transform_patch",
 ]

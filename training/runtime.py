@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -46,14 +47,16 @@ def setup_runtime(seed: int, *, mixed_precision: str = "auto") -> Runtime:
     if mixed_precision not in MIXED_PRECISION_CHOICES:
         raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {mixed_precision!r}")
     import keras
-    import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
+    if keras.backend.backend() != "tensorflow":
+        return _setup_without_tensorflow(mixed_precision)
+    import tensorflow as tf
+
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
-    use_mixed = mixed_precision == "on" or (mixed_precision == "auto" and bool(gpus))
-    policy = "mixed_float16" if use_mixed else "mixed_bfloat16" if mixed_precision == "bf16" else "float32"
+    use_mixed, policy = _policy(mixed_precision, bool(gpus))
     keras.mixed_precision.set_global_policy(policy)
     devices = [d.strip() for d in os.environ.get(DEVICES_ENV, "").split(",") if d.strip()]
     if len(devices) > 1:
@@ -66,6 +69,41 @@ def setup_runtime(seed: int, *, mixed_precision: str = "auto") -> Runtime:
         strategy = tf.distribute.get_strategy()
     log.info("devices: %d GPU(s), %d replica(s), dtype policy %s", len(gpus), strategy.num_replicas_in_sync, policy)
     return Runtime(strategy=strategy, gpus=len(gpus), mixed_precision=use_mixed, policy=policy)
+
+
+def _policy(mixed_precision: str, on_gpu: bool) -> tuple[bool, str]:
+    """(float16 compute?, the Keras dtype policy) for a ``--mixed-precision`` choice."""
+    use_mixed = mixed_precision == "on" or (mixed_precision == "auto" and on_gpu)
+    return use_mixed, "mixed_float16" if use_mixed else "mixed_bfloat16" if mixed_precision == "bf16" else "float32"
+
+
+class SingleDevice:
+    """The strategy of a Keras backend other than TensorFlow: one device, nothing to distribute."""
+
+    num_replicas_in_sync = 1
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+def _setup_without_tensorflow(mixed_precision: str) -> Runtime:
+    """JAX (or another Keras backend): one device, the first GPU when there is one.
+
+    This is how a GPU machine without TensorFlow trains (``KERAS_BACKEND=jax``); several GPUs are
+    not used together here.
+    """
+    import keras
+
+    gpus = 0
+    if keras.backend.backend() == "jax":
+        import jax
+
+        gpus = sum(1 for d in jax.devices() if d.platform == "gpu")
+    use_mixed, policy = _policy(mixed_precision, gpus > 0)
+    keras.mixed_precision.set_global_policy(policy)
+    log.info("devices: %d GPU(s) (Keras backend %s; one used), 1 replica(s), dtype policy %s",
+             gpus, keras.backend.backend(), policy)
+    return Runtime(strategy=SingleDevice(), gpus=gpus, mixed_precision=use_mixed, policy=policy)
 
 
 @functools.cache
@@ -98,6 +136,10 @@ def wrap_optimizer(optimizer: Any, runtime: Runtime) -> Any:
     """The optimizer to compile with: loss-scaled (replica-safe) under mixed precision, else as is."""
     if not runtime.mixed_precision:
         return optimizer
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return keras.optimizers.LossScaleOptimizer(optimizer)  # one device: nothing to agree across
     return _replica_safe_loss_scale_optimizer_class()(optimizer)
 
 
@@ -115,5 +157,6 @@ def load_checkpoint(path: Any) -> Any:
     from brainscan.models.registry import list_architectures
 
     list_architectures()  # imports every architecture module
-    _replica_safe_loss_scale_optimizer_class()
+    if keras.backend.backend() == "tensorflow":
+        _replica_safe_loss_scale_optimizer_class()
     return keras.models.load_model(path)

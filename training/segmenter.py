@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -35,6 +36,8 @@ from brainscan.labels import BRATS_LABELS, REGIONS
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("unet3d", "attention_unet3d")
+#: Processes cutting patches under a Keras backend without tf.data (JAX); default: cores - 1, at most 8.
+DATA_WORKERS_ENV = "BRAINSCAN_DATA_WORKERS"
 #: per preset: patch side, steps per epoch, epochs, peak learning rate. The tiny network (4-32
 #: filters) needs a 10x larger AdamW step to leave the all-background solution within minutes.
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -197,11 +200,18 @@ def split_cases(cases: list[Any], *, val_fraction: float, val_cases: int | None,
 
 
 def labelled_cases(data: Path, max_cases: int | None, seed: int) -> list[Any]:
-    """The cases under ``data`` that have a segmentation (at most ``max_cases``, a seeded choice)."""
-    from brainscan.data.brats import find_cases
+    """The cases under ``data`` that have a segmentation (at most ``max_cases``, a seeded choice).
 
-    cases = find_cases(data)
-    labelled = [c for c in cases if c.seg is not None]
+    ``data`` is a BraTS folder or a pack file (:mod:`training.pack`), whose cases are all labelled.
+    """
+    from brainscan.data.brats import find_cases
+    from training.pack import is_pack, read_pack
+
+    if is_pack(data):
+        cases = labelled = read_pack(data)
+    else:
+        cases = find_cases(data)
+        labelled = [c for c in cases if c.seg is not None]
     if len(labelled) < len(cases):
         log.warning("skipping %d case(s) without a segmentation under %s", len(cases) - len(labelled), data)
     if max_cases is not None and len(labelled) > max_cases:
@@ -219,14 +229,19 @@ def predict_cases(segmenter: Any, cases: list[Any], cache_dir: Path | None = Non
         tumour voxel the crop lost counts as missed.
     """
     from brainscan.io.nifti import load_nifti
-    from training.patches import prepare_case
+    from brainscan.labels import from_convention
+    from training.patches import PackedCase, prepare_case
 
     for case in cases:
         prepared = prepare_case(case, segmenter.preprocess_config, cache_dir)
         probabilities = segmenter.probabilities(np.asarray(prepared.image))
-        truth = load_nifti(case.seg)
-        labels = truth.data.reshape(truth.data.shape[:3]).astype(np.uint8)
-        yield case.case_id, prepared.info, probabilities, labels, truth.spacing[:3]
+        if isinstance(case, PackedCase):
+            labels, spacing = case.truth(), case.spacing
+        else:
+            truth = load_nifti(case.seg)
+            labels = from_convention(truth.data.reshape(truth.data.shape[:3]).astype(np.uint8), case.label_convention)
+            spacing = truth.spacing[:3]
+        yield case.case_id, prepared.info, probabilities, labels, spacing
 
 
 def evaluate_cases(segmenter: Any, cases: list[Any], cache_dir: Path | None = None) -> dict[str, dict]:
@@ -344,12 +359,11 @@ def _callbacks(config: SegmenterTrainConfig, state: dict[str, Any], val_cases: l
             state["epoch"] = epoch + 1
             _write_json(work / "state.json", state)
 
-    callbacks = [
-        WholeVolumeValidation(),
-        keras.callbacks.ModelCheckpoint(work / "last.keras"),
-        keras.callbacks.TensorBoard(log_dir=str(work / "tensorboard"), write_graph=False, profile_batch=0),
-        StateWriter(),
-    ]
+    callbacks = [WholeVolumeValidation(), keras.callbacks.ModelCheckpoint(work / "last.keras")]
+    if keras.backend.backend() == "tensorflow":  # its summary writer is TensorFlow's
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(work / "tensorboard"), write_graph=False,
+                                                     profile_batch=0))
+    callbacks.append(StateWriter())
     if config.progress == "tqdm":
         callbacks.append(tqdm_callback(config.epochs * config.steps_per_epoch, initial_epoch * config.steps_per_epoch,
                                       desc=f"training {config.arch}"))
@@ -408,6 +422,48 @@ def _build_and_compile(config: SegmenterTrainConfig, arch_args: dict[str, Any], 
     return model
 
 
+def initial_bundle_record(bundle_path: Path, val_case_ids: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """What ``--init-from`` records: the source bundle, and the stages that made it.
+
+    Reads only the manifest (no TensorFlow). The stages are the source's own ``training.stages``
+    or, for a bundle trained in one go, one stage built from its training record.
+
+    Raises:
+        BundleError: not a segmentation bundle, or one trained on a case this run validates on (its
+            validation Dice would then be measured on a training case).
+    """
+    from brainscan.errors import BundleError
+    from brainscan.models.bundle import read_manifest
+
+    manifest = read_manifest(bundle_path)
+    if manifest.get("task") != "segmentation":
+        raise BundleError(f"--init-from {bundle_path}: a {manifest.get('task')} bundle cannot start a segmenter")
+    training = manifest.get("training") or {}
+    leaked = sorted(set(training.get("training_case_ids") or []) & set(val_case_ids))
+    if leaked:
+        raise BundleError(f"--init-from {bundle_path}: it was trained on {', '.join(leaked)}, which this run "
+                          "validates on; use the same cases, --seed and --val-cases as its run "
+                          f"(validation cases there: {', '.join(training.get('validation_case_ids') or []) or 'unknown'})")
+    if not training.get("training_case_ids"):
+        log.warning("--init-from %s records no training cases: this run's validation cases may have been "
+                    "among its training cases", bundle_path)
+    record = {"bundle": str(bundle_path), "name": manifest.get("name"), "version": manifest.get("version"),
+              "weights_sha256": (manifest.get("weights") or {}).get("sha256")}
+    stages = training.get("stages") or [stage_record(manifest.get("version"), training,
+                                                     (manifest.get("metrics") or {}).get("dice"))]
+    return record, list(stages)
+
+
+def stage_record(version: Any, training: dict[str, Any], dice: dict[str, float] | None) -> dict[str, Any]:
+    """One stage of a bundle's training history: its command, length and validation Dice."""
+    config = training.get("config") or {}
+    return {"version": version, "command": training.get("command"), "epochs_run": training.get("epochs_run"),
+            "steps_per_epoch": config.get("steps_per_epoch"), "learning_rate": config.get("learning_rate"),
+            "best_epoch": training.get("best_epoch"), "train_seconds": training.get("train_seconds_this_run"),
+            "init_from": (training.get("init_from") or {}).get("version"),
+            "validation_dice": dice}
+
+
 def _load_initial_weights(model: Any, bundle_path: Path) -> None:
     """Copy a bundle's weights into ``model`` (same architecture and arguments), cast to its dtypes.
 
@@ -442,6 +498,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     from brainscan.metrics.segmentation import aggregate_cases
     from brainscan.models.bundle import save_bundle
     from brainscan.models.store import ModelStore
+    from training.pack import is_pack
     from training.patches import AugmentConfig, PatchSampler, dataset_fingerprint, prepare_cases
     from training.runtime import load_checkpoint, setup_runtime
 
@@ -460,6 +517,8 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         prepare_cases(val, preprocess_config, cache_dir=work / "cache")
 
         arch_args = config.arch_args()
+        init_record, stages = (initial_bundle_record(config.init_from, [c.case_id for c in val])
+                               if config.init_from is not None else (None, []))
         state_path, last_path, best_path = work / "state.json", work / "last.keras", work / "best.weights.h5"
         config_dict = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
         state: dict[str, Any] = {"epoch": 0, "history": [], "best": None, "config": config_dict}
@@ -479,7 +538,15 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
                                augment=AugmentConfig() if config.augment else None, seed=config.seed,
                                targets=config.outputs)
         # Continue the patch stream where the checkpoint left it, not from its first patch.
-        dataset = sampler.dataset(global_batch, start=initial_epoch * config.steps_per_epoch * global_batch)
+        first_patch = initial_epoch * config.steps_per_epoch * global_batch
+        if keras.backend.backend() == "tensorflow":
+            dataset = sampler.dataset(global_batch, start=first_patch)
+        else:  # no tf.data: the same batches from worker processes
+            remaining = max(1, (config.epochs - initial_epoch) * config.steps_per_epoch)
+            workers = int(os.environ.get(DATA_WORKERS_ENV) or max(1, min(8, (os.cpu_count() or 2) - 1)))
+            dataset = sampler.batches(global_batch, remaining, start=first_patch, workers=workers)
+            log.info("patches from %d worker process(es) (no tf.data under Keras backend %s)", workers,
+                     keras.backend.backend())
         callbacks = _callbacks(config, state, val, preprocess_config, initial_epoch)
         start = time.perf_counter()
         if initial_epoch < config.epochs:
@@ -499,6 +566,26 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
 
         bundle_dir = config.out / "segmentation" / config.arch / str(config.version)
         history = state["history"]
+        training_record = {
+            "data_fingerprint": dataset_fingerprint(train + val),
+            "data_description": (f"{'a pack of BraTS-layout cases' if is_pack(config.data) else 'BraTS-layout cases'} "
+                                 f"at {config.data} ({len(train)} train, {len(val)} validation)"),
+            "command": config.command,
+            "epochs": config.epochs,
+            "seed": config.seed,
+            "config": config_dict,
+            "validation_case_ids": [c.case_id for c in val],
+            "training_case_ids": [c.case_id for c in train],
+            "epochs_run": len(history),
+            "best_epoch": state["best"]["epoch"] if state["best"] else None,
+            "history": history,
+            "train_seconds_this_run": round(train_seconds, 1),
+            "devices": {"gpus": runtime.gpus, "replicas": runtime.replicas,
+                        "mixed_precision": runtime.mixed_precision, "dtype_policy": runtime.policy},
+            **({"init_from": init_record} if init_record else {}),
+        }
+        # The whole chain of stages, oldest first, so that it can be rerun command by command.
+        training_record["stages"] = [*stages, stage_record(str(config.version), training_record, scores)]
         save_bundle(
             model,
             bundle_dir,
@@ -518,22 +605,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
                 "postprocessing_selection": selection,
                 "training_cases": len(train),
             },
-            training={
-                "data_fingerprint": dataset_fingerprint(train + val),
-                "data_description": f"BraTS-layout cases at {config.data} ({len(train)} train, {len(val)} validation)",
-                "command": config.command,
-                "epochs": config.epochs,
-                "seed": config.seed,
-                "config": config_dict,
-                "validation_case_ids": [c.case_id for c in val],
-                "training_case_ids": [c.case_id for c in train],
-                "epochs_run": len(history),
-                "best_epoch": state["best"]["epoch"] if state["best"] else None,
-                "history": history,
-                "train_seconds_this_run": round(train_seconds, 1),
-                "devices": {"gpus": runtime.gpus, "replicas": runtime.replicas,
-                        "mixed_precision": runtime.mixed_precision, "dtype_policy": runtime.policy},
-            },
+            training=training_record,
             weights_dtype=config.weights_dtype,
             overwrite=config.overwrite,
         )

@@ -66,7 +66,8 @@ def add_segmenter_parser(commands: argparse._SubParsersAction) -> argparse.Argum
         description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", type=Path, required=True,
-                        help="BraTS dataset folder holding one folder per case (cases without a seg are skipped)")
+                        help="BraTS dataset folder holding one folder per case (cases without a seg are skipped), "
+                             "or a pack file written by `brainscan train pack` (trains without the NIfTI files)")
     parser.add_argument("--arch", choices=ARCHITECTURES, required=True,
                         help="unet3d (3D U-Net) or attention_unet3d (attention-gated skips)")
     parser.add_argument("--out", type=Path, default=Path("models"), help="model store folder (default: models)")
@@ -131,6 +132,61 @@ def add_segmenter_parser(commands: argparse._SubParsersAction) -> argparse.Argum
     parser.add_argument("--demo", action="store_true", help="mark the bundle as a demo (not for real use)")
     parser.set_defaults(func=run_segmenter)
     return parser
+
+
+_PACK_DESCRIPTION = """\
+Preprocess labelled BraTS cases once, exactly as `brainscan train segmenter` and serving do (brain
+crop, z-score, orientation, --target-spacing), and write them into one compact file: float16
+volumes, the crop records and each case's label map, deflated (about 2 MB a case at 2 mm).
+`brainscan train segmenter --data PACK.npz` then trains from it with the same split, patches,
+validation and data fingerprint as from the folder, without reading a NIfTI file and without
+TensorFlow: on a GPU machine that has JAX instead, set KERAS_BACKEND=jax. A GPU machine lent here
+receives at most 64 MiB of working tree, so keep the pack under that (a warning says when not).
+"""
+
+_PACK_EPILOG = """\
+example (the shipped 2 mm recipe's cases; then carry runs/pack to the GPU machine):
+  brainscan train pack --data BRATS_DIR --preset small --target-spacing 2 --out runs/pack/brats-2mm.npz
+  KERAS_BACKEND=jax brainscan train segmenter --data runs/pack/brats-2mm.npz --arch unet3d --preset small \
+      --target-spacing 2 --outputs regions --patch-size 64 --batch-size 8 --mixed-precision bf16 ...
+"""
+
+
+def add_pack_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``pack`` to the ``brainscan train`` subcommands; returns its parser."""
+    parser = commands.add_parser(
+        "pack", help="preprocess BraTS cases into one compact file to train a segmenter from (GPU machines)",
+        description=_PACK_DESCRIPTION, epilog=_PACK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="BraTS dataset folder (cases with a seg are packed)")
+    parser.add_argument("--out", type=Path, required=True, help="the pack file to write (.npz)")
+    parser.add_argument("--preset", choices=tuple(PRESET_DEFAULTS), default="full",
+                        help="the network preset the pack will train (it sets the size divisor; default full)")
+    parser.add_argument("--target-spacing", type=float, default=None, metavar="MM",
+                        help="isotropic voxel size in mm, as the training run's --target-spacing (default: keep "
+                             "the grid)")
+    parser.add_argument("--max-cases", type=int, default=None, help="pack at most N cases (a seeded choice)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --max-cases choice")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="a training work folder's cache/ to reuse (default: preprocess afresh)")
+    parser.set_defaults(func=run_pack)
+    return parser
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    from training.pack import write_pack
+    from training.segmenter import SegmenterTrainConfig, labelled_cases
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        # The preprocessing a training run with these options records (one definition of it).
+        run = SegmenterTrainConfig(data=args.data, arch="unet3d", preset=args.preset,
+                                   target_spacing=args.target_spacing, max_cases=args.max_cases)
+    except ValueError as exc:
+        raise SystemExit(f"brainscan train pack: {exc}") from exc
+    cases = labelled_cases(args.data, args.max_cases, args.seed)
+    path = write_pack(cases, run.preprocess_config(), args.out, cache_dir=args.cache_dir)
+    print(f"pack written: {path} ({len(cases)} cases, {path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
 
 
 def config_from_args(args: argparse.Namespace):

@@ -59,9 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "batch-norm statistics averaged alongside, so that they fit those weights)")
     clf.set_defaults(func=run_classifier)
 
-    from training.segmenter_cli import add_segmenter_parser
+    from training.segmenter_cli import add_pack_parser, add_segmenter_parser
 
     add_segmenter_parser(commands)
+    add_pack_parser(commands)
 
 
 def run_classifier(args: argparse.Namespace) -> int:

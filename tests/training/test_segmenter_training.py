@@ -333,3 +333,38 @@ def test_init_from_copies_a_bundles_weights_and_refuses_another_network(region_r
     other = SegmenterTrainConfig(**{**start.__dict__, "outputs": "classes"})
     with pytest.raises(BundleError, match="does not match"):
         _build_and_compile(other, other.arch_args(), runtime)
+
+
+@pytest.mark.slow
+def test_second_stage_records_the_chain_of_stages(region_run, tmp_path):
+    from brainscan.models.bundle import read_manifest
+
+    bundle_path, config = region_run
+    first = read_manifest(bundle_path)
+    stage2 = SegmenterTrainConfig(**{**config.__dict__, "init_from": bundle_path, "work_dir": tmp_path / "w",
+                                     "version": "stage-2", "epochs": 1, "command": "brainscan train segmenter stage-2"})
+    training = read_manifest(train_segmenter(stage2))["training"]
+    assert training["init_from"]["version"] == first["version"]
+    assert training["init_from"]["weights_sha256"] == first["weights"]["sha256"]
+    stages = training["stages"]
+    assert [s["version"] for s in stages] == [first["version"], "stage-2"]
+    assert stages[0]["command"] == first["training"]["command"]
+    assert stages[1]["command"] == "brainscan train segmenter stage-2" and stages[1]["init_from"] == first["version"]
+    assert stages[1]["epochs_run"] == 1 and set(stages[1]["validation_dice"]) >= {"WT", "TC", "ET", "mean"}
+
+
+SHIPPED_UNET = Path(__file__).resolve().parents[2] / "models" / "segmentation" / "unet3d" / "1"
+
+
+@pytest.mark.skipif(not (SHIPPED_UNET / "manifest.json").is_file(), reason="shipped unet3d/1 bundle absent")
+def test_init_from_refuses_a_bundle_trained_on_a_validation_case():
+    from brainscan.errors import BundleError
+    from brainscan.models.bundle import read_manifest
+    from training.segmenter import initial_bundle_record
+
+    training = read_manifest(SHIPPED_UNET)["training"]
+    record, stages = initial_bundle_record(SHIPPED_UNET, training["validation_case_ids"])
+    assert record["version"] == "1" and len(record["weights_sha256"]) == 64
+    assert stages[0]["version"] == "1" and stages[0]["command"] == training["command"]
+    with pytest.raises(BundleError, match=f"trained on {training['training_case_ids'][0]}"):
+        initial_bundle_record(SHIPPED_UNET, [training["training_case_ids"][0]])
