@@ -68,6 +68,8 @@ class SegmenterTrainConfig:
     warmup_epochs: int = 1
     val_fraction: float = 0.15
     val_cases: int | None = None
+    folds: int | None = None
+    fold: int | None = None
     val_every: int = 5
     patience: int = 30
     max_cases: int | None = None
@@ -114,6 +116,13 @@ class SegmenterTrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.val_cases is not None and self.val_cases < 1:
             raise ValueError(f"val_cases must be at least 1, got {self.val_cases}")
+        if (self.folds is None) != (self.fold is None):
+            raise ValueError("folds and fold go together: --folds K --fold I trains on all but the I-th of K folds")
+        if self.folds is not None:
+            if self.folds < 2 or not 0 <= self.fold < self.folds:
+                raise ValueError(f"folds must be >= 2 and fold in [0, folds), got folds {self.folds}, fold {self.fold}")
+            if self.val_cases is not None:
+                raise ValueError("val_cases and folds both choose the validation cases: give one of them")
         if self.max_cases is not None and self.max_cases < 2:
             raise ValueError(f"max_cases must be at least 2 (one to train, one to validate), got {self.max_cases}")
         if not 0.0 <= self.foreground_fraction <= 1.0:
@@ -137,7 +146,8 @@ class SegmenterTrainConfig:
             raise ValueError(f"progress must be keras, tqdm or none, got {self.progress!r}")
         self.data, self.out = Path(self.data), Path(self.out)
         if self.work_dir is None:
-            self.work_dir = Path("runs") / f"segmenter-{self.arch}-{self.preset}-{self.patch_size}px-seed{self.seed}"
+            fold = f"-fold{self.fold}of{self.folds}" if self.folds is not None else ""
+            self.work_dir = Path("runs") / f"segmenter-{self.arch}-{self.preset}-{self.patch_size}px-seed{self.seed}{fold}"
         self.work_dir = Path(self.work_dir)
         if self.version is None:
             self.version = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -182,20 +192,32 @@ class SegmenterTrainConfig:
                          predict_fn=predict_fn)
 
 
-def split_cases(cases: list[Any], *, val_fraction: float, val_cases: int | None, seed: int) -> tuple[list, list]:
+def split_cases(cases: list[Any], *, val_fraction: float, val_cases: int | None, seed: int,
+                folds: int | None = None, fold: int | None = None) -> tuple[list, list]:
     """Seeded split of labelled cases into (train, validation), each sorted by case id.
 
+    With ``folds`` and ``fold``: the cases are shuffled with ``seed`` and cut into ``folds`` parts of
+    near-equal size; part ``fold`` validates, the rest trains. The ``folds`` runs of one seed thus
+    validate on every case exactly once (cross-validation).
+
     Raises:
-        DatasetLayoutError: fewer than 2 cases, or no case left to train on.
+        DatasetLayoutError: fewer than 2 cases (or than ``folds``), or no case left to train on.
     """
     if len(cases) < 2:
         raise DatasetLayoutError(f"training needs at least 2 labelled cases (1 to validate), found {len(cases)}")
-    n_val = val_cases if val_cases is not None else max(1, round(val_fraction * len(cases)))
-    if n_val >= len(cases):
-        raise DatasetLayoutError(f"{n_val} validation cases leave none of the {len(cases)} cases to train on")
     order = np.random.default_rng(seed).permutation(len(cases))
-    val = sorted((cases[i] for i in order[:n_val]), key=lambda c: c.case_id)
-    train = sorted((cases[i] for i in order[n_val:]), key=lambda c: c.case_id)
+    if folds is not None:
+        if len(cases) < folds:
+            raise DatasetLayoutError(f"{folds} folds need at least {folds} labelled cases, found {len(cases)}")
+        held = set(np.array_split(order, folds)[fold].tolist())
+        val_idx, train_idx = [i for i in order if i in held], [i for i in order if i not in held]
+    else:
+        n_val = val_cases if val_cases is not None else max(1, round(val_fraction * len(cases)))
+        if n_val >= len(cases):
+            raise DatasetLayoutError(f"{n_val} validation cases leave none of the {len(cases)} cases to train on")
+        val_idx, train_idx = order[:n_val], order[n_val:]
+    val = sorted((cases[i] for i in val_idx), key=lambda c: c.case_id)
+    train = sorted((cases[i] for i in train_idx), key=lambda c: c.case_id)
     return train, val
 
 
@@ -308,6 +330,73 @@ def region_dice(per_case: dict[str, dict]) -> dict[str, float]:
     scores = {r: float(np.mean([m[r]["dice"] for m in per_case.values()])) for r in REGIONS}
     scores["mean"] = float(np.mean(list(scores.values())))
     return scores
+
+
+def _finite_or_none(value: Any) -> float | None:
+    """A metric for JSON: ``None`` where it is undefined (NaN, inf: e.g. HD95 with an empty mask)."""
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def cross_validation_summary(bundle_paths: list[Path]) -> dict[str, Any]:
+    """Pool the validation of the fold runs of one cross-validation (``--folds K --fold I``).
+
+    Reads the manifests only. Every case is validated by the fold that did not train on it, so the
+    pooled per-case Dice and HD95 are an estimate over all cases of what the recipe reaches on
+    unseen cases of the same data (still not an independent test: the recipe was chosen on them).
+
+    Returns:
+        ``{"folds": K, "folds_found": [...], "folds_missing": [...], "cases": N, "per_fold": [...],
+        "dice": {WT, TC, ET, mean}, "hd95": {WT, TC, ET}, "hd95_cases": {region: n}}``.
+
+    Raises:
+        BundleError: a bundle is not a fold run, or the runs are not folds of one cross-validation
+            (other data, seed, K or architecture; a fold twice; overlapping validation cases).
+    """
+    from brainscan.errors import BundleError
+    from brainscan.models.bundle import read_manifest
+
+    if not bundle_paths:
+        raise BundleError("cv-summary needs the bundles of the fold runs")
+    runs = []
+    for path in bundle_paths:
+        manifest = read_manifest(path)
+        training = manifest.get("training") or {}
+        config = training.get("config") or {}
+        if manifest.get("task") != "segmentation" or config.get("folds") is None:
+            raise BundleError(f"{path} is not a segmenter trained with --folds/--fold")
+        runs.append((path, manifest, config))
+    key = {(m["architecture"]["name"], m["training"]["data_fingerprint"], c["folds"], c["seed"]) for _, m, c in runs}
+    if len(key) > 1:
+        raise BundleError(f"these bundles are not folds of one cross-validation (architecture, data, folds, seed "
+                          f"differ: {sorted(key)})")
+    folds = runs[0][2]["folds"]
+    seen: dict[int, Path] = {}
+    dice_rows: dict[str, dict[str, float]] = {}
+    hd95_rows: dict[str, dict[str, float | None]] = {}
+    per_fold = []
+    for path, manifest, config in sorted(runs, key=lambda r: r[2]["fold"]):
+        fold = config["fold"]
+        if fold in seen:
+            raise BundleError(f"fold {fold} twice: {seen[fold]} and {path}")
+        seen[fold] = path
+        metrics = manifest["metrics"]
+        overlap = sorted(set(metrics["validation_per_case"]) & set(dice_rows))
+        if overlap:
+            raise BundleError(f"{path} validates on {overlap}, which another fold validates on too")
+        dice_rows.update(metrics["validation_per_case"])
+        hd95_rows.update(metrics.get("validation_per_case_hd95") or {})
+        per_fold.append({"fold": fold, "bundle": str(path), "cases": sorted(metrics["validation_per_case"]),
+                         "dice": metrics["dice"]})
+    dice = {r: float(np.mean([row[r] for row in dice_rows.values()])) for r in REGIONS}
+    dice["mean"] = float(np.mean([dice[r] for r in REGIONS]))
+    hd95 = {}
+    counts = {}
+    for r in REGIONS:
+        values = [row[r] for row in hd95_rows.values() if row.get(r) is not None]
+        hd95[r] = float(np.mean(values)) if values else None
+        counts[r] = len(values)
+    return {"folds": folds, "folds_found": sorted(seen), "folds_missing": sorted(set(range(folds)) - set(seen)),
+            "cases": len(dice_rows), "per_fold": per_fold, "dice": dice, "hd95": hd95, "hd95_cases": counts}
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -509,7 +598,8 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         assert work is not None
         work.mkdir(parents=True, exist_ok=True)
         cases = labelled_cases(config.data, config.max_cases, config.seed)
-        train, val = split_cases(cases, val_fraction=config.val_fraction, val_cases=config.val_cases, seed=config.seed)
+        train, val = split_cases(cases, val_fraction=config.val_fraction, val_cases=config.val_cases, seed=config.seed,
+                                 folds=config.folds, fold=config.fold)
         log.info("training cases: %d, validation cases: %d (whole volumes)", len(train), len(val))
         preprocess_config = config.preprocess_config()
         prepared = prepare_cases(train, preprocess_config, cache_dir=work / "cache")
@@ -601,6 +691,8 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
                 "dice": scores,
                 "validation": aggregate_cases(list(per_case.values())),
                 "validation_per_case": {cid: {r: m[r]["dice"] for r in REGIONS} for cid, m in per_case.items()},
+                "validation_per_case_hd95": {cid: {r: _finite_or_none(m[r]["hd95"]) for r in REGIONS}
+                                             for cid, m in per_case.items()},
                 "validation_cases": len(val),
                 "postprocessing_selection": selection,
                 "training_cases": len(train),

@@ -90,6 +90,12 @@ def add_segmenter_parser(commands: argparse._SubParsersAction) -> argparse.Argum
     split.add_argument("--val-fraction", type=float, default=0.15,
                        help="share of the cases held out for validation (default 0.15)")
     split.add_argument("--val-cases", type=int, default=None, help="number of validation cases instead")
+    split.add_argument("--folds", type=int, default=None, metavar="K",
+                       help="cross-validation: cut the cases (shuffled with --seed) into K folds and validate on "
+                            "fold --fold; the K runs validate on every case once (summarise them with "
+                            "`brainscan train cv-summary`)")
+    parser.add_argument("--fold", type=int, default=None, metavar="I",
+                        help="with --folds K: the fold this run validates on, 0..K-1")
     parser.add_argument("--val-every", type=int, default=5,
                         help="validate on whole volumes every N epochs, and after the last (default 5)")
     parser.add_argument("--patience", type=int, default=30,
@@ -172,6 +178,42 @@ def add_pack_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPa
     return parser
 
 
+def add_cv_summary_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``cv-summary`` to the ``brainscan train`` subcommands; returns its parser."""
+    parser = commands.add_parser(
+        "cv-summary", help="pool the validation Dice and HD95 of the fold runs of a segmenter cross-validation",
+        description="Read the bundles of the K runs of `brainscan train segmenter --folds K --fold I` (I = 0..K-1) "
+                    "and print each fold's validation Dice and the per-case mean Dice and HD95 pooled over all "
+                    "folds: every case scored by the fold that did not train on it.")
+    parser.add_argument("bundles", nargs="+", type=Path, help="the fold runs' bundle folders")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(func=run_cv_summary)
+    return parser
+
+
+def run_cv_summary(args: argparse.Namespace) -> int:
+    import json
+
+    from training.segmenter import cross_validation_summary
+
+    summary = cross_validation_summary(args.bundles)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for row in summary["per_fold"]:
+        d = row["dice"]
+        print(f"fold {row['fold']}: {len(row['cases'])} cases, Dice WT {d['WT']:.3f} TC {d['TC']:.3f} "
+              f"ET {d['ET']:.3f}  ({row['bundle']})")
+    d, h = summary["dice"], summary["hd95"]
+    hd = "  ".join(f"{r} {h[r]:.1f}" if h[r] is not None else f"{r} -" for r in ("WT", "TC", "ET"))
+    print(f"pooled over {summary['cases']} cases: Dice WT {d['WT']:.3f} TC {d['TC']:.3f} ET {d['ET']:.3f} "
+          f"mean {d['mean']:.3f}; HD95 (mm) {hd}")
+    if summary["folds_missing"]:
+        print(f"folds missing: {summary['folds_missing']} of {summary['folds']}: the estimate covers only "
+              "the folds given")
+    return 0
+
+
 def run_pack(args: argparse.Namespace) -> int:
     from training.pack import write_pack
     from training.segmenter import SegmenterTrainConfig, labelled_cases
@@ -201,7 +243,8 @@ def config_from_args(args: argparse.Namespace):
         data=args.data, arch=args.arch, out=args.out, preset=args.preset, patch_size=args.patch_size,
         batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-        val_fraction=args.val_fraction, val_cases=args.val_cases, val_every=args.val_every, patience=args.patience,
+        val_fraction=args.val_fraction, val_cases=args.val_cases, folds=args.folds, fold=args.fold,
+        val_every=args.val_every, patience=args.patience,
         max_cases=args.max_cases, seed=args.seed, work_dir=args.work_dir, version=args.version, resume=args.resume,
         promote=args.promote, overwrite=args.overwrite, weights_dtype=args.weights_dtype,
         mixed_precision=args.mixed_precision, foreground_fraction=args.foreground_fraction, augment=args.augment,

@@ -59,10 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "batch-norm statistics averaged alongside, so that they fit those weights)")
     clf.set_defaults(func=run_classifier)
 
-    from training.segmenter_cli import add_pack_parser, add_segmenter_parser
+    from training.segmenter_cli import add_cv_summary_parser, add_pack_parser, add_segmenter_parser
 
     add_segmenter_parser(commands)
     add_pack_parser(commands)
+    add_cv_summary_parser(commands)
 
 
 def run_classifier(args: argparse.Namespace) -> int:

@@ -368,3 +368,69 @@ def test_init_from_refuses_a_bundle_trained_on_a_validation_case():
     assert stages[0]["version"] == "1" and stages[0]["command"] == training["command"]
     with pytest.raises(BundleError, match=f"trained on {training['training_case_ids'][0]}"):
         initial_bundle_record(SHIPPED_UNET, [training["training_case_ids"][0]])
+
+
+def test_folds_validate_on_every_case_once():
+    cases = [argparse.Namespace(case_id=f"case{i:02d}") for i in range(19)]
+    seen = []
+    for fold in range(5):
+        train, val = split_cases(cases, val_fraction=0.15, val_cases=None, seed=7, folds=5, fold=fold)
+        assert not {c.case_id for c in train} & {c.case_id for c in val}
+        assert len(train) + len(val) == 19 and len(val) in (3, 4)
+        seen += [c.case_id for c in val]
+        again = split_cases(cases, val_fraction=0.15, val_cases=None, seed=7, folds=5, fold=fold)
+        assert [c.case_id for c in again[1]] == [c.case_id for c in val]
+    assert sorted(seen) == [c.case_id for c in cases]
+    with pytest.raises(DatasetLayoutError, match="5 folds need at least 5"):
+        split_cases(cases[:4], val_fraction=0.15, val_cases=None, seed=7, folds=5, fold=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"folds": 5}, "folds and fold go together"),
+    ({"folds": 1, "fold": 0}, "folds must be >= 2"),
+    ({"folds": 5, "fold": 5}, "fold in \\[0, folds\\)"),
+    ({"folds": 5, "fold": 0, "val_cases": 3}, "give one of them"),
+])
+def test_config_rejects_bad_folds(overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        SegmenterTrainConfig(data=tmp_path, arch="unet3d", **overrides)
+
+
+@pytest.mark.skipif(not (SHIPPED_UNET / "manifest.json").is_file(), reason="shipped unet3d/1 bundle absent")
+def test_cv_summary_pools_the_folds_and_refuses_what_is_not_one_cross_validation(tmp_path, capsys):
+    from brainscan.cli.main import main
+    from brainscan.errors import BundleError
+    from training.segmenter import cross_validation_summary
+
+    source = json.loads((SHIPPED_UNET / "manifest.json").read_text())
+    per_fold = [{"a": {"WT": 0.9, "TC": 0.8, "ET": 0.7}, "b": {"WT": 0.7, "TC": 0.6, "ET": 0.5}},
+                {"c": {"WT": 0.8, "TC": 0.7, "ET": 0.0}}]
+    hd95 = [{"a": {"WT": 4.0, "TC": 6.0, "ET": None}, "b": {"WT": 8.0, "TC": 2.0, "ET": 3.0}},
+            {"c": {"WT": 6.0, "TC": 4.0, "ET": None}}]
+    paths = []
+    for fold, (dice, hd) in enumerate(zip(per_fold, hd95)):
+        manifest = json.loads(json.dumps(source))
+        manifest["training"]["config"].update({"folds": 3, "fold": fold, "val_cases": None})
+        manifest["metrics"]["validation_per_case"] = dice
+        manifest["metrics"]["validation_per_case_hd95"] = hd
+        path = tmp_path / f"fold{fold}"
+        path.mkdir()
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        paths.append(path)
+    summary = cross_validation_summary(paths)
+    assert summary["cases"] == 3 and summary["folds_missing"] == [2]
+    assert summary["dice"]["WT"] == pytest.approx(0.8) and summary["dice"]["ET"] == pytest.approx(0.4)
+    assert summary["hd95"]["WT"] == pytest.approx(6.0) and summary["hd95"]["ET"] == pytest.approx(3.0)
+    assert summary["hd95_cases"]["ET"] == 1
+    assert main(["train", "cv-summary", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "pooled over 3 cases: Dice WT 0.800" in out and "folds missing: [2] of 3" in out
+    with pytest.raises(BundleError, match="fold 1 twice"):
+        cross_validation_summary([paths[0], paths[1], paths[1]])
+    with pytest.raises(BundleError, match="not a segmenter trained with --folds"):
+        cross_validation_summary([SHIPPED_UNET])
+    other = json.loads((paths[1] / "manifest.json").read_text())
+    other["training"]["config"]["seed"] = 99
+    (paths[1] / "manifest.json").write_text(json.dumps(other))
+    with pytest.raises(BundleError, match="not folds of one cross-validation"):
+        cross_validation_summary(paths)
