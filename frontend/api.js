@@ -17,8 +17,8 @@ export class ApiError extends Error {
 
 /** Error codes implied by a status when the body has none (e.g. a proxy's HTML error page). */
 export const ERROR_BY_STATUS = {
-  401: "unauthorized", 413: "too_large", 415: "unsupported_format", 502: "bad_gateway",
-  503: "service_unavailable", 504: "upstream_timeout",
+  401: "unauthorized", 413: "too_large", 415: "unsupported_format", 429: "too_many_requests",
+  502: "bad_gateway", 503: "service_unavailable", 504: "upstream_timeout",
 };
 
 /** A random request id (crypto.randomUUID needs a secure context; getRandomValues does not). */

@@ -34,6 +34,7 @@ const ERROR_MESSAGES = {
   upstream_timeout: "The classifier took too long to answer. Try again in a minute.",
   bad_gateway: "The classifier sent an answer we could not read. Try again; if it keeps happening, tell the operator.",
   unauthorized: "This server needs an API key. Enter it below, then upload the slice again.",
+  too_many_requests: "Too many wrong API keys were sent from your address. Wait a minute, check the key, then try again.",
   unknown_model: "That model is not available any more. Reload the page to see the current models.",
   model_unavailable: "That model is not loaded on the server right now. Choose another model, or try again later.",
   invalid_request: "The upload did not arrive as an image file. Choose the file again.",

@@ -31,6 +31,7 @@ const ERROR_MESSAGES = {
   upstream_timeout: "The segmentation service took too long to answer. Try again in a minute.",
   bad_gateway: "The segmentation service sent an answer we could not read. Try again; if it keeps happening, tell the operator.",
   unauthorized: "This server needs an API key. Enter it above, then start again.",
+  too_many_requests: "Too many wrong API keys were sent from your address. Wait a minute, check the key, then start again.",
   not_found: "This segmentation is no longer available: it expired, was deleted, or was started in another browser session. Start a new one.",
   unknown_model: "That model is not available any more. Reload the page to see the current models.",
   model_unavailable: "That model is not loaded on the server right now. Choose another model, or try again later.",

@@ -40,6 +40,11 @@ class GatewaySettings(BaseSettings):
             segmentation routes answer 503 and ``/api/ready`` reports it as such instead of failing.
         api_keys: comma-separated keys; when non-empty every ``/api/v1/*`` request needs a
             matching ``X-API-Key`` header.
+        api_key_max_failures: wrong API keys one client address may send within
+            ``api_key_failure_window_s`` before its keys are answered 429 until the oldest failure
+            leaves the window (``GATEWAY_API_KEY_MAX_FAILURES``; 0 turns throttling off).
+        api_key_failure_window_s: length of that window in seconds
+            (``GATEWAY_API_KEY_FAILURE_WINDOW_S``).
         cors_origins: comma-separated origins allowed to call the API from a browser (none by
             default: the page is served by the gateway itself, same origin).
         max_upload_bytes: largest request body accepted for a classification, enforced while
@@ -60,6 +65,8 @@ class GatewaySettings(BaseSettings):
     classifier_url: str = "http://127.0.0.1:8101"
     segmenter_url: str = "http://127.0.0.1:8102"
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_key_max_failures: int = Field(default=10, ge=0)
+    api_key_failure_window_s: float = Field(default=60.0, gt=0)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_segmentation_upload_bytes: int = DEFAULT_MAX_SEGMENTATION_UPLOAD_BYTES

@@ -124,18 +124,29 @@ def _check_size(img: nib.Nifti1Image, name: str, max_voxels: int) -> None:
         )
 
 
-def _read(img: nib.Nifti1Image, name: str, dtype: np.dtype | type | None) -> np.ndarray:
+def _reason(exc: BaseException, path: Path | None, name: str) -> str:
+    """``exc``'s message on one line, the file's path replaced by ``name``: nibabel names the file
+    object it read from, and these messages reach users, who must never see a server's folders."""
+    text = " ".join(str(exc).split())
+    return text.replace(str(path), name) if path is not None else text
+
+
+def _read(img: nib.Nifti1Image, name: str, dtype: np.dtype | type | None, path: Path | None = None) -> np.ndarray:
     try:
         data = np.asanyarray(img.dataobj)
     except (EOFError, OSError, zlib.error, ValueError) as exc:  # incl. gzip.BadGzipFile
-        raise CorruptFileError(f"{name} is truncated or damaged: {exc}") from exc
+        raise CorruptFileError(f"{name} is truncated or damaged: {_reason(exc, path, name)}") from exc
     if dtype is not None:
         data = data.astype(dtype, copy=False)
     return np.asarray(data)
 
 
 def load_nifti(
-    path: str | Path, *, dtype: np.dtype | type | None = None, max_voxels: int = DEFAULT_MAX_VOXELS
+    path: str | Path,
+    *,
+    dtype: np.dtype | type | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    name: str | None = None,
 ) -> Volume:
     """Read a ``.nii`` or ``.nii.gz`` file.
 
@@ -145,6 +156,8 @@ def load_nifti(
         dtype: cast the data to this dtype (``None`` keeps the scaled on-disk values).
         max_voxels: refuse volumes with more voxels than this (checked from the header, before
             any data is decompressed, so a gzip bomb never expands).
+        name: the file as error messages call it (e.g. an upload's own name); default: the base
+            name of ``path``. Messages never show the folder.
 
     Returns:
         The :class:`Volume`, in the file's voxel order.
@@ -155,35 +168,40 @@ def load_nifti(
         InputTooLargeError: for the respective kind of bad file.
     """
     path = Path(path)
-    with _open_file(path) as fileobj:
-        img = _parse(fileobj, path.name, max_voxels)
-        data = _read(img, path.name, dtype)
+    name = name or path.name
+    with _open_file(path, name) as fileobj:
+        img = _parse(fileobj, name, max_voxels, path)
+        data = _read(img, name, dtype, path)
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path)
 
 
-def read_nifti_header(path: str | Path, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> nib.Nifti1Header:
+def read_nifti_header(path: str | Path, *, max_voxels: int = DEFAULT_MAX_VOXELS,
+                      name: str | None = None) -> nib.Nifti1Header:
     """Read and check only the header of a NIfTI file (no voxel data is decoded).
 
     A cheap way to learn the shape (``get_data_shape()``), spacing (``get_zooms()``), on-disk dtype
     (``get_data_dtype()``) and affine (``get_best_affine()``) of many files, e.g. to inspect a dataset.
+
+    ``name`` is the file in error messages, as for :func:`load_nifti`.
 
     Raises:
         The errors of :func:`load_nifti`, except those only found while decoding voxels
         (a truncated data block).
     """
     path = Path(path)
-    with _open_file(path) as fileobj:
-        return _parse(fileobj, path.name, max_voxels).header
+    name = name or path.name
+    with _open_file(path, name) as fileobj:
+        return _parse(fileobj, name, max_voxels, path).header
 
 
 @contextmanager
-def _open_file(path: Path) -> Iterator[io.IOBase]:
-    """Open ``path`` after sniffing it, transparently un-gzipping by content."""
+def _open_file(path: Path, name: str) -> Iterator[io.IOBase]:
+    """Open ``path`` after sniffing it (``name`` in messages), transparently un-gzipping by content."""
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     with path.open("rb") as fh:
         head = fh.read(4096)
-        _sniff(head, path.name)
+        _sniff(head, name)
         fh.seek(0)
         if head[:2] == _GZIP_MAGIC:
             with gzip.GzipFile(fileobj=fh) as gz:
@@ -192,7 +210,7 @@ def _open_file(path: Path) -> Iterator[io.IOBase]:
             yield fh
 
 
-def _parse(fileobj: io.IOBase, name: str, max_voxels: int) -> nib.Nifti1Image:
+def _parse(fileobj: io.IOBase, name: str, max_voxels: int, path: Path | None = None) -> nib.Nifti1Image:
     """Parse the header (NIfTI-1 or -2) and check the size; voxel data stays unread (nibabel is lazy)."""
     try:
         head = fileobj.read(8)
@@ -201,7 +219,7 @@ def _parse(fileobj: io.IOBase, name: str, max_voxels: int) -> nib.Nifti1Image:
         holder = nib.FileHolder(fileobj=fileobj)
         img = image_class.from_file_map({"header": holder, "image": holder})
     except Exception as exc:  # nibabel raises a zoo of types for bad headers
-        raise CorruptFileError(f"{name} has an unreadable NIfTI header: {exc}") from exc
+        raise CorruptFileError(f"{name} has an unreadable NIfTI header: {_reason(exc, path, name)}") from exc
     _check_size(img, name, max_voxels)
     return img
 

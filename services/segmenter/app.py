@@ -192,7 +192,7 @@ class ModelCatalog:
             path = store.current(SEGMENTATION, name)
             manifest = read_manifest(path)
         except (BundleError, ValueError) as exc:
-            reason = getattr(exc, "message", str(exc))
+            reason = self.settings.redact_paths(getattr(exc, "message", str(exc)))
             raise BundleError(f"model {name!r} is not available: {reason}", code="model_unavailable") from exc
         return {"name": name, "arch": manifest["architecture"]["name"], "version": manifest["version"],
                 "demo": manifest["demo"]}
@@ -208,7 +208,7 @@ class ModelCatalog:
                 path = store.current(SEGMENTATION, name)
                 manifest = read_manifest(path)
             except (BundleError, ValueError) as exc:
-                entries.append({"name": name, "error": getattr(exc, "message", str(exc))})
+                entries.append({"name": name, "error": self.settings.redact_paths(getattr(exc, "message", str(exc)))})
                 continue
             entries.append({
                 "name": name, "arch": manifest["architecture"]["name"], "version": manifest["version"],
@@ -476,7 +476,7 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         except BrainscanError as exc:
             available = [name for name in catalog.names() if name != settings.default_model]
             checks["models"] = "ok" if available else exc.message
-        return checks
+        return {name: settings.redact_paths(state) for name, state in checks.items()}
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def prometheus_metrics(metrics: MetricsDep) -> Response:

@@ -5,7 +5,7 @@ checked in the order of what costs least:
 
 1. the form: exactly one of the three shapes (``t1``/``t1ce``/``t2``/``flair`` files, or the same
    four under their BraTS 2023-2024 names ``t1n``/``t1c``/``t2w``/``t2f``; ``case`` zip; ``volume``
-   4D file), no unknown or repeated field, no mix of the two namings (400);
+   4D file), no unknown field, no mix of the two namings (400), no field twice (422);
 2. each NIfTI header, from at most a few KB of (decompressed) bytes, before nibabel or any
    decompression of the voxel data: NIfTI by content (415), not truncated (422), 3D (or 4D with 4
    channels for ``volume``; 2D / 5D: 422), each axis at most ``max_dim`` (422), at most
@@ -20,8 +20,11 @@ checked in the order of what costs least:
 
 Zip members are never used as paths: only their base names are matched to modalities (BraTS
 naming ``<case>_<modality>.nii[.gz]``, or BraTS 2023-2024 ``<case>-{t1n,t1c,t2w,t2f}.nii.gz``;
-``seg`` and other files are ignored), and each is copied, with a size cap, to a staging file named
-after its modality.
+``seg`` and other files are ignored), and each is inflated to a staging file named after its
+modality. A zip bomb is refused before it is inflated: the sizes the zip declares must fit a 3D
+volume within the limits, all four together ``max_upload_bytes``, and the NIfTI header at the start
+of each member must announce the size its zip header declares; inflation then stops at that size,
+so a zip header that lies cannot put more into staging (:func:`_stage_zip`).
 
 The naming of the upload decides the label convention of the job's mask, recorded as
 ``meta["label_convention"]``: ``"brats2023"`` (enhancing tumour 3) for 2023-2024 field or member
@@ -37,11 +40,13 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import re
 import struct
 import zipfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -57,6 +62,7 @@ from brainscan.errors import (
     DatasetLayoutError,
     EmptyInputError,
     InputTooLargeError,
+    InvalidInputError,
     MissingModalityError,
     NonFiniteError,
     UnsupportedFormatError,
@@ -86,6 +92,15 @@ INTENSITY_DTYPES = {2: "uint8", 4: "int16", 8: "int32", 16: "float32", 64: "floa
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _COPY_CHUNK = 1 << 20
+#: bytes read from the start of a file (or zip member) to decode its NIfTI header
+_HEADER_PEEK = 64 * 1024
+#: bytes a stored NIfTI may hold past what its header announces (trailing padding, gzip framing)
+_NIFTI_SLACK = 64 * 1024
+#: central-directory bytes allowed per zip entry: fixed part, name and extra fields of any real archiver
+_MAX_DIRECTORY_ENTRY_BYTES = 4096
+_EOCD = struct.Struct("<4s4H2LH")
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
 _BRATS2023_NAMES = {modality: name for name, modality in BRATS2023_MODALITIES.items()}
 _PRINTABLE = re.compile(r"[^\w .()+,-]")
 
@@ -95,7 +110,8 @@ class IntakeLimits:
     """Caps applied to one upload.
 
     Attributes:
-        max_upload_bytes: largest request body (also caps each staged file).
+        max_upload_bytes: largest request body; also caps each staged file, and what the four
+            volumes of a case zip may unpack to, together.
         max_voxels: most voxels in one 3D volume (413 above).
         max_dim: longest axis (422 above).
         max_header_bytes: largest NIfTI header plus extensions (``vox_offset``); real files need
@@ -116,9 +132,9 @@ class IntakeLimits:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     @property
-    def max_nifti_bytes(self) -> int:
-        """Largest plausible decompressed NIfTI: header, then 4 float64 volumes at the voxel cap."""
-        return self.max_header_bytes + self.max_voxels * len(MODALITIES) * 8
+    def max_volume_bytes(self) -> int:
+        """Largest plausible decompressed 3D NIfTI: header, then one float64 volume at the voxel cap."""
+        return self.max_header_bytes + self.max_voxels * 8
 
 
 @dataclass(frozen=True)
@@ -143,6 +159,17 @@ class HeaderInfo:
     def data_bytes(self) -> int:
         """Decompressed size of the voxel data the header announces."""
         return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    @property
+    def file_bytes(self) -> int:
+        """Size of the (uncompressed) file the header announces: header, extensions, voxel data."""
+        return self.vox_offset + self.data_bytes
+
+    @property
+    def max_stored_bytes(self) -> int:
+        """Most bytes the file can take as stored (gzip may add a little): beyond that it is not this header's."""
+        framing = self.file_bytes // 256 if self.gzipped else 0
+        return self.file_bytes + framing + _NIFTI_SLACK
 
 
 @dataclass
@@ -205,8 +232,9 @@ def select_source(parts: Sequence[UploadPart], texts: Sequence[str] = ()) -> str
         ``"files"``, ``"zip"`` or ``"4d"``.
 
     Raises:
-        BrainscanError: (400) an unknown, repeated or non-file field, or two shapes at once
-            (code ``ambiguous_upload``, e.g. files and a zip, or 2018-2021 and 2023-2024 field names).
+        BrainscanError: (400) an unknown or non-file field, or two shapes at once (code
+            ``ambiguous_upload``, e.g. files and a zip, or 2018-2021 and 2023-2024 field names).
+        InvalidInputError: (422 ``duplicate_field``) a field sent more than once, named.
         EmptyInputError: (400) no field at all.
         MissingModalityError: (422) some but not all of the four modality files.
     """
@@ -220,7 +248,8 @@ def select_source(parts: Sequence[UploadPart], texts: Sequence[str] = ()) -> str
                              f"'{CASE_FIELD}' (a zip) or '{VOLUME_FIELD}' (one 4D NIfTI)", code="invalid_upload")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise BrainscanError(f"field(s) {repeated} sent more than once; send each once", code="invalid_upload")
+        # which of two files would count is a guess the service must not make
+        raise InvalidInputError(f"field(s) {repeated} sent more than once; send each file once", code="duplicate_field")
     given = set(names)
     shapes = [source for source, present in (("files", bool(given & _ALL_MODALITY_FIELDS)),
                                              ("zip", CASE_FIELD in given), ("4d", VOLUME_FIELD in given)) if present]
@@ -275,15 +304,21 @@ def accept_upload(parts: Sequence[UploadPart], staging: Path, limits: IntakeLimi
 # -- staging ------------------------------------------------------------------------------------
 
 
-def _stage_stream(stream: IO[bytes], dest: Path, limits: IntakeLimits, what: str, cap: int | None = None) -> Path:
-    """Copy ``stream`` to ``dest``, refusing more than ``cap`` bytes (413)."""
+def _stage_stream(stream: IO[bytes], dest: Path, limits: IntakeLimits, what: str, cap: int | None = None,
+                  overflow: BrainscanError | None = None) -> Path:
+    """Copy ``stream`` to ``dest``, never writing more than ``cap`` bytes (default ``max_upload_bytes``).
+
+    Raises:
+        ``overflow`` (default :class:`InputTooLargeError`, 413): the stream runs past ``cap``.
+        EmptyInputError: (400) the stream is empty.
+    """
     cap = limits.max_upload_bytes if cap is None else cap
     written = 0
     with dest.open("wb") as out:
         while chunk := stream.read(_COPY_CHUNK):
             written += len(chunk)
             if written > cap:
-                raise InputTooLargeError(f"{what} is larger than the limit of {cap} bytes")
+                raise overflow or InputTooLargeError(f"{what} is larger than the limit of {cap} bytes")
             out.write(chunk)
     if written == 0:
         raise EmptyInputError(f"{what} is empty (0 bytes)")
@@ -294,15 +329,25 @@ def _stage_zip(part: UploadPart, staging: Path, limits: IntakeLimits
                ) -> tuple[dict[str, Path], dict[str, str], str]:
     """Copy the four modality members of a case zip to ``staging/<modality>.upload``.
 
+    Bounded before and while unpacking: what the zip declares is checked before a byte is inflated
+    (entry count and directory size from its last bytes, before :mod:`zipfile` parses the
+    directory; then each chosen member's size against a 3D volume at the limits, and the four
+    together against ``max_upload_bytes``). Next, the first bytes of each member must be a NIfTI
+    header within the limits that announces the size the zip declares. Only then is each member
+    inflated, and the copy stops at its declared size: a zip that lies about a member's size
+    cannot put more than that into staging.
+
     Returns:
         ``(staged files, display names, label convention of the member names)``, the first two
         keyed by MODALITIES name.
 
     Raises:
-        UnsupportedFormatError: (415) not a zip. CorruptFileError: (422) a damaged or encrypted zip.
-        InputTooLargeError: (413) too many members, or a member larger than a NIfTI can be.
-        MissingModalityError: (422) a modality missing or present twice. DatasetLayoutError: (422)
-            files of several cases, or of both BraTS namings.
+        UnsupportedFormatError: (415) not a zip, or a member that is not NIfTI. CorruptFileError:
+            (422) a damaged or encrypted zip, or a member whose header, declared size and content
+            disagree. InputTooLargeError: (413) too many members, or members larger than volumes
+            within the limits. MissingModalityError: (422) a modality missing or present twice.
+            DatasetLayoutError: (422) files of several cases, or of both BraTS namings. The header
+            checks of :func:`inspect_header` apply to each member.
     """
     head = part.file.read(4)
     part.file.seek(0)
@@ -312,10 +357,14 @@ def _stage_zip(part: UploadPart, staging: Path, limits: IntakeLimits
         raise UnsupportedFormatError(f"{CASE_FIELD} is not a zip file; zip the case folder "
                                      f"({CONVENTION_FILE_NAMES[BRATS2021]} or {CONVENTION_FILE_NAMES[BRATS2023]}) "
                                      "or send the four files")
+    _check_directory_size(part.file, limits)
     try:
         archive = zipfile.ZipFile(part.file)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:  # ValueError: e.g. a name not in UTF-8
         raise CorruptFileError(f"{CASE_FIELD} is a damaged zip file: {exc}") from exc
+    except NotImplementedError as exc:
+        raise UnsupportedFormatError(f"{CASE_FIELD} uses a zip feature this service cannot read ({exc}); "
+                                     "zip the folder again with deflate, without encryption") from exc
     with archive:
         members = archive.infolist()
         if len(members) > limits.max_zip_members:
@@ -327,7 +376,7 @@ def _stage_zip(part: UploadPart, staging: Path, limits: IntakeLimits
         for info in members:
             parts_of_name = info.filename.replace("\\", "/").split("/")
             base = parts_of_name[-1]
-            if info.is_dir() or not base or base.startswith(".") or "__MACOSX" in parts_of_name:
+            if not base or base.startswith(".") or "__MACOSX" in parts_of_name:  # a folder: its name ends in "/"
                 continue
             case_file = match_case_file(base)
             if case_file is None or case_file.kind == "seg":
@@ -343,7 +392,7 @@ def _stage_zip(part: UploadPart, staging: Path, limits: IntakeLimits
         convention = next(iter(conventions), BRATS2021)
         missing = [m for m in MODALITIES if m not in found]
         if missing:
-            seen = [display_name(i.filename, "?") for i in members if not i.is_dir()][:8]
+            seen = [display_name(i.filename, "?") for i in members if not i.filename.endswith("/")][:8]
             if conventions:
                 wanted = [f"{_BRATS2023_NAMES[m]} ({m})" if convention == BRATS2023 else m for m in missing]
                 expected = CONVENTION_FILE_NAMES[convention]
@@ -357,26 +406,92 @@ def _stage_zip(part: UploadPart, staging: Path, limits: IntakeLimits
         if len({cases[m] for m in MODALITIES}) > 1:
             raise DatasetLayoutError(f"{CASE_FIELD} mixes files of several cases {sorted(set(cases.values()))}; "
                                      "zip one case folder")
-        staged, names = {}, {}
-        for modality in MODALITIES:
-            info = found[modality][0]
-            name = display_name(info.filename, modality)
-            if info.flag_bits & 0x1:
-                raise CorruptFileError(f"{CASE_FIELD} member {name} is encrypted; zip without a password")
-            if info.file_size > limits.max_nifti_bytes:
-                raise InputTooLargeError(f"{CASE_FIELD} member {name} unpacks to {info.file_size} bytes, more "
-                                         f"than a volume within the limits can take ({limits.max_nifti_bytes})")
-            try:
-                with archive.open(info) as member:
-                    staged[modality] = _stage_stream(member, staging / f"{modality}.upload", limits, name,
-                                                     cap=limits.max_nifti_bytes)
-            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-                raise CorruptFileError(f"{CASE_FIELD} member {name} is damaged: {exc}") from exc
-            except NotImplementedError as exc:
-                raise UnsupportedFormatError(f"{CASE_FIELD} member {name} uses an unsupported compression: "
-                                             f"{exc}; use deflate") from exc
-            names[modality] = name
+        chosen = {m: found[m][0] for m in MODALITIES}
+        names = {m: display_name(info.filename, m) for m, info in chosen.items()}
+        _check_declared_sizes(chosen, names, limits)
+        for modality, info in chosen.items():
+            _check_member_header(archive, info, modality, names[modality], limits)
+        staged = {m: _unpack_member(archive, info, staging / f"{m}.upload", names[m], limits)
+                  for m, info in chosen.items()}
     return staged, names, convention
+
+
+def _check_directory_size(stream: IO[bytes], limits: IntakeLimits) -> None:
+    """Refuse (413) a zip whose end-of-central-directory record (zip64 too) declares more entries,
+    or a larger directory, than a case zip can have; :mod:`zipfile` would otherwise parse them all
+    (about 10 us an entry, and millions fit in an upload) before a count could be checked."""
+    stream.seek(0, 2)
+    size = stream.tell()
+    stream.seek(max(0, size - _EOCD.size - 0xFFFF - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size))
+    tail = stream.read()
+    stream.seek(0)
+    at = tail.rfind(b"PK\x05\x06")  # the record zipfile uses: the last one, before a comment of <= 64 KB
+    if at < 0 or len(tail) < at + _EOCD.size:
+        return  # no record: zipfile says the zip is damaged
+    entries, directory_bytes = _EOCD.unpack_from(tail, at)[4:6]
+    locator = at - _ZIP64_LOCATOR.size
+    record = locator - _ZIP64_EOCD.size
+    if record >= 0 and tail[locator:locator + 4] == b"PK\x06\x07" and tail[record:record + 4] == b"PK\x06\x06":
+        entries, directory_bytes = _ZIP64_EOCD.unpack_from(tail, record)[7:9]
+    if entries > limits.max_zip_members or directory_bytes > limits.max_zip_members * _MAX_DIRECTORY_ENTRY_BYTES:
+        raise InputTooLargeError(f"{CASE_FIELD} declares {entries} entries in {directory_bytes} bytes of zip "
+                                 f"directory; a case zip holds at most {limits.max_zip_members}")
+
+
+def _check_declared_sizes(chosen: Mapping[str, zipfile.ZipInfo], names: Mapping[str, str], limits: IntakeLimits
+                          ) -> None:
+    """Refuse (413), from the zip directory alone, members larger than a 3D volume within the limits,
+    and four that together unpack to more than ``max_upload_bytes``."""
+    for modality, info in chosen.items():
+        if info.file_size > limits.max_volume_bytes:
+            raise InputTooLargeError(f"{CASE_FIELD} member {names[modality]} unpacks to {info.file_size} bytes, more "
+                                     f"than a volume within the limits can take ({limits.max_volume_bytes})")
+    total = sum(info.file_size for info in chosen.values())
+    if total > limits.max_upload_bytes:
+        raise InputTooLargeError(f"the four volumes in {CASE_FIELD} unpack to {total} bytes, more than the limit of "
+                                 f"{limits.max_upload_bytes}; zip .nii.gz files, or send them as four files")
+
+
+@contextmanager
+def _open_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> Iterator[IO[bytes]]:
+    """``archive.open(info)``, with zip failures as 415 / 422 naming the member by ``name``."""
+    if info.flag_bits & 0x1:
+        raise CorruptFileError(f"{CASE_FIELD} member {name} is encrypted; zip without a password")
+    try:
+        with archive.open(info) as member:
+            yield member
+    except BrainscanError:
+        raise  # the caller's own verdict on the content
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:  # ValueError: e.g. a negative offset
+        raise CorruptFileError(f"{CASE_FIELD} member {name} is damaged: {exc}") from exc
+    except NotImplementedError as exc:
+        raise UnsupportedFormatError(f"{CASE_FIELD} member {name} uses an unsupported compression: "
+                                     f"{exc}; use deflate") from exc
+
+
+def _check_member_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, modality: str, name: str,
+                         limits: IntakeLimits) -> None:
+    """Decode a member's NIfTI header from its first inflated bytes: within the limits, a 3D volume,
+    and announcing the size the zip declares (422 otherwise)."""
+    with _open_member(archive, info, name) as member:
+        head = member.read(_HEADER_PEEK)
+    header = header_from_bytes(head, name, limits, size=info.file_size)
+    check_modality_shape(header, modality, name)
+    if info.file_size > header.max_stored_bytes:
+        raise CorruptFileError(f"{CASE_FIELD} member {name} unpacks to {info.file_size} bytes, but its NIfTI header "
+                               f"announces {header.file_bytes}; the zip or the header is wrong")
+
+
+def _unpack_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, name: str,
+                   limits: IntakeLimits) -> Path:
+    """Inflate a member into ``dest``, writing at most the size its zip header declares (422 past it)."""
+    # zipfile stops silently at the declared size; one byte more shows a member that goes on
+    probe = copy.copy(info)
+    probe.file_size = info.file_size + 1
+    overflow = CorruptFileError(f"{CASE_FIELD} member {name} unpacks to more than the {info.file_size} bytes "
+                                "its zip header declares")
+    with _open_member(archive, probe, name) as member:
+        return _stage_stream(member, dest, limits, name, cap=info.file_size, overflow=overflow)
 
 
 # -- headers ------------------------------------------------------------------------------------
@@ -394,13 +509,33 @@ def inspect_header(path: Path, name: str, limits: IntakeLimits) -> HeaderInfo:
         the announced shape (1 to 7 axes), data type, data offset and compression.
 
     Raises:
+        the errors of :func:`header_from_bytes`.
+    """
+    with path.open("rb") as handle:
+        raw = handle.read(_HEADER_PEEK)
+    return header_from_bytes(raw, name, limits, size=path.stat().st_size)
+
+
+def header_from_bytes(raw: bytes, name: str, limits: IntakeLimits, size: int | None = None) -> HeaderInfo:
+    """What the first bytes of a NIfTI file (``.nii`` or ``.nii.gz``, by content) announce, checked
+    against the limits; at most one header is inflated from gzip.
+
+    Args:
+        raw: the first bytes of the file (a few KB are plenty, gzipped or not).
+        name: the file's name in messages.
+        limits: the caps.
+        size: the whole file's size, when known: an uncompressed file shorter than its header
+            announces is refused.
+
+    Returns:
+        the announced shape (1 to 7 axes), data type, data offset and compression.
+
+    Raises:
         EmptyInputError: (400) no bytes. UnsupportedFormatError: (415) not NIfTI, a ``.hdr/.img``
             pair, or a non-intensity data type. CorruptFileError: (422) truncated or inconsistent.
         BadDimensionsError: (422) fewer than 3 or more than 4 axes, an empty or absurd axis.
         InputTooLargeError: (413) more voxels than ``limits.max_voxels``.
     """
-    with path.open("rb") as handle:
-        raw = handle.read(64 * 1024)
     if not raw:
         raise EmptyInputError(f"{name} is empty (0 bytes)")
     gzipped = raw[:2] == _GZIP_MAGIC
@@ -431,10 +566,16 @@ def inspect_header(path: Path, name: str, limits: IntakeLimits) -> HeaderInfo:
     if info.vox_offset > limits.max_header_bytes:
         raise CorruptFileError(f"{name} claims its voxel data starts at byte {info.vox_offset}; a NIfTI header "
                                f"with extensions is at most {limits.max_header_bytes} bytes here")
-    if not gzipped and path.stat().st_size < info.vox_offset + info.data_bytes:
-        raise CorruptFileError(f"{name} is truncated: {path.stat().st_size} bytes, but its header announces "
-                               f"{info.vox_offset + info.data_bytes}")
+    if not gzipped and size is not None and size < info.file_bytes:
+        raise CorruptFileError(f"{name} is truncated: {size} bytes, but its header announces {info.file_bytes}")
     return info
+
+
+def check_modality_shape(info: HeaderInfo, modality: str, name: str) -> None:
+    """Refuse (422) a modality file that is not one 3D volume (a trailing axis of 1 is allowed)."""
+    if len(info.shape) == 4 and info.shape[3] != 1:
+        raise BadDimensionsError(f"{modality} ({name}) is 4D {info.shape}; each modality must be a 3D volume "
+                                 f"(send a 4D (X, Y, Z, {len(MODALITIES)}) stack as '{VOLUME_FIELD}')")
 
 
 def _parse_header_prefix(head: bytes, name: str) -> HeaderInfo:
@@ -488,7 +629,7 @@ def _parse_header_prefix(head: bytes, name: str) -> HeaderInfo:
 
 def _header_geometry(path: Path, name: str, limits: IntakeLimits) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...]]:
     """Shape, affine and spacing from nibabel's header parse (after :func:`inspect_header`)."""
-    header = read_nifti_header(path, max_voxels=limits.max_voxels)
+    header = read_nifti_header(path, max_voxels=limits.max_voxels, name=name)
     shape = tuple(int(s) for s in header.get_data_shape())
     spacing = tuple(float(z) for z in header.get_zooms()[:3])
     if not all(np.isfinite(spacing)) or min(spacing) <= 0:
@@ -501,10 +642,7 @@ def _accept_modalities(staged: Mapping[str, Path], names: Mapping[str, str], sta
     geometry = {}
     for modality in MODALITIES:
         name = names[modality]
-        info = inspect_header(staged[modality], name, limits)
-        if len(info.shape) == 4 and info.shape[3] != 1:
-            raise BadDimensionsError(f"{modality} ({name}) is 4D {info.shape}; each modality must be a 3D volume "
-                                     f"(send a 4D (X, Y, Z, {len(MODALITIES)}) stack as '{VOLUME_FIELD}')")
+        check_modality_shape(inspect_header(staged[modality], name, limits), modality, name)
         geometry[modality] = _header_geometry(staged[modality], name, limits)
     shapes = {m: g[0][:3] for m, g in geometry.items()}
     if len(set(shapes.values())) > 1:
@@ -518,7 +656,7 @@ def _accept_modalities(staged: Mapping[str, Path], names: Mapping[str, str], sta
                                       f"(tolerance {AFFINE_ATOL_MM} mm); resample it to the flair grid")
     files = {}
     for modality in MODALITIES:
-        volume = load_nifti(staged[modality], max_voxels=limits.max_voxels)
+        volume = load_nifti(staged[modality], max_voxels=limits.max_voxels, name=names[modality])
         data = volume.data[..., 0] if volume.data.ndim == 4 else volume.data
         files[input_file_name(modality)] = _write_input(data, volume.affine, volume.header, modality,
                                                         names[modality], staging)
@@ -534,7 +672,7 @@ def _accept_4d(path: Path, name: str, staging: Path, limits: IntakeLimits) -> In
         raise BadDimensionsError(f"{VOLUME_FIELD} ({name}) has shape {info.shape}; a 4D upload must be "
                                  f"(X, Y, Z, {len(MODALITIES)}) with channels in the order {list(MODALITIES)}")
     shape, affine, spacing = _header_geometry(path, name, limits)
-    volume = load_nifti(path, max_voxels=limits.max_voxels)
+    volume = load_nifti(path, max_voxels=limits.max_voxels, name=name)
     files = {}
     for channel, modality in enumerate(MODALITIES):
         files[input_file_name(modality)] = _write_input(volume.data[..., channel], volume.affine, volume.header,

@@ -132,3 +132,15 @@ class Settings(BaseSettings):
 
         return self.models_root if self.models_root is not None else default_root()
 
+    def redact_paths(self, text: str) -> str:
+        """``text`` with the job store and model store folders written ``<jobs>`` and ``<models>``.
+
+        Error details reach users (job bodies, 4xx/503 JSON, the gateway's ``/api/ready``), and
+        the messages of libraries and of the model store name the files they failed on.
+        """
+        folders = {str(form): label for folder, label in ((self.jobs_dir, "<jobs>"), (self.store_root(), "<models>"))
+                   for form in (folder, folder.resolve())}
+        for folder in sorted(folders, key=len, reverse=True):  # a nested folder before the one holding it
+            text = text.replace(folder, folders[folder])
+        return text
+

@@ -376,6 +376,7 @@ class JobRunner:
             self.store.path_for(job_id, name).unlink(missing_ok=True)
 
     def _fail(self, job_id: str, code: str, detail: str) -> dict[str, Any]:
+        detail = self.settings.redact_paths(detail)  # the owner reads it in the job body
         try:
             self.store.transition(job_id, "failed", expect_status={"queued", "running"},
                                   error={"error": code, "detail": detail}, stage_detail=None)

@@ -6,6 +6,7 @@ oriented as radiologists read them. The real broker and worker are in test_worke
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -31,12 +32,18 @@ from services.segmenter.store import LocalJobStore
 from services.segmenter.worker import JobRunner, LoadedSegmenter, ModelCache
 from tests.paths import REPO_ROOT
 from tests.segmenter import (
+    BRATS_BYTES,
+    BRATS_SHAPE,
     SMALL_SHAPE,
     brats2023_zip,
     brats_zip,
+    case_bombs,
     case_files,
+    case_zip,
     make_segmenter_store,
+    modality_volume,
     nifti_bytes,
+    nifti_header,
     stack_4d,
 )
 from tests.servers import free_port
@@ -44,6 +51,7 @@ from tests.servers import free_port
 OWNER = {"X-Brainscan-Owner": "alice"}
 OTHER = {"X-Brainscan-Owner": "bob"}
 GOOD = case_files()
+GOOD_VOLUMES = {m: modality_volume(m) for m in MODALITIES}
 # a case large enough for several 16^3 patches, so a job can be cancelled between them
 MEDIUM_SHAPE = (40, 36, 24)
 MEDIUM = case_files(MEDIUM_SHAPE)
@@ -173,6 +181,87 @@ def test_bad_uploads_get_json_errors_and_never_reach_the_queue(
     assert f'segmenter_uploads_rejected_total{{error="{code}"}} 1.0' in client.get("/metrics").text
 
 
+# -- attacks (issue 15): each is refused safely and the service goes on answering ---------------
+
+#: the segmenter's default upload limit, under which the zip bombs arrive whole
+DEFAULT_UPLOAD_BYTES = Settings.model_fields["max_upload_bytes"].default
+needs_proc_io = pytest.mark.skipif(not Path("/proc/self/io").is_file(),
+                                   reason="counting the bytes written needs Linux's /proc/self/io")
+
+
+def bytes_written() -> int:
+    """Bytes this process has passed to write() so far; under TestClient the API runs in it."""
+    counters = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(counters["wchar"])
+
+
+ZIP_ATTACKS = {
+    "4 GiB of zeros in 4.2 MB": (lambda: case_bombs(), 413, "too_large"),
+    "NIfTI headers, then 1 GiB past the size the zip declares": (
+        lambda: case_bombs(nifti_header(BRATS_SHAPE), declared=BRATS_BYTES), 422, "corrupt_file"),
+}
+
+
+@needs_proc_io
+@pytest.mark.parametrize("make_zip, status, code", ZIP_ATTACKS.values(), ids=ZIP_ATTACKS.keys())
+def test_zip_bomb_is_refused_in_time_with_little_written(models: Path, tmp_path: Path, make_zip: Any, status: int,
+                                                         code: str) -> None:
+    archive = make_zip()
+    queue = RecordingQueue()
+    app = create_app(settings_for(models, tmp_path / "jobs", max_upload_bytes=DEFAULT_UPLOAD_BYTES), queue=queue)
+    with TestClient(app) as client:
+        before, started = bytes_written(), time.perf_counter()
+        response = client.post("/v1/jobs", files={"case": ("case.zip", archive, "application/zip")}, headers=OWNER)
+        elapsed, written = time.perf_counter() - started, bytes_written() - before
+        assert response.status_code == status, response.text
+        assert response.json()["error"] == code and "BraTS2021_00001_" in response.json()["detail"]
+        assert elapsed < 2.0, elapsed
+        assert written < 64_000_000, written  # the upload itself (spooled by the form parser) included
+        assert list((tmp_path / "jobs" / ".staging").iterdir()) == []
+        assert queue.enqueued == [] and job_folders(app.state.store) == []
+        assert submit(client).status_code == 202  # still serving
+
+
+@pytest.mark.parametrize("fields", [
+    [(m, GOOD[m]) for m in MODALITIES] + [("t1", GOOD["t1"])],
+    [("case", brats_zip(GOOD)), ("case", brats_zip(GOOD))],
+], ids=["t1 twice", "case twice"])
+def test_duplicate_upload_field_is_a_422_naming_it(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore],
+                                                   fields: list[tuple[str, bytes]]) -> None:
+    client, queue, store = app_parts
+    twice = fields[-1][0]
+    response = client.post("/v1/jobs", files=[(name, (f"{name}.bin", data)) for name, data in fields], headers=OWNER)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "duplicate_field" and f"['{twice}']" in response.json()["detail"]
+    assert queue.enqueued == [] and job_folders(store) == []
+
+
+def _short_voxels(data: np.ndarray) -> bytes:
+    """A complete gzip stream of a NIfTI whose voxel data stops 500 bytes early."""
+    return gzip.compress(nifti_bytes(data, gz=False)[:-500])
+
+
+TRUNCATED_VOXELS = {
+    "files": {**upload(GOOD), "t1": ("scan_of_alice_t1.nii.gz", _short_voxels(GOOD_VOLUMES["t1"]))},
+    "zip": {"case": ("case.zip", case_zip({**{f"c/scan_of_alice_{m}.nii.gz": GOOD[m] for m in MODALITIES},
+                                           "c/scan_of_alice_t1.nii.gz": _short_voxels(GOOD_VOLUMES["t1"])}))},
+    "4d": {"volume": ("scan_of_alice.nii.gz", _short_voxels(np.stack([GOOD_VOLUMES[m] for m in MODALITIES], -1)))},
+}
+
+
+@pytest.mark.parametrize("files", TRUNCATED_VOXELS.values(), ids=TRUNCATED_VOXELS.keys())
+def test_error_details_name_the_upload_never_a_server_path(
+        app_parts: tuple[TestClient, RecordingQueue, LocalJobStore], tmp_path: Path,
+        files: dict[str, tuple[str, bytes]]) -> None:
+    client, _, _ = app_parts
+    response = client.post("/v1/jobs", files=files, headers=OWNER)
+    assert (response.status_code, response.json()["error"]) == (422, "corrupt_file")
+    detail = response.json()["detail"]
+    assert "scan_of_alice" in detail and "truncated" in detail
+    for server_side in (str(tmp_path), ".staging", ".upload", "/"):
+        assert server_side not in detail, detail
+
+
 def test_body_must_be_multipart(client: TestClient) -> None:
     response = client.post("/v1/jobs", json={"t1": "x"}, headers=OWNER)
     assert (response.status_code, response.json()["error"]) == (415, "unsupported_media_type")
@@ -220,6 +309,8 @@ def test_unknown_model_is_404_and_an_absent_default_is_503(client: TestClient, t
         assert (response.status_code, response.json()["error"]) == (503, "model_unavailable")
         ready = bare.get("/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["models"] != "ok"
+        for answer in (response, ready):
+            assert "<models>" in answer.text and str(tmp_path) not in answer.text  # no server path
 
 
 # -- reading, ownership, cancel, delete ---------------------------------------------------------
@@ -384,6 +475,22 @@ def test_runner_records_a_bad_input_as_a_failed_job(app_parts: tuple[TestClient,
     body = client.get(job["links"]["self"], headers=OWNER).json()
     assert body["status"] == "failed" and body["error"]["error"] == "unsupported_format"
     assert "input_t2" in body["error"]["detail"]
+
+
+@pytest.mark.parametrize("damage, code", [
+    (lambda path: path.write_bytes(_short_voxels(GOOD_VOLUMES["t2"])), "corrupt_file"),
+    (lambda path: (path.unlink(), path.mkdir()), "internal_error"),
+], ids=["voxels cut short", "input replaced by a folder"])
+def test_failed_job_details_never_show_server_paths(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore],
+                                                    runner: JobRunner, tmp_path: Path, damage: Any, code: str) -> None:
+    client, _, store = app_parts
+    job = submit(client).json()
+    damage(store.path_for(job["id"], "input_t2.nii.gz"))
+    with contextlib.suppress(Exception):  # an internal error is recorded, then re-raised for Celery
+        runner.run(job["id"])
+    error = client.get(job["links"]["self"], headers=OWNER).json()["error"]
+    assert error["error"] == code and "input_t2" in error["detail"]
+    assert str(tmp_path) not in error["detail"], error["detail"]
 
 
 def test_runner_restarts_a_redelivered_job_from_scratch(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore],

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import struct
+import time
 import zipfile
 from pathlib import Path
 
@@ -28,9 +30,17 @@ from brainscan.errors import (
 from brainscan.labels import BRATS2021, BRATS2023, BRATS2023_MODALITIES, MODALITIES
 from services.segmenter import intake
 from services.segmenter.intake import IntakeLimits, UploadPart, accept_upload, inspect_header, select_source
+from services.segmenter.settings import DEFAULT_MAX_DIM, DEFAULT_MAX_VOXELS, Settings
 from tests.segmenter import (
+    BRATS_BYTES,
+    BRATS_SHAPE,
+    GIB,
     LPS_AFFINE,
     SMALL_SHAPE,
+    BOMB_MEMBERS,
+    bomb_zip,
+    case_bombs,
+    nifti_header,
     brats2023_zip,
     brats_zip,
     case_files,
@@ -143,13 +153,24 @@ def test_bad_uploads_are_refused_with_their_own_error(tmp_path: Path, fields: di
         assert word in caught.value.message, caught.value.message
 
 
-def test_repeated_field_and_text_fields_are_refused() -> None:
-    t1 = UploadPart("t1", "a.nii.gz", io.BytesIO(GOOD["t1"]))
+@pytest.mark.parametrize("fields, twice", [
+    ([*MODALITIES, "t1"], "t1"),
+    (["case", "case"], "case"),
+    (["volume", "volume"], "volume"),
+    ([*BRATS2023_MODALITIES, "t2w"], "t2w"),
+], ids=["t1 twice", "case twice", "volume twice", "t2w twice"])
+def test_repeated_field_is_a_422_naming_it(fields: list[str], twice: str) -> None:
+    parts = [UploadPart(name, f"{name}.nii.gz", io.BytesIO(GOOD["t1"])) for name in fields]
     with pytest.raises(BrainscanError, match="more than once") as caught:
-        select_source([t1, t1, *parts_of({m: GOOD[m] for m in MODALITIES[1:]})])
-    assert caught.value.http_status == 400
-    with pytest.raises(BrainscanError, match="must be files"):
+        select_source(parts)
+    assert (caught.value.http_status, caught.value.code) == (422, "duplicate_field")
+    assert f"['{twice}']" in caught.value.message
+
+
+def test_text_fields_are_refused() -> None:
+    with pytest.raises(BrainscanError, match="must be files") as caught:
         select_source(parts_of(GOOD), texts=["note"])
+    assert caught.value.http_status == 400
 
 
 def test_upload_larger_than_the_cap_is_refused(tmp_path: Path) -> None:
@@ -214,6 +235,20 @@ def test_zip_member_names_are_never_used_as_paths(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.asanyarray(stored.dataobj), modality_volume(modality))
 
 
+def patched(archive: bytes, signature: bytes, offset: int, value: bytes) -> bytes:
+    """``archive`` with ``value`` written ``offset`` bytes after each zip record starting with ``signature``."""
+    raw = bytearray(archive)
+    start = 0
+    while (start := raw.find(signature, start)) >= 0:
+        raw[start + offset:start + offset + len(value)] = value
+        start += 4
+    return bytes(raw)
+
+
+ONE_CASE = brats_zip(GOOD, case_id="BraTS_x", folder="c/")
+#: the central directory's offset, as its end record states it
+DIRECTORY_AT = struct.unpack_from("<L", ONE_CASE, ONE_CASE.rfind(b"PK\x05\x06") + 16)[0]
+
 BAD_ZIPS = {
     "not a zip": (GOOD["t1"], UnsupportedFormatError, 415, ["zip"]),
     "damaged zip": (b"PK\x03\x04" + bytes(range(256)) * 4, CorruptFileError, 422, ["damaged"]),
@@ -224,6 +259,15 @@ BAD_ZIPS = {
     "two cases": (case_zip({f"c/BraTS_{'y' if m == 't2' else 'x'}_{m}.nii.gz": GOOD[m] for m in MODALITIES}),
                   DatasetLayoutError, 422, ["several cases"]),
     "too many members": (case_zip({f"f{i}.txt": b"x" for i in range(70)}), InputTooLargeError, 413, ["70"]),
+    # zipfile raises other errors than BadZipFile for these; none may become a 500
+    "needs zip version 17.0": (patched(ONE_CASE, b"PK\x01\x02", 6, struct.pack("<H", 170)), UnsupportedFormatError,
+                               415, ["zip feature"]),
+    "name flagged UTF-8 but not": (patched(patched(ONE_CASE, b"PK\x01\x02", 8, struct.pack("<H", 0x800)),
+                                           b"c/BraTS_x", 2, b"\xae"), CorruptFileError, 422, ["damaged"]),
+    "members before the zip's start": (patched(ONE_CASE, b"PK\x05\x06", 16, struct.pack("<L", DIRECTORY_AT + 4096)),
+                                       CorruptFileError, 422, ["damaged"]),
+    "entry without a name": (case_zip({"": b"x", **{f"c/BraTS_x_{m}.nii.gz": GOOD[m] for m in MODALITIES[1:]}}),
+                             MissingModalityError, 422, ["t1"]),
 }
 
 
@@ -244,6 +288,78 @@ def test_zip_member_larger_than_any_allowed_volume_is_refused_before_extraction(
     assert len(archive) < 100_000
     with pytest.raises(InputTooLargeError, match="unpacks to"):
         accept({"case": archive}, tmp_path, tight)
+
+
+# -- zip bombs: refused from what the zip and each member's NIfTI header declare ------------------
+
+#: the segmenter's own limits (services/segmenter/settings.py defaults): 512 MiB, 2**25 voxels
+SERVICE_LIMITS = IntakeLimits(max_upload_bytes=Settings.model_fields["max_upload_bytes"].default,
+                              max_voxels=DEFAULT_MAX_VOXELS, max_dim=DEFAULT_MAX_DIM)
+PLAIN = case_files(gz=False)
+#: a float32 volume of 512 x 512 x 256: 2**26 voxels, twice the service's limit
+HUGE_HEADER = nifti_header((512, 512, 256), np.float32)
+HUGE_BYTES = len(HUGE_HEADER) + 512 * 512 * 256 * 4
+
+
+def one_bomb(prefix: bytes, size: int, declared: int) -> bytes:
+    """A good case zip (uncompressed members) whose t1 member is ``prefix`` then zeros up to ``size``."""
+    members = {name: (PLAIN[m], len(PLAIN[m])) for m, name in BOMB_MEMBERS.items()}
+    members[BOMB_MEMBERS["t1"]] = (prefix, size)
+    return bomb_zip(members, {BOMB_MEMBERS["t1"]: declared})
+
+
+ZIP_BOMBS = {
+    # the attack as found: 4.2 MB that inflate to 4 GiB; the sizes its directory declares give it away
+    "four 1 GiB members of zeros": (lambda: case_bombs(), InputTooLargeError, 413, ["unpacks to 1073741824 bytes"]),
+    # lying zip headers: zipfile would inflate no more than they declare, and what it does is not NIfTI
+    "zeros declared as 4 KB": (lambda: case_bombs(declared=4096), UnsupportedFormatError, 415, ["not a NIfTI"]),
+    "NIfTI headers, zip declares less than they announce": (
+        lambda: case_bombs(nifti_header(BRATS_SHAPE), declared=4096), CorruptFileError, 422,
+        ["truncated", "4096 bytes", f"announces {BRATS_BYTES}"]),
+    "NIfTI headers, zip declares more than they announce": (
+        lambda: case_bombs(nifti_header(BRATS_SHAPE), declared=100 << 20), CorruptFileError, 422,
+        [f"announces {BRATS_BYTES}", "zip or the header is wrong"]),
+    # all sizes agree, but the deflate data goes on for 1 GiB: the copy stops at the declared size
+    "NIfTI headers, data past the declared size": (
+        lambda: case_bombs(nifti_header(BRATS_SHAPE), declared=BRATS_BYTES), CorruptFileError, 422, ["member"]),
+    "NIfTI header over the voxel limit": (
+        lambda: one_bomb(HUGE_HEADER, GIB, HUGE_BYTES), InputTooLargeError, 413, ["67108864 voxels"]),
+    "four members that fit alone, not together": (
+        lambda: case_bombs(size=150 << 20), InputTooLargeError, 413, ["four volumes", f"{4 * (150 << 20)} bytes"]),
+}
+
+
+@pytest.mark.parametrize("make_zip, error, status, words", ZIP_BOMBS.values(), ids=ZIP_BOMBS.keys())
+def test_zip_bomb_is_refused_fast_with_little_written(tmp_path: Path, make_zip, error: type, status: int,
+                                                      words: list[str]) -> None:
+    archive = make_zip()
+    assert len(archive) < 5_000_000
+    started = time.perf_counter()
+    with pytest.raises(error) as caught:
+        accept({"case": archive}, tmp_path, SERVICE_LIMITS)
+    elapsed = time.perf_counter() - started
+    written = sum(path.stat().st_size for path in (tmp_path / "staging").iterdir())
+    assert caught.value.http_status == status
+    for word in words:
+        assert word in caught.value.message, caught.value.message
+    assert "BraTS2021_00001_" in caught.value.message or "four volumes" in caught.value.message
+    assert written <= BRATS_BYTES < 64_000_000, written
+    assert elapsed < 2.0, elapsed
+
+
+@pytest.mark.parametrize("entries", [60_000, 70_000], ids=["zip", "zip64"])
+def test_zip_declaring_many_entries_is_refused_before_its_directory_is_parsed(tmp_path: Path, entries: int) -> None:
+    archive = case_zip({f"f{i}": b"" for i in range(entries)})  # zipfile needs ~10 us an entry to parse it
+    with pytest.raises(InputTooLargeError) as caught:
+        accept({"case": archive}, tmp_path)
+    assert f"declares {entries} entries" in caught.value.message  # 70,000 only in the zip64 record
+
+
+def test_zip_of_uncompressed_volumes_is_accepted(tmp_path: Path) -> None:
+    result = accept({"case": brats_zip(PLAIN)}, tmp_path)
+    for modality in MODALITIES:
+        stored = nib.load(result.files[f"input_{modality}.nii.gz"])
+        np.testing.assert_array_equal(np.asanyarray(stored.dataobj), modality_volume(modality))
 
 
 def test_encrypted_zip_member_is_refused(tmp_path: Path) -> None:
