@@ -10,26 +10,31 @@ library proper (``brainscan.*`` outside this module) imports it.
   echoed in the ``X-Request-ID`` header, one JSON access-log line per request.
 * :func:`error_response` builds the ``{"error", "detail", "request_id"}`` body every failure uses;
   :func:`install_error_handlers` maps ``BrainscanError`` / request validation / Starlette HTTP errors to it.
+* :func:`unless_client_leaves` stops a route's work when its caller disconnects;
+  :func:`refuse_repeated_form_fields` refuses (422) a form that sends a field twice.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from brainscan.errors import BrainscanError, InputTooLargeError
+from brainscan.errors import BrainscanError, InputTooLargeError, InvalidInputError
 
 REQUEST_ID_HEADER = "X-Request-ID"
 #: client request ids are echoed into logs and headers, so only plain tokens are accepted
@@ -38,6 +43,18 @@ REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 CallNext = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
+
+
+class ClientGoneError(BrainscanError):
+    """The caller closed the connection before the answer was ready; its work was stopped.
+
+    Nobody reads the answer; the status (499, "client closed request", as nginx logs it) is
+    for the access log and the request metrics.
+    """
+
+    code = "client_gone"
+    http_status = 499
 
 
 # -- logging ------------------------------------------------------------------------------------
@@ -182,6 +199,67 @@ def upload_guard(logger: logging.Logger, *, path: str, max_upload_bytes: int, ov
                                   f"the {service} failed unexpectedly; the error is logged under this request_id")
 
     return guard
+
+
+# -- callers that leave ----------------------------------------------------------------------------
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` and cancel it as soon as the client disconnects.
+
+    A route runs to the end even when its caller has gone (a proxy that timed out, a closed
+    tab), so a burst of expensive requests keeps the service busy long after anyone waits for
+    the answers. Call this once the request body has been read: the only message left on the
+    ASGI channel is then ``http.disconnect``, which this waits for alongside ``work``.
+
+    Args:
+        request: the request whose connection is watched (its body already read).
+        work: a coroutine or future; cancelled when the client leaves first.
+
+    Returns:
+        What ``work`` returns (its exceptions propagate).
+
+    Raises:
+        ClientGoneError: (499) the client disconnected before ``work`` was done.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    if watcher.exception() is not None:  # the connection cannot be watched: wait for the work
+        return await task
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):  # nobody wants the result now
+        await task
+    raise ClientGoneError("the client closed the connection before the answer was ready; the work was stopped")
+
+
+def refuse_repeated_form_fields(form: Any, hint: str = "send each field once") -> None:
+    """Refuse a form that sends a field more than once: the route would silently keep the last one.
+
+    Args:
+        form: the parsed form (``await request.form()``).
+        hint: what the client should send instead, appended to the message.
+
+    Raises:
+        InvalidInputError: (422 ``duplicate_field``, as the segmenter answers) naming the fields.
+    """
+    counts = Counter(key for key, _ in form.multi_items())
+    repeated = sorted(key for key, count in counts.items() if count > 1)
+    if repeated:
+        raise InvalidInputError(f"field(s) {repeated} sent more than once; {hint}", code="duplicate_field")
 
 
 # -- errors -------------------------------------------------------------------------------------

@@ -23,13 +23,13 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from brainscan import __version__
-from brainscan.web import error_response, http_error_code
+from brainscan.web import ClientGoneError, error_response, http_error_code, unless_client_leaves
 from gateway.examples import CLASSIFIER_ERRORS, CLASSIFY_BODY, CLASSIFY_RESPONSES, MODELS_EXAMPLE
 from gateway.metrics import GatewayMetrics, RequestContextMiddleware, configure_logging
 from gateway.ownership import BrowserSessionMiddleware
 from gateway.proxy import MODEL_NAME_PATTERN, GatewayError, Upstream, read_limited_body
 from gateway.segmentations import SEGMENTER_START_HINT, build_segmentation_router
-from gateway.security import ApiKeyError, SecurityHeadersMiddleware, add_cors, require_api_key
+from gateway.security import ApiKeyError, FailedKeyThrottle, SecurityHeadersMiddleware, add_cors, require_api_key
 from gateway.settings import GatewaySettings, get_settings
 
 logger = logging.getLogger("brainscan.gateway")
@@ -146,8 +146,11 @@ def _build_api_router() -> APIRouter:
             params["model"] = model
         if explain is not None:
             params["explain"] = "true" if explain else "false"
-        response = await classifier.request("POST", "/v1/classify", request_id=request.state.request_id,
-                                            content=body, content_type=content_type, params=params)
+        # a caller that leaves cancels the upstream call, which closes its connection: the
+        # classifier then drops the work too
+        response = await unless_client_leaves(request, classifier.request(
+            "POST", "/v1/classify", request_id=request.state.request_id, content=body,
+            content_type=content_type, params=params))
         return passthrough(response)
 
     router.include_router(v1)
@@ -160,9 +163,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
         return error_response(request, exc.status, exc.code, exc.detail, headers=exc.headers or None)
 
+    @app.exception_handler(ClientGoneError)
+    async def client_gone(request: Request, exc: ClientGoneError) -> JSONResponse:
+        return error_response(request, exc.http_status, exc.code, exc.message)
+
     @app.exception_handler(ApiKeyError)
     async def api_key_error(request: Request, exc: ApiKeyError) -> JSONResponse:
-        return error_response(request, 401, "unauthorized", exc.detail, headers={"WWW-Authenticate": "X-API-Key"})
+        return error_response(request, exc.status, exc.code, exc.detail, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -222,6 +229,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                               "**Research software — not for clinical use.**")
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.key_throttle = FailedKeyThrottle(settings.api_key_max_failures, settings.api_key_failure_window_s)
     _install_error_handlers(app)
     app.include_router(_build_api_router())
 

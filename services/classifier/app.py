@@ -8,7 +8,10 @@ Routes:
     GET  /metrics      Prometheus text format
 
 Models are loaded once, in the lifespan. Every error is JSON ``{"error", "detail", "request_id"}``:
-``BrainscanError`` subclasses map to their ``http_status``; request validation errors to 422.
+``BrainscanError`` subclasses map to their ``http_status``; request validation errors and a
+repeated ``file`` field (``duplicate_field``) to 422. A classification whose caller disconnects
+(the gateway's timeout, a closed connection) is cancelled: work not started yet is dropped from
+the queues, and the access log records status 499.
 Each request is logged as one JSON line with its ``request_id`` (``X-Request-ID`` from the client,
 or a fresh uuid4 hex), which is echoed in the response header.
 
@@ -29,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from brainscan import web
 from brainscan.errors import InputTooLargeError
-from brainscan.web import error_response
+from brainscan.web import error_response, refuse_repeated_form_fields, unless_client_leaves
 from services.classifier.metrics import ServiceMetrics
 from services.classifier.predictor import Predictor
 from services.classifier.settings import Settings
@@ -142,10 +145,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         explain: Annotated[bool, Query(description="false skips the heatmap")] = True,
     ) -> JSONResponse:
         """Classify the uploaded slice; see the contract for the body."""
+        # FastAPI has parsed the form already (and kept the last 'file'); this reads it again
+        refuse_repeated_form_fields(await request.form(), hint="send one image in the field 'file'")
         predictor.resolve(model)  # 404 / 503 before touching the upload
         raw = await read_upload(file, settings.max_upload_bytes)
-        body = await predictor.classify(raw, filename=(file.filename or "upload")[:100], model=model,
-                                        explain=explain)
+        body = await unless_client_leaves(request, predictor.classify(
+            raw, filename=(file.filename or "upload")[:100], model=model, explain=explain))
         body["request_id"] = request.state.request_id
         request.state.log = {"model": body["model"]["name"], "label": body["label"],
                              "timings": {k: round(v, 2) for k, v in body["timings"].items()}}

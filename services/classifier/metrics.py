@@ -10,6 +10,11 @@ Metrics:
     classifier_inference_seconds{model}                   histogram of batched forward passes
     classifier_explain_seconds{model, method}             histogram of per-request explanations
     classifier_models_loaded                              gauge
+    classifier_image_tasks{state}                         gauge of decode/preprocess/heatmap tasks,
+                                                          "queued" for a thread or "running"; both 0
+                                                          when the service is idle
+    classifier_image_tasks_dropped_total                  counter of image tasks removed from the
+                                                          queue unstarted (their caller went away)
 """
 
 from __future__ import annotations
@@ -50,6 +55,16 @@ class ServiceMetrics:
         )
         self.models_loaded = Gauge(
             "classifier_models_loaded", "classification models loaded and served", registry=self.registry,
+        )
+        self.image_tasks = Gauge(
+            "classifier_image_tasks", "image tasks (decode and preprocess, heatmap) waiting for or holding a thread",
+            ("state",), registry=self.registry,
+        )
+        for state in ("queued", "running"):
+            self.image_tasks.labels(state=state)
+        self.image_tasks_dropped = Counter(
+            "classifier_image_tasks_dropped", "image tasks removed from the queue unstarted: their caller went away",
+            registry=self.registry,
         )
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:

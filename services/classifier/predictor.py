@@ -6,8 +6,11 @@ store (``ModelStore.current`` then ``load_bundle``), wraps each network in a com
 explainer (:func:`brainscan.explain.explainer_for`). Preprocessing is the bundle's own
 (``bundle.preprocess``): no constant of training is re-typed here.
 
-Blocking work (decoding, preprocessing, explanation) runs in the thread pool and the forward pass
-in the single inference thread; the coroutines here only await them.
+Blocking work (decoding, preprocessing, explanation) runs in a small pool of image threads
+(``CLASSIFIER_IMAGE_WORKERS``) and the forward pass in the single inference thread; the coroutines
+here only await them. Work waits in those executors' queues, so a request cancelled while it waits
+(its caller went away) never starts, and a burst of heavy uploads cannot take more threads than
+the machine has cores.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +99,8 @@ class Predictor:
         self.failed: dict[str, str] = {}
         self._bundles: dict[str, Any] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifier-inference")
+        self._image_executor = ThreadPoolExecutor(max_workers=settings.image_workers,
+                                                  thread_name_prefix="classifier-image")
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -168,15 +173,43 @@ class Predictor:
                 blank = np.zeros((1, size, size, channels), np.float32)
                 # traces the forward pass and the explainer off the request path (~1 s each)
                 await self._executor_call(loaded.batcher.forward, blank)
-                await run_in_threadpool(loaded.explainer, blank, 0)
+                await self._image_work(loaded.explainer, blank, 0)
 
     async def _executor_call(self, function: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
+    async def _image_work(self, function: Any, *args: Any) -> Any:
+        """Await ``function(*args)`` in an image thread, counted in ``classifier_image_tasks``.
+
+        Cancelling the caller while the task waits for a thread removes it from the queue
+        unstarted; a task already running finishes (a second at most) and its result is dropped.
+        """
+        queued = self.metrics.image_tasks.labels(state="queued")
+        running = self.metrics.image_tasks.labels(state="running")
+
+        def task() -> Any:
+            queued.dec()
+            running.inc()
+            try:
+                return function(*args)
+            finally:
+                running.dec()
+
+        def dropped(done: Future[Any]) -> None:
+            if done.cancelled():
+                queued.dec()
+                self.metrics.image_tasks_dropped.inc()
+
+        queued.inc()
+        future = self._image_executor.submit(task)
+        future.add_done_callback(dropped)
+        return await asyncio.wrap_future(future)
+
     async def close(self) -> None:
-        """Stop the batchers and the inference thread."""
+        """Stop the batchers, the image threads and the inference thread."""
         for loaded in self.models.values():
             await loaded.batcher.close()
+        await run_in_threadpool(self._image_executor.shutdown, True, cancel_futures=True)
         await run_in_threadpool(self._executor.shutdown, True)
 
     # -- queries ----------------------------------------------------------------------------
@@ -219,7 +252,7 @@ class Predictor:
         """
         started = time.perf_counter()
         loaded = self.resolve(model)
-        grey, image = await run_in_threadpool(self._decode, raw, filename, loaded)
+        grey, image = await self._image_work(self._decode, raw, filename, loaded)
         decoded = time.perf_counter()
         result = await loaded.batcher.submit(image)
         probabilities = np.asarray(result.output, dtype=np.float64)
@@ -228,7 +261,7 @@ class Predictor:
         heatmap, explain_ms = None, 0.0
         if explain:
             explain_start = time.perf_counter()
-            heatmap = await run_in_threadpool(self._explain, loaded, image, class_index)
+            heatmap = await self._image_work(self._explain, loaded, image, class_index)
             explain_ms = (time.perf_counter() - explain_start) * 1000.0
             self.metrics.explain.labels(model=loaded.name, method=heatmap["method"]).observe(explain_ms / 1000.0)
         return {
@@ -250,7 +283,7 @@ class Predictor:
     def _decode(self, raw: bytes, filename: str, loaded: LoadedModel) -> tuple[np.ndarray, np.ndarray]:
         """Blocking: decode by content with the service's limits, then the bundle's preprocessing."""
         grey = decode_image(raw, name=filename, max_bytes=self.settings.max_upload_bytes,
-                            max_pixels=self.settings.max_pixels)
+                            max_pixels=self.settings.max_pixels, max_decoded_bytes=self.settings.max_decoded_bytes)
         return grey, loaded.bundle.preprocess(grey)
 
     @staticmethod

@@ -9,6 +9,13 @@ environment variable                    default                    meaning
                                                                    as missing when absent
 ``CLASSIFIER_MAX_UPLOAD_BYTES``         20 MiB                     larger uploads get 413
 ``CLASSIFIER_MAX_PIXELS``               50 000 000                 larger images get 413
+``CLASSIFIER_MAX_DECODED_BYTES``        150 000 000                images whose decoded pixels
+                                                                   (size x channels x depth, from
+                                                                   the header) need more get 413
+``CLASSIFIER_IMAGE_WORKERS``            2                          threads that decode, preprocess
+                                                                   and explain; more requests wait,
+                                                                   and leave the queue unstarted
+                                                                   when their caller goes away
 ``CLASSIFIER_BATCH_WINDOW_MS``          5                          how long a batch waits to fill
 ``CLASSIFIER_MAX_BATCH``                16                         largest batch per forward pass
 ``CLASSIFIER_WARMUP``                   true                       trace the networks at start-up
@@ -23,7 +30,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from brainscan.preprocess.image2d import DEFAULT_MAX_PIXELS
+from brainscan.preprocess.image2d import DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -44,6 +51,9 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="largest accepted upload")
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=256, description="largest accepted image, in pixels")
+    max_decoded_bytes: int = Field(default=DEFAULT_MAX_DECODED_BYTES, ge=256,
+                                   description="largest decoded image (width x height x channels x bytes per sample)")
+    image_workers: int = Field(default=2, ge=1, le=64, description="threads for decoding, preprocessing and heatmaps")
     batch_window_ms: float = Field(default=5.0, ge=0.0, le=1000.0, description="batch collection window")
     max_batch: int = Field(default=16, ge=1, le=256, description="largest batch per forward pass")
     warmup: bool = Field(default=True, description="run each network once at start-up (traces it)")

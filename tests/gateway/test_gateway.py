@@ -127,6 +127,15 @@ def test_bad_input_passes_through_unchanged(gateway, classifier, name, query, st
     assert via_gateway.json()["error"]
 
 
+def test_two_file_fields_are_422_naming_the_field(gateway):
+    files = [("file", ("first.png", slice_png(), "image/png")), ("file", ("second.png", slice_png(64), "image/png"))]
+    response = gateway.post("/api/v1/classifications", files=files, headers={"X-Request-ID": REQUEST_ID})
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["error"] == "duplicate_field" and body["request_id"] == REQUEST_ID
+    assert "['file'] sent more than once" in body["detail"]
+
+
 def test_models_are_forwarded(gateway, classifier):
     response = gateway.get("/api/v1/models")
     assert response.status_code == 200

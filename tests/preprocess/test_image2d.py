@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -21,12 +22,15 @@ from brainscan.errors import (
     UnsupportedFormatError,
 )
 from brainscan.preprocess.image2d import (
+    GREY_STRIP_PIXELS,
+    HEAD_SEARCH_SIDE,
     ImagePreprocessConfig,
     crop_to_head,
     decode_image,
     preprocess_batch,
     preprocess_image,
     sniff_format,
+    to_grey_uint8,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,9 +57,9 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def png_claiming(width: int, height: int) -> bytes:
+def png_claiming(width: int, height: int, bit_depth: int = 8, colour_type: int = 0) -> bytes:
     """A small well-formed PNG whose header claims ``width`` x ``height``: a decompression bomb."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 1000)
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(
         b"IEND", b""
@@ -143,11 +147,15 @@ PNG_1200x900 = encode(np.zeros((1200, 900), np.uint8), ".png")
         (encode(np.zeros((20, 300), np.uint8), ".png"), {}, BadDimensionsError),
         (encode(np.zeros((500, 40), np.uint8), ".jpg"), {}, BadDimensionsError),
         (png_claiming(0, 64), {}, BadDimensionsError),
+        # under the pixel cap, over the decoding budget: 4400 x 4400 x 8 bytes (16-bit RGBA)
+        (png_claiming(4400, 4400, bit_depth=16, colour_type=6), {}, InputTooLargeError),
+        (png_claiming(5000, 5000), {"max_decoded_bytes": 5000 * 5000 - 1}, InputTooLargeError),
     ],
     ids=[
         "empty", "text", "random-bytes", "dicom", "jpeg-truncated", "jpeg-no-eoi", "jpeg-headers",
         "png-truncated", "png-no-iend", "png-garbage", "png-bomb", "jpeg-bomb", "over-max-pixels",
-        "over-max-bytes", "tiny-side", "aspect-15", "aspect-12.5", "zero-width",
+        "over-max-bytes", "tiny-side", "aspect-15", "aspect-12.5", "zero-width", "png-16bit-rgba-budget",
+        "over-max-decoded-bytes",
     ],
 )
 def test_decode_image_rejects(raw: bytes, kwargs: dict, error: type[Exception]) -> None:
@@ -158,11 +166,56 @@ def test_decode_image_rejects(raw: bytes, kwargs: dict, error: type[Exception]) 
 
 
 @pytest.mark.parametrize(
+    "raw, bytes_per_pixel",
+    [
+        (encode(GREY, ".png"), 1),
+        (encode(BGR, ".png"), 3),
+        (encode(np.dstack([BGR, ALPHA]), ".png"), 4),
+        (encode(GREY16, ".png"), 2),
+        (encode(np.dstack([GREY16] * 3 + [GREY16]), ".png"), 8),
+        (encode(GREY, ".jpg"), 1),
+        (encode(BGR, ".jpg"), 3),
+        (encode(BGR, ".bmp"), 3),
+        (encode(GREY16, ".tiff"), 2),
+        (encode(BGR, ".tiff"), 3),
+        (encode(GREY, ".webp", (cv2.IMWRITE_WEBP_QUALITY, 101)), 4),  # may hold alpha: counted as BGRA
+    ],
+    ids=["png-grey", "png-rgb", "png-rgba", "png-16bit", "png-16bit-rgba", "jpeg-grey", "jpeg-rgb", "bmp",
+         "tiff-16bit", "tiff-rgb", "webp-lossless"],
+)
+def test_decoding_budget_counts_channels_and_depth(raw: bytes, bytes_per_pixel: int) -> None:
+    budget = GREY.size * bytes_per_pixel
+    assert decode_image(raw, max_decoded_bytes=budget).shape == GREY.shape  # exactly at the budget
+    with pytest.raises(InputTooLargeError, match=f"with {bytes_per_pixel} bytes per pixel") as info:
+        decode_image(raw, name="scan", max_decoded_bytes=budget - 1)
+    assert "decoding limit" in str(info.value) and "8-bit greyscale or downscale" in str(info.value)
+
+
+@pytest.mark.parametrize("alpha", [False, True])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_colour_to_grey_in_strips_matches_the_reference(alpha: bool, dtype: type) -> None:
+    repeats = 2 * GREY_STRIP_PIXELS // GREY.size + 2  # three strips, each cut mid-pattern
+    scale = 257 if dtype == np.uint16 else 1
+    colour = np.tile(RGB, (repeats, 1, 1)).astype(dtype) * scale
+    luma = np.tile(0.299 * RGB[..., 0] + 0.587 * RGB[..., 1] + 0.114 * RGB[..., 2], (repeats, 1))
+    if alpha:
+        opacity = np.tile(ALPHA, (repeats, 1)).astype(dtype) * scale
+        colour, luma = np.dstack([colour, opacity]), luma * (opacity > 0)
+    if dtype == np.uint16:  # a 16-bit luma is stretched by its own range
+        luma = (luma - luma.min()) * 255 / (luma.max() - luma.min())
+    assert colour.shape[0] * colour.shape[1] > 2 * GREY_STRIP_PIXELS
+    grey = to_grey_uint8(colour, bgr=False)
+    error = np.abs(grey.astype(np.float64) - np.rint(luma))
+    assert grey.shape == luma.shape and error.max() <= 1
+
+
+@pytest.mark.parametrize(
     "height, width, centre, axes, letter",
     [
         (300, 500, (250, 150), (80, 60), True),  # wide black border left and right
         (400, 260, (130, 220), (70, 110), True),  # tall image, head off centre
         (256, 256, (128, 128), (126, 126), False),  # head fills the image
+        (2400, 3300, (1500, 1100), (700, 900), True),  # searched on a shrunk copy
     ],
 )
 def test_crop_to_head_finds_ellipse(
@@ -179,6 +232,19 @@ def test_crop_to_head_finds_ellipse(
     assert expected_side <= crop.shape[0] <= expected_side * 1.12
     assert (crop == 200).sum() == (image == 200).sum()  # the whole head is kept
     assert not (crop == 255).any()
+
+
+def test_crop_to_head_of_a_huge_image_takes_well_under_a_second() -> None:
+    side = 7000  # searching the head at full resolution took 25-33 s here
+    image = np.zeros((side, side), np.uint8)
+    cv2.circle(image, (3000, 3600), 2500, 180, -1)
+    assert side > 2 * HEAD_SEARCH_SIDE
+    started = time.perf_counter()
+    crop = crop_to_head(image)
+    elapsed = time.perf_counter() - started
+    assert 5001 <= crop.shape[0] == crop.shape[1] <= 5001 * 1.12
+    assert (crop == 180).sum() == (image == 180).sum()
+    assert elapsed < 5.0  # about 0.1 s measured; generous for a busy machine
 
 
 @pytest.mark.parametrize("image", [np.zeros((64, 80), np.uint8), np.full((50, 50), 90, np.uint16)])

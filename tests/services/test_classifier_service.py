@@ -215,10 +215,21 @@ def test_bad_input_gets_its_own_status(client: TestClient, name: str, upload: tu
     assert classify(client, JPEG, explain="false").status_code == 200
 
 
+def test_two_file_fields_are_422_naming_the_field(client: TestClient) -> None:
+    other = encode(slice_image(seed=3))
+    response = client.post("/v1/classify", files=[("file", ("first.jpg", JPEG, "image/jpeg")),
+                                                  ("file", ("second.jpg", other, "image/jpeg"))])
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["error"] == "duplicate_field"
+    assert "field(s) ['file'] sent more than once; send one image in the field 'file'" == body["detail"]
+
+
 @pytest.fixture(scope="module")
 def strict_client(store: Path) -> Iterator[TestClient]:
-    """Small upload and pixel limits, vit_cnn as the default model."""
-    settings = settings_for(store, default_model="vit_cnn", max_upload_bytes=4096, max_pixels=100_000, warmup=False)
+    """Small upload, pixel and decoding limits, vit_cnn as the default model."""
+    settings = settings_for(store, default_model="vit_cnn", max_upload_bytes=4096, max_pixels=100_000,
+                            max_decoded_bytes=150_000, warmup=False)
     with TestClient(create_app(settings)) as test_client:
         yield test_client
 
@@ -247,6 +258,27 @@ def test_too_many_pixels_is_413(strict_client: TestClient) -> None:
     flat = encode(np.full((400, 400), 90, np.uint8), ".png")  # 160 000 px, a few hundred bytes
     response = classify(strict_client, flat, "big.png")
     assert response.status_code == 413 and "100000" in response.json()["detail"]
+
+
+def test_over_the_decoding_budget_is_413_saying_why(strict_client: TestClient) -> None:
+    colour = encode(np.full((300, 300, 3), 90, np.uint8), ".png")  # 90 000 px, under the pixel cap
+    response = classify(strict_client, colour, "colour.png")
+    assert response.status_code == 413, response.text
+    detail = response.json()["detail"]
+    assert "300x300 PNG with 3 bytes per pixel: 0.27 MB once decoded" in detail
+    assert "decoding limit of 0.15 MB" in detail and "8-bit greyscale" in detail
+    grey = encode(np.full((300, 300), 90, np.uint8), ".png")  # the same image in grey passes
+    assert classify(strict_client, grey, "grey.png").status_code == 200
+
+
+def test_image_tasks_are_counted_and_end(client: TestClient) -> None:
+    assert classify(client, JPEG).status_code == 200
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(client.get("/metrics").text)
+               for sample in family.samples if sample.name.startswith("classifier_image_tasks")}
+    assert samples[("classifier_image_tasks", (("state", "queued"),))] == 0
+    assert samples[("classifier_image_tasks", (("state", "running"),))] == 0
+    assert samples[("classifier_image_tasks_dropped_total", ())] == 0
 
 
 # -- micro-batching -------------------------------------------------------------------------------
@@ -368,17 +400,19 @@ def test_broken_model_is_skipped(store: Path, tmp_path: Path, caplog: pytest.Log
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for key, value in {"BRAINSCAN_MODELS": str(tmp_path), "CLASSIFIER_DEFAULT_MODEL": "vit_cnn",
                        "CLASSIFIER_MAX_UPLOAD_BYTES": "1234", "CLASSIFIER_BATCH_WINDOW_MS": "2.5",
-                       "CLASSIFIER_MAX_BATCH": "8", "CLASSIFIER_MAX_PIXELS": "99999"}.items():
+                       "CLASSIFIER_MAX_BATCH": "8", "CLASSIFIER_MAX_PIXELS": "99999",
+                       "CLASSIFIER_MAX_DECODED_BYTES": "777777", "CLASSIFIER_IMAGE_WORKERS": "3"}.items():
         monkeypatch.setenv(key, value)
     settings = Settings()
     assert (settings.store_root(), settings.default_model, settings.max_upload_bytes, settings.batch_window_ms,
-            settings.max_batch, settings.max_pixels) == (tmp_path, "vit_cnn", 1234, 2.5, 8, 99999)
+            settings.max_batch, settings.max_pixels, settings.max_decoded_bytes, settings.image_workers) == (
+        tmp_path, "vit_cnn", 1234, 2.5, 8, 99999, 777777, 3)
 
 
 @pytest.mark.parametrize(
     "variable, value",
     [("CLASSIFIER_MAX_BATCH", "0"), ("CLASSIFIER_MAX_UPLOAD_BYTES", "-5"), ("CLASSIFIER_BATCH_WINDOW_MS", "x"),
-     ("CLASSIFIER_LOG_LEVEL", "LOUD")],
+     ("CLASSIFIER_LOG_LEVEL", "LOUD"), ("CLASSIFIER_IMAGE_WORKERS", "0"), ("CLASSIFIER_MAX_DECODED_BYTES", "-1")],
 )
 def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv(variable, value)
