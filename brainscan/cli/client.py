@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from brainscan.cli.arguments import non_negative_float, non_negative_int, positive_float
-from brainscan.cli.output import fmt, print_json, table
+from brainscan.cli.output import fmt, print_json, progress_bar, table
 from brainscan.client import BrainscanClient, ClientError
 from brainscan.errors import BrainscanError
 
@@ -162,17 +162,18 @@ class _Progress:
     """Job progress on stderr: a tqdm bar (percent) whose description is the stage and its detail."""
 
     def __init__(self, quiet: bool) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=100, unit="%", file=sys.stderr, disable=quiet, dynamic_ncols=True, leave=False,
-                        bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}")
+        self.bar = progress_bar(quiet=quiet, unit="%", total=100, leave=False,
+                                bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}")
+        self.stage: str | None = None
 
     def __call__(self, job: dict[str, Any]) -> None:
         stage = job.get("stage") or job.get("status") or ""
         detail = job.get("stage_detail")
         self.bar.set_description_str(f"{stage}: {detail}" if detail else stage, refresh=False)
         self.bar.n = int(round(100 * float(job.get("progress") or 0.0)))
-        self.bar.refresh()
+        if sys.stderr.isatty() or stage != self.stage:  # a log gets a line per stage, not one per poll
+            self.bar.refresh()
+        self.stage = stage
 
     def close(self) -> None:
         self.bar.close()

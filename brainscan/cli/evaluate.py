@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from brainscan.cli.arguments import overlap_fraction, positive_int
+from brainscan.cli.output import progress_bar
 from brainscan.cli.predict import resolve_bundle
 
 
@@ -55,9 +56,7 @@ class _Progress:
     """tqdm bars on stderr: images for classifiers, cases (with patches as postfix) for segmenters."""
 
     def __init__(self, quiet: bool) -> None:
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=None, file=sys.stderr, disable=quiet, dynamic_ncols=True, unit="item")
+        self._bar = progress_bar(quiet=quiet, unit="item")
         self._case = -1
 
     def images(self, done: int, total: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,3 +60,17 @@ def fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
     return str(value)
+
+
+#: Seconds between redraws of a progress bar whose stderr is a file or pipe (a log gets a handful of
+#: lines a run, not one per patch).
+LOG_REDRAW_S = 30.0
+
+
+def progress_bar(*, quiet: bool, unit: str, total: int | None = None, leave: bool = True, **options: Any) -> Any:
+    """A tqdm bar on stderr: redrawn 10 times a second on a terminal, every :data:`LOG_REDRAW_S` s otherwise."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, unit=unit, file=sys.stderr, disable=quiet, dynamic_ncols=interactive, leave=leave,
+                mininterval=0.1 if interactive else LOG_REDRAW_S, **options)

@@ -155,9 +155,9 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def _progress_bar(quiet: bool, unit: str) -> Any:
-    from tqdm import tqdm
+    from brainscan.cli.output import progress_bar
 
-    return tqdm(total=None, unit=unit, file=sys.stderr, disable=quiet, dynamic_ncols=True, leave=False)
+    return progress_bar(quiet=quiet, unit=unit, leave=False)
 
 
 def run_segment(args: argparse.Namespace) -> int:

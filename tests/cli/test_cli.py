@@ -257,3 +257,33 @@ def test_inspect_real_brats_case(capsys: pytest.CaptureFixture[str]) -> None:
     assert sorted(int(v) for v in values) == [0, 1, 2, 4]
     reported = {int(k): int(v["voxels"]) for k, v in info["labels"].items()}
     assert reported == {int(v): int(c) for v, c in zip(values, counts)}
+
+
+def test_progress_written_to_a_log_is_a_few_lines_not_one_per_update(tmp_path: Path, monkeypatch) -> None:
+    """A bar on a terminal redraws often; in a log file (evaluate > log 2>&1) it must not flood it."""
+    import subprocess
+    import sys
+
+    from brainscan.cli.output import LOG_REDRAW_S
+
+    script = ("import sys, time\n"
+              "import brainscan.cli.output as output\n"
+              "output.LOG_REDRAW_S = float(sys.argv[1])\n"
+              "from brainscan.cli.evaluate import _Progress\n"
+              "p = _Progress(quiet=False)\n"
+              "for case in range(3):\n"
+              "    for patch in range(1, 1001):\n"
+              "        p.cases(case, 3, patch, 1000)\n"
+              "        time.sleep(0.001)\n"
+              "p.close()\n")
+    def redraws(redraw_s: str) -> tuple[int, str]:
+        log = tmp_path / f"evaluate-{redraw_s}.log"
+        with log.open("w") as handle:
+            subprocess.run([sys.executable, "-c", script, redraw_s], stderr=handle, check=True, timeout=120)
+        text = log.read_text()
+        return text.count("\r") + text.count("\n"), text
+
+    count, text = redraws(str(LOG_REDRAW_S))
+    assert 0 < count < 10, text[:2000]
+    assert "3/3" in text  # the final state is still written when the bar closes
+    assert redraws("0.1")[0] > 3 * count  # a terminal's redraw rate would have flooded the log
