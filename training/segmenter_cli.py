@@ -109,8 +109,13 @@ def add_segmenter_parser(commands: argparse._SubParsersAction) -> argparse.Argum
     parser.add_argument("--one-pass", action="store_true",
                         help="serve (and validate) by running the whole brain crop in one network call instead "
                              "of sliding windows: faster when the crop is small, as at 2 mm")
-    parser.add_argument("--mirror-tta", action="store_true",
-                        help="serve with test-time mirroring on the 3 axes (8x slower inference)")
+    tta = parser.add_mutually_exclusive_group()
+    tta.add_argument("--mirror-tta", action="store_true",
+                     help="serve with test-time mirroring on the 3 axes (8x slower inference)")
+    tta.add_argument("--select-tta", action="store_true",
+                     help="let the validation cases choose the served mirroring (none, left-right, 3 axes): a "
+                          "costlier one only when it gains 0.005 mean Dice; every candidate's Dice and seconds "
+                          "go into the manifest")
     parser.add_argument("--target-spacing", type=float, default=None, metavar="MM",
                         help="resample cases to this isotropic voxel size before the network, e.g. 2 "
                              "(8x fewer voxels than BraTS' 1 mm; masks come back at 1 mm). Default: keep the grid")
@@ -248,7 +253,8 @@ def config_from_args(args: argparse.Namespace):
         max_cases=args.max_cases, seed=args.seed, work_dir=args.work_dir, version=args.version, resume=args.resume,
         promote=args.promote, overwrite=args.overwrite, weights_dtype=args.weights_dtype,
         mixed_precision=args.mixed_precision, foreground_fraction=args.foreground_fraction, augment=args.augment,
-        overlap=args.overlap, mirror_tta=args.mirror_tta, one_pass=args.one_pass, demo=args.demo,
+        overlap=args.overlap, mirror_tta=args.mirror_tta, select_tta=args.select_tta, one_pass=args.one_pass,
+        demo=args.demo,
         target_spacing=args.target_spacing,
         outputs=args.outputs, init_from=args.init_from,
         **({"command": args.command_line} if getattr(args, "command_line", None) else {}),

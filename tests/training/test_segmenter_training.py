@@ -434,3 +434,25 @@ def test_cv_summary_pools_the_folds_and_refuses_what_is_not_one_cross_validation
     (paths[1] / "manifest.json").write_text(json.dumps(other))
     with pytest.raises(BundleError, match="not folds of one cross-validation"):
         cross_validation_summary(paths)
+
+
+@pytest.mark.slow
+def test_select_mirroring_measures_each_candidate_and_pays_only_for_a_gain(region_run, monkeypatch):
+    from brainscan.inference.segmenter import Segmenter
+    from brainscan.models.bundle import load_bundle
+    from training import segmenter as trainer
+
+    bundle_path, config = region_run
+    _, val = split_cases(trainer.labelled_cases(config.data, None, config.seed), val_fraction=config.val_fraction,
+                         val_cases=config.val_cases, seed=config.seed)
+    segmenter = Segmenter.from_bundle(load_bundle(bundle_path))
+    axes, per_case, table = trainer.select_mirroring(segmenter, val)
+    assert [row["mirror_axes"] for row in table] == [[], [0], [0, 1, 2]]
+    assert [row["passes"] for row in table] == [1, 2, 8] and all(row["seconds_per_case"] > 0 for row in table)
+    assert segmenter.mirror_axes == axes and set(per_case) == {c.case_id for c in val}
+    means = [row["dice"]["mean"] for row in table]
+    chosen = [row["mirror_axes"] for row in table].index(list(axes))
+    assert all(means[chosen] > means[i] + trainer.MIRROR_GAIN for i in range(chosen))  # it paid for its cost
+    # With a minimum gain no candidate can reach, nothing costlier than one pass is chosen.
+    monkeypatch.setattr(trainer, "MIRROR_GAIN", 10.0)
+    assert trainer.select_mirroring(segmenter, val)[0] == ()
