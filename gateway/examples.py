@@ -16,7 +16,8 @@ def error_example(code: str, detail: str) -> dict[str, Any]:
 CLASSIFICATION_EXAMPLE = {
     "label": "glioma",
     "probabilities": {"glioma": 0.91, "meningioma": 0.03, "notumor": 0.02, "pituitary": 0.04},
-    "model": {"name": "resnet50", "arch": "resnet50", "version": "1", "demo": False},
+    "model": {"name": "resnet50", "arch": "resnet50", "version": "1", "demo": False, "tta": ["flip_lr"],
+              "temperature": 1.21},
     "heatmap": {"method": "grad-cam", "image_png": "data:image/png;base64,iVBORw0KGgo...",
                 "overlay_png": "data:image/png;base64,iVBORw0KGgo..."},
     "image": {"width": 512, "height": 512, "format": "jpeg"},

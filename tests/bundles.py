@@ -16,11 +16,12 @@ TINY_INPUT_SIZE = 64
 
 def make_classifier_store(root: Path, archs: tuple[str, ...] = ("resnet50", "vit_cnn"), *,
                           input_size: int = TINY_INPUT_SIZE, version: str = "test-1", seed: int = 0,
-                          metrics: dict | None = None) -> Path:
+                          metrics: dict | None = None, inference: dict | None = None) -> Path:
     """Write a tiny bundle per architecture into ``root/classification/<arch>/<version>`` and promote it.
 
     Args:
         metrics: the manifests' ``metrics`` (default: a note that the bundle is untrained).
+        inference: the manifests' ``inference`` section (e.g. ``{"tta": ["flip_lr"], "temperature": 2.0}``).
 
     Returns:
         ``root`` (usable as ``BRAINSCAN_MODELS``).
@@ -50,6 +51,7 @@ def make_classifier_store(root: Path, archs: tuple[str, ...] = ("resnet50", "vit
             metrics=metrics or {"note": "untrained test bundle"},
             training={"data_fingerprint": "none", "data_description": "untrained (seeded init) for tests",
                       "command": "tests/bundles.py", "epochs": 0, "seed": seed},
+            inference=inference,
         )
         store.promote("classification", arch, version)
     return root

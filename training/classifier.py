@@ -495,12 +495,17 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
     if best_path.exists():
         model.load_weights(best_path)
 
-    # A plain call, not predict_on_batch: under MirroredStrategy that splits the batch over the replicas
-    # and returned one copy per replica.
-    probabilities = np.concatenate([np.asarray(model(x, training=False), np.float32) for x, _ in val_ds], axis=0)
+    # The served path: the Classifier's compiled forward pass, with the flip TTA and temperature chosen
+    # here on the validation images (TTA only if it classifies more of them right).
+    from brainscan.evaluation.classify import DEFAULT_BATCH_SIZE
+    from brainscan.inference.classifier import Classifier
+    from training.calibrate import calibrate_batches
+
+    classifier = Classifier(model, preprocess=None, classes=classes, batch_size=DEFAULT_BATCH_SIZE)
     y_true = np.asarray([r.label_index for r in val], dtype=np.int64)
+    calibration, probabilities = calibrate_batches(classifier, (np.asarray(x) for x, _ in val_ds), y_true)
     report = classification_report(y_true, probabilities.astype(np.float64), classes)
-    log.info("validation accuracy %.4f on %d images", report["accuracy"], len(val))
+    log.info("validation accuracy %.4f on %d images (as served)", report["accuracy"], len(val))
 
     store = ModelStore(config.out)
     bundle_dir = config.out / "classification" / config.arch / str(config.version)
@@ -515,7 +520,9 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
         classes=classes,
         version=str(config.version),
         demo=config.preset == "tiny" or config.max_per_class is not None,
-        metrics={"validation": report, "validation_images": len(val), "training_images": len(train)},
+        metrics={"validation": report, "validation_images": len(val), "training_images": len(train),
+                 "calibration": calibration},
+        inference=classifier.manifest_inference(),
         training={
             "data_fingerprint": dataset_fingerprint(train + val),
             "data_description": f"Kaggle Brain Tumor MRI layout at {config.data} (Training split only)",

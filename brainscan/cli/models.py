@@ -24,9 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     promote.add_argument("version")
     promote.set_defaults(func=run_promote)
 
+    from training.calibrate import add_calibrate_parser
     from training.demo import add_demo_parser
 
     add_demo_parser(commands)
+    add_calibrate_parser(commands)
 
 
 def _store(args: argparse.Namespace):

@@ -1,9 +1,9 @@
 """Classify 2D slices with a classification bundle, and evaluate a bundle on a Kaggle-layout dataset.
 
 Every image goes through ``bundle.preprocess`` (the manifest's ``image2d`` preprocessing, the same
-function training used) and then through one compiled ``tf.function`` per model
-(:func:`brainscan.inference.sliding_window.keras_predict_fn`), batch by batch, so memory stays at
-one batch of network input whatever the number of images.
+function training used) and then through the bundle's :class:`~brainscan.inference.classifier.Classifier`
+(one compiled ``tf.function``, the manifest's flip TTA and temperature: what the service serves),
+batch by batch, so memory stays at one batch of network input whatever the number of images.
 
 Example:
     >>> bundle = load_bundle("models/classification/resnet50/v1")
@@ -123,10 +123,15 @@ def predict_probabilities(
     batch = np.asarray(batch, dtype=np.float32)
     if batch.ndim != 4:
         raise ValueError(f"batch must be (N, S, S, C), got shape {batch.shape}")
-    if batch.shape[0] == 0:
-        return np.zeros((0, len(bundle.classes)), dtype=np.float32)
-    predict_fn = predict_fn or make_predict_fn(bundle, batch_size)
-    return np.asarray(predict_fn(batch), dtype=np.float32).reshape(batch.shape[0], -1)
+    return classifier_for(bundle, batch_size, predict_fn).probabilities(batch)
+
+
+def classifier_for(bundle: Any, batch_size: int | None = None, predict_fn: PredictFn | None = None) -> Any:
+    """The bundle's :class:`~brainscan.inference.classifier.Classifier` (its TTA and temperature)."""
+    from brainscan.inference.classifier import Classifier
+
+    size = resolve_batch_size(bundle, batch_size)
+    return Classifier.from_bundle(bundle, batch_size=size, predict_fn=predict_fn or make_predict_fn(bundle, size))
 
 
 def classify_images(
@@ -160,7 +165,7 @@ def classify_images(
     """
     _check_classifier(bundle)
     size = resolve_batch_size(bundle, batch_size)
-    predict_fn = predict_fn or make_predict_fn(bundle, size)
+    classifier = classifier_for(bundle, size, predict_fn)
     total = len(images)
     result = np.full((total, len(bundle.classes)), np.nan, dtype=np.float32)
     for start in range(0, total, size):
@@ -175,7 +180,7 @@ def classify_images(
                 errors[index] = exc if isinstance(exc, BrainscanError) else EmptyInputError(
                     f"{source_name(images[index], index)}: cannot read: {exc.strerror or exc}", code="not_readable")
         if inputs:
-            result[rows] = predict_probabilities(bundle, np.stack(inputs), predict_fn=predict_fn)
+            result[rows] = classifier.probabilities(np.stack(inputs))
         if progress is not None:
             progress(min(start + size, total), total)
     return result
@@ -218,7 +223,7 @@ def evaluate_classifier(
     by_split: dict[str, list[Any]] = {}
     for record in records:
         by_split.setdefault(record.split, []).append(record)
-    predict_fn = make_predict_fn(bundle, batch_size)
+    predict_fn = make_predict_fn(bundle, batch_size)  # traced once for every split
     total, done_before = len(records), 0
     results: dict[str, Any] = {}
     for split, split_records in by_split.items():
@@ -258,6 +263,7 @@ def evaluate_classifier(
 
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "classify_images", "evaluate_classifier", "make_predict_fn", "predict_probabilities",
+    "DEFAULT_BATCH_SIZE", "classifier_for", "classify_images", "evaluate_classifier", "make_predict_fn",
+    "predict_probabilities",
     "preprocess_one", "resolve_batch_size", "source_name",
 ]

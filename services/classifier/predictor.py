@@ -1,8 +1,9 @@
 """The classifier service's model side: load bundles once, classify one upload, explain it.
 
 :class:`Predictor` loads the current bundle of every classification architecture in the model
-store (``ModelStore.current`` then ``load_bundle``), wraps each network in a compiled
-``tf.function`` behind a :class:`~services.classifier.batching.MicroBatcher`, and builds its
+store (``ModelStore.current`` then ``load_bundle``), wraps each in the one prediction path,
+:class:`~brainscan.inference.classifier.Classifier` (compiled forward pass, flip TTA and temperature
+from the manifest), behind a :class:`~services.classifier.batching.MicroBatcher`, and builds its
 explainer (:func:`brainscan.explain.explainer_for`). Preprocessing is the bundle's own
 (``bundle.preprocess``): no constant of training is re-typed here.
 
@@ -50,6 +51,7 @@ class LoadedModel:
     bundle: Any
     batcher: MicroBatcher
     explainer: Any
+    classifier: Any = None  # brainscan.inference.classifier.Classifier
 
     def describe(self) -> dict[str, Any]:
         """The model's entry in ``GET /v1/models``."""
@@ -65,17 +67,6 @@ class LoadedModel:
             "created_at": manifest.get("created_at"),
             "manifest": manifest,
         }
-
-
-def _compiled_forward(model: Any) -> Any:
-    """``(B, S, S, C) -> (B, K)`` numpy through a ``tf.function`` (no XLA: slower here)."""
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def forward(images: Any) -> Any:
-        return model(images, training=False)
-
-    return lambda images: forward(images).numpy()
 
 
 class Predictor:
@@ -154,9 +145,14 @@ class Predictor:
 
     async def start(self) -> None:
         """Start a batcher per loaded model (needs the running loop) and warm the networks up."""
+        from brainscan.inference.classifier import Classifier
+
         for arch, (bundle, explainer) in self._bundles.items():
+            # The one prediction path (compiled forward pass, the manifest's flip TTA and temperature):
+            # what evaluate and predict report is what is served.
+            classifier = Classifier.from_bundle(bundle, batch_size=max(self.settings.max_batch, 1))
             batcher = MicroBatcher(
-                _compiled_forward(bundle.model),
+                classifier.probabilities,
                 name=arch,
                 executor=self._executor,
                 max_batch=self.settings.max_batch,
@@ -164,7 +160,7 @@ class Predictor:
                 on_batch=lambda size, seconds, arch=arch: self.metrics.observe_batch(arch, size, seconds),
             )
             batcher.start()
-            self.models[arch] = LoadedModel(arch, bundle, batcher, explainer)
+            self.models[arch] = LoadedModel(arch, bundle, batcher, explainer, classifier)
         self.metrics.models_loaded.set(len(self.models))
         if self.settings.warmup:
             for loaded in self.models.values():
@@ -268,7 +264,8 @@ class Predictor:
             "label": classes[class_index],
             "probabilities": {name: float(p) for name, p in zip(classes, probabilities)},
             "model": {"name": loaded.name, "arch": loaded.bundle.architecture,
-                      "version": loaded.bundle.version, "demo": loaded.bundle.demo},
+                      "version": loaded.bundle.version, "demo": loaded.bundle.demo,
+                      "tta": list(loaded.classifier.tta), "temperature": loaded.classifier.temperature},
             "heatmap": heatmap,
             "image": {"width": int(grey.shape[1]), "height": int(grey.shape[0]), "format": sniff_format(raw)},
             "timings": {

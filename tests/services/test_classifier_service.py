@@ -121,7 +121,9 @@ def test_classify_returns_the_contract(client: TestClient, store: Path, arch: st
     probabilities = np.array(list(body["probabilities"].values()))
     assert probabilities.sum() == pytest.approx(1.0, abs=1e-5) and probabilities.min() >= 0
     assert body["label"] == manifest["classes"][int(probabilities.argmax())]
-    assert body["model"] == {"name": arch, "arch": arch, "version": manifest["version"], "demo": manifest["demo"]}
+    assert body["model"] == {"name": arch, "arch": arch, "version": manifest["version"], "demo": manifest["demo"],
+                             "tta": manifest["inference"].get("tta", []),
+                             "temperature": manifest["inference"].get("temperature", 1.0)}
     assert body["image"] == {"width": 160, "height": 160, "format": "jpeg"}
     assert set(body["timings"]) == TIMING_KEYS and all(v >= 0 for v in body["timings"].values())
     assert body["timings"]["total_ms"] >= body["timings"]["inference_ms"]
@@ -502,3 +504,32 @@ def test_unexpected_failure_is_a_logged_json_500(client: TestClient, caplog: pyt
     assert body["error"] == "internal_error" and body["request_id"] == response.headers["X-Request-ID"]
     assert any("simulated bug" in (record.exc_text or "") or record.exc_info for record in caplog.records)
     assert classify(client, JPEG, explain="false").status_code == 200
+
+
+def test_service_serves_the_bundles_tta_and_temperature_as_evaluate_and_predict_do(tmp_path: Path) -> None:
+    """One prediction path: the service, `evaluate` and `predict` (classify_images) give the same numbers."""
+    from brainscan.evaluation.classify import classify_images
+    from brainscan.models.bundle import load_bundle
+
+    calibrated = make_classifier_store(tmp_path / "calibrated", archs=("resnet50",),
+                                       inference={"tta": ["flip_lr"], "temperature": 2.5})
+    plain = make_classifier_store(tmp_path / "plain", archs=("resnet50",))
+    image = encode(slice_image(seed=5))
+    served = {}
+    for name, root in (("calibrated", calibrated), ("plain", plain)):
+        with TestClient(create_app(settings_for(root))) as test_client:
+            response = classify(test_client, image, model="resnet50", explain="false")
+        assert response.status_code == 200, response.text
+        served[name] = response.json()
+        bundle = load_bundle(ModelStore(root).current("classification", "resnet50"))
+        offline = classify_images(bundle, [image])[0]
+        np.testing.assert_allclose(list(served[name]["probabilities"].values()), offline, atol=1e-5)
+    assert served["calibrated"]["model"]["tta"] == ["flip_lr"] and served["calibrated"]["model"]["temperature"] == 2.5
+    assert served["plain"]["model"]["tta"] == [] and served["plain"]["model"]["temperature"] == 1.0
+    # Same weights (same seed), so the difference is the TTA and the temperature: softer, same ranking
+    # unless the flip changed it.
+    calibrated_p = np.array(list(served["calibrated"]["probabilities"].values()))
+    plain_p = np.array(list(served["plain"]["probabilities"].values()))
+    assert not np.allclose(calibrated_p, plain_p, atol=1e-4)
+    assert calibrated_p.max() - calibrated_p.min() < plain_p.max() - plain_p.min() + 1e-6 or \
+        calibrated_p.argmax() != plain_p.argmax()

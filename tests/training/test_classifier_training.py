@@ -408,3 +408,33 @@ def test_mixed_precision_training_across_two_replicas(arch, extra, kaggle_phanto
     probabilities = np.asarray(bundle.model(np.stack([bundle.preprocess(p.read_bytes()) for p in
                                                       sorted((kaggle_phantoms / "Training").glob("*/*.jpg"))[:8]])))
     assert probabilities.dtype == np.float32 and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_training_chooses_tta_and_temperature_and_calibrate_writes_a_version_evaluate_reproduces(
+        trained, kaggle_phantoms, tmp_path, capsys):
+    from brainscan.models.bundle import read_manifest
+
+    arch, out, bundle, _ = trained
+    manifest = read_manifest(bundle)
+    calibration = manifest["metrics"]["calibration"]
+    assert manifest["inference"]["tta"] == calibration["tta"] and calibration["tta"] in ([], ["flip_lr"])
+    assert manifest["inference"]["temperature"] == pytest.approx(calibration["temperature"], rel=1e-5)
+    assert calibration["nll_after"] <= calibration["candidates"][len(calibration["tta"])]["nll"] + 1e-9
+    # `brainscan models calibrate` redoes the choice on the rebuilt validation split: a new version,
+    # same weights, which `evaluate --validation-split` reproduces as served.
+    assert main(["models", "--root", str(out), "calibrate", str(bundle), str(kaggle_phantoms),
+                 "--version", "test-1.1"]) == 0
+    capsys.readouterr()
+    calibrated = read_manifest(out / "classification" / arch / "test-1.1")
+    assert calibrated["weights"]["sha256"] == manifest["weights"]["sha256"]
+    assert calibrated["training"]["calibrated_from"]["version"] == "test-1"
+    assert calibrated["inference"]["tta"] == calibrated["metrics"]["calibration"]["tta"]
+    assert calibrated["metrics"]["calibration"]["temperature"] == pytest.approx(calibration["temperature"], rel=0.05)
+    report_dir = tmp_path / "report"
+    assert main(["evaluate", str(out / "classification" / arch / "test-1.1"), str(kaggle_phantoms),
+                 "--validation-split", "--out", str(report_dir), "--quiet"]) == 0
+    section = json.loads((report_dir / "report.json").read_text())["splits"]["Validation"]
+    assert abs(section["accuracy"] - calibrated["metrics"]["validation"]["accuracy"]) <= 2 / section["n_samples"]
+    assert section["calibration"]["ece"] == pytest.approx(calibrated["metrics"]["validation"]["calibration"]["ece"],
+                                                          abs=0.02)
