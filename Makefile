@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.brainscan-installed
 setup: $(STAMP)
 	./scripts/vendor-frontend.sh
 
-# Chromium (browser tests) and redis-server (Celery tests), via apt when missing.
+# Chromium (browser tests), redis-server (Celery tests) and dicom3tools (DICOM SEG validation), via apt when missing.
 system-deps:
 	./scripts/install-system-deps.sh
 

@@ -107,3 +107,47 @@ class BundleError(BrainscanError):
 
     code = "bundle_invalid"
     http_status = 503
+
+
+class SeriesIdentificationError(MissingModalityError):
+    """A DICOM study's series cannot be matched to t1, t1ce, t2 and flair without help.
+
+    ``series`` lists what was found (UID, number, description, slice count, the modality guessed),
+    so that a caller can show it and ask for an explicit ``{SeriesInstanceUID: modality}`` mapping.
+    """
+
+    code = "series_unidentified"
+    http_status = 422
+
+    def __init__(self, message: str, *, series: list[dict[str, object]] | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.series = list(series or [])
+
+    def to_dict(self) -> dict[str, object]:  # type: ignore[override]
+        """``{"error", "detail", "series"}``: the series found, to build a mapping from."""
+        return {**super().to_dict(), "series": self.series}
+
+
+class InconsistentSeriesError(InvalidInputError):
+    """A DICOM series does not make one volume: missing or duplicate slices, uneven spacing, mixed
+    sizes or orientations. ``code`` says which (``missing_slices``, ``duplicate_slices``,
+    ``uneven_spacing``, ``misaligned_slices``, ``mixed_geometry``, ``missing_geometry``,
+    ``too_few_slices``)."""
+
+    code = "inconsistent_series"
+    http_status = 422
+
+
+class NotMRError(InvalidInputError):
+    """A DICOM image series of another modality (CT, PET...) where brain MR was expected."""
+
+    code = "not_mr"
+    http_status = 422
+
+
+class UnsupportedTransferSyntaxError(UnsupportedFormatError):
+    """DICOM pixel data compressed in a transfer syntax no installed decoder reads."""
+
+    code = "unsupported_transfer_syntax"
+    http_status = 415

@@ -14,6 +14,9 @@ from brainscan.errors import BrainscanError, BundleError
 _BUNDLE_HELP = ("model bundle folder (holding manifest.json), or ARCH / TASK/ARCH for the current "
                 "version in the model store (see `brainscan models list`)")
 _MASK_SUFFIXES = (".nii", ".nii.gz")
+#: How DICOM series reach the t1ce grid (brainscan.dicom.registration.METHODS, not imported here:
+#: the parser must not load SimpleITK).
+ALIGNMENTS = ("rigid", "geometry")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,20 +45,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     classify.set_defaults(func=run_classify)
 
     segment = commands.add_parser(
-        "segment", help="tumour mask of one BraTS case folder (t1, t1ce, t2, flair NIfTI)",
+        "segment", help="tumour mask of one BraTS case folder (NIfTI) or one DICOM study",
         description=(
-            "Segment the case in CASE_DIR (files <case>_{t1,t1ce,t2,flair}.nii[.gz], or BraTS 2023-2024 "
-            "<case>-{t1n,t1c,t2w,t2f}.nii.gz; a seg file is not needed) and write the mask to --out on the "
-            "grid of the input (same shape, affine and header), as uint8 BraTS labels: 0 background, "
-            "1 necrotic core, 2 edema, 4 enhancing tumour (3 for a case in the 2023-2024 naming, as that "
-            "challenge numbers it). Prints the tumour volumes in mL (WT whole tumour, TC tumour core, ET "
-            "enhancing tumour) and the timings."
+            "Segment the case in CASE and write the mask on the grid of the input. CASE is either a BraTS case "
+            "folder (files <case>_{t1,t1ce,t2,flair}.nii[.gz], or BraTS 2023-2024 <case>-{t1n,t1c,t2w,t2f}.nii.gz; "
+            "a seg file is not needed), or a DICOM MR study: a folder or zip in any structure, skull-stripped, "
+            "holding a t1, t1ce (post-contrast t1), t2 and flair series. For a case folder, --out is the mask file "
+            "(same shape, affine and header as the input), as uint8 BraTS labels: 0 background, 1 necrotic core, "
+            "2 edema, 4 enhancing tumour (3 for a case in the 2023-2024 naming, as that challenge numbers it). "
+            "For a DICOM study, the series are recognised from their headers (or --series), t1, t2 and flair are "
+            "registered rigidly to t1ce and resampled onto its grid, and --out is a folder that receives seg.dcm "
+            "(a DICOM Segmentation referencing the t1ce series), mask.nii.gz (on the t1ce grid) and "
+            "transforms.json (every transform applied). Prints the tumour volumes in mL (WT whole tumour, TC "
+            "tumour core, ET enhancing tumour) and the timings."
         ),
-        epilog="example: brainscan predict segment unet3d BraTS2021_00006 --out BraTS2021_00006_pred.nii.gz",
+        epilog=("examples:\n"
+                "  brainscan predict segment unet3d BraTS2021_00006 --out BraTS2021_00006_pred.nii.gz\n"
+                "  brainscan predict segment unet3d study.zip --out study_seg/\n"
+                "  brainscan predict segment unet3d study/ --out study_seg/ --series '{\"1.2.840...\": \"t1ce\"}'"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     segment.add_argument("bundle", help=_BUNDLE_HELP)
-    segment.add_argument("case_dir", type=Path, metavar="CASE_DIR", help="BraTS case folder")
-    segment.add_argument("--out", type=Path, required=True, metavar="MASK.nii.gz", help="mask file to write")
+    segment.add_argument("case_dir", type=Path, metavar="CASE",
+                         help="BraTS case folder, or DICOM study (folder or zip)")
+    segment.add_argument("--out", type=Path, required=True, metavar="OUT",
+                         help="mask file (.nii or .nii.gz) for a case folder; output folder for a DICOM study")
+    segment.add_argument("--series", default=None, metavar="JSON",
+                         help="DICOM only: {SeriesInstanceUID: modality} for series the headers do not make clear, "
+                              "as JSON text or a JSON file")
+    segment.add_argument("--alignment", choices=ALIGNMENTS, default="rigid",
+                         help="DICOM only: register t1, t2, flair rigidly to t1ce (default), or resample them by "
+                              "the DICOM geometry alone")
+    segment.add_argument("--save-volumes", action="store_true",
+                         help="DICOM only: also write the four volumes on the t1ce grid (<modality>.nii.gz)")
     segment.add_argument("--json", action="store_true", help="print JSON instead of text")
     segment.add_argument("--overlap", type=overlap_fraction, default=None,
                          help="sliding-window overlap in [0, 1) (default: the bundle's; 0 is fastest)")
@@ -160,23 +182,55 @@ def _progress_bar(quiet: bool, unit: str) -> Any:
     return progress_bar(quiet=quiet, unit=unit, leave=False)
 
 
+def _series_mapping(text: str | None) -> dict[str, str]:
+    from brainscan.dicom.sequences import parse_series_mapping
+
+    if text is not None and not text.lstrip().startswith("{") and Path(text).is_file():
+        text = Path(text).read_text()
+    return parse_series_mapping(text)
+
+
+def _check_segment_args(args: argparse.Namespace, dicom: bool) -> None:
+    is_mask_file = args.out.name.lower().endswith(_MASK_SUFFIXES)
+    if dicom and is_mask_file:
+        raise BrainscanError(f"{args.case_dir} is a DICOM study: --out must be a folder (it receives seg.dcm and "
+                             f"mask.nii.gz), got {args.out}", code="bad_argument")
+    if not dicom:
+        if not is_mask_file:
+            raise BrainscanError(f"--out must end in .nii or .nii.gz, got {args.out}", code="bad_argument")
+        given = [flag for flag, value in (("--series", args.series), ("--save-volumes", args.save_volumes)) if value]
+        if given:
+            raise BrainscanError(f"{', '.join(given)} apply to DICOM studies only; {args.case_dir} is a NIfTI case "
+                                 "folder", code="bad_argument")
+
+
 def run_segment(args: argparse.Namespace) -> int:
     import numpy as np
 
     from brainscan.cli.output import fmt, print_json, table
     from brainscan.data.brats import find_case, load_case
+    from brainscan.dicom.case import is_dicom_input
     from brainscan.evaluation.segment import inference_settings, segment_case
     from brainscan.io.nifti import save_like
     from brainscan.labels import CONVENTION_NAMES, REGION_NAMES, to_convention
     from brainscan.metrics.segmentation import volumes_ml
     from brainscan.models.bundle import load_bundle
 
-    if not args.out.name.lower().endswith(_MASK_SUFFIXES):
-        raise BrainscanError(f"--out must end in .nii or .nii.gz, got {args.out}", code="bad_argument")
+    dicom = is_dicom_input(args.case_dir)
+    _check_segment_args(args, dicom)
     started = time.perf_counter()
-    case = find_case(args.case_dir)
-    bundle = load_bundle(resolve_bundle(args.bundle, task="segmentation", models_root=args.models_root))
-    loaded = load_case(case, with_seg=False)
+    if dicom:
+        from brainscan.dicom.case import load_dicom_case, save_dicom_results
+        from brainscan.dicom.seg import algorithm_identification
+
+        mapping = _series_mapping(args.series)
+        bundle_path = resolve_bundle(args.bundle, task="segmentation", models_root=args.models_root)
+        loaded: Any = load_dicom_case(args.case_dir, mapping, method=args.alignment)
+    else:
+        case = find_case(args.case_dir)
+        bundle_path = resolve_bundle(args.bundle, task="segmentation", models_root=args.models_root)
+        loaded = load_case(case, with_seg=False)
+    bundle = load_bundle(bundle_path)
     load_s = time.perf_counter() - started
     overrides = {"overlap": args.overlap}
     with _progress_bar(args.quiet, "patch") as bar:
@@ -189,13 +243,22 @@ def run_segment(args: argparse.Namespace) -> int:
         segment_s = time.perf_counter() - segment_started
     write_started = time.perf_counter()
     written = to_convention(mask, loaded.label_convention)
-    out = save_like(written, loaded.reference, args.out)
+    if dicom:
+        settings = inference_settings(bundle, overrides)
+        algorithm = algorithm_identification(bundle.name, bundle.version,
+                                             {k: settings[k] for k in ("patch_size", "overlap")})
+        files = save_dicom_results(loaded, written, args.out, algorithm=algorithm, save_volumes=args.save_volumes)
+        out = Path(files["mask"])
+    else:
+        out = save_like(written, loaded.reference, args.out)
+        files = {"mask": str(out)}
     write_s = time.perf_counter() - write_started
     volumes = volumes_ml(mask, loaded.reference.spacing)
     timings = {"load_s": load_s, "segment_s": segment_s, "write_s": write_s,
                "total_s": time.perf_counter() - started}
     result = {
-        "case_id": loaded.case_id, "input": str(args.case_dir), "mask": str(out), "shape": list(mask.shape),
+        "case_id": loaded.case_id, "input": str(args.case_dir), "input_kind": "dicom" if dicom else "nifti",
+        "mask": str(out), "files": files, "shape": list(mask.shape),
         "spacing_mm": list(loaded.reference.spacing),
         "label_convention": loaded.label_convention,
         "labels_present": [int(v) for v in np.unique(written) if v != 0],
@@ -204,12 +267,22 @@ def run_segment(args: argparse.Namespace) -> int:
                       for k, v in inference_settings(bundle, overrides).items()},
         "timings": timings,
     }
+    if dicom:
+        result["series"] = loaded.series
+        result["alignment"] = {t["modality"]: t["method"] for t in loaded.transforms}
     if args.json:
         print_json(result)
         return 0
     print(_model_line(bundle))
-    print(f"case {loaded.case_id}: mask written to {out} (shape {tuple(mask.shape)}, labels "
-          f"{result['labels_present']} in the {CONVENTION_NAMES[loaded.label_convention]} convention)")
+    if dicom:
+        print(table(["modality", "series", "description", "images", "aligned by"],
+                    [[m, s["series_number"], s["description"], s["instances"], result["alignment"][m]]
+                     for m, s in loaded.series.items()]))
+        print(f"study {loaded.case_id}: DICOM SEG written to {files['seg']}, mask to {out} (t1ce grid "
+              f"{tuple(mask.shape)}, labels {result['labels_present']}), transforms to {files['transforms']}")
+    else:
+        print(f"case {loaded.case_id}: mask written to {out} (shape {tuple(mask.shape)}, labels "
+              f"{result['labels_present']} in the {CONVENTION_NAMES[loaded.label_convention]} convention)")
     names = {**REGION_NAMES, "NCR": "necrotic / non-enhancing core (label 1)", "ED": "edema (label 2)"}
     print(table(["region", "volume (mL)", "meaning"], [[k, fmt(v, 2), names.get(k, "")] for k, v in volumes.items()]))
     print("time: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items()))
