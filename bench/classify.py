@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -136,7 +137,8 @@ def main() -> None:
     print(f"in-process batched (batch 16, compiled): {in_process(args.models, args.arch, images):.1f} img/s")
 
     common = {"BRAINSCAN_MODELS": str(args.models), "CLASSIFIER_EXPECTED_MODELS": args.arch,
-              "CLASSIFIER_DEFAULT_MODEL": args.arch, "BENCH_ARCH": args.arch}
+              "CLASSIFIER_DEFAULT_MODEL": args.arch, "BENCH_ARCH": args.arch,
+              "BRAINSCAN_INTERNAL_TOKEN": secrets.token_urlsafe(32)}  # the gateway's and the classifier's
     rows = []
     for name, module in (("service", "services.classifier.app:app"), ("naive", "bench.naive_classifier:app")):
         with serve(module, common, free_port(), "/readyz") as upstream:

@@ -42,9 +42,10 @@ sys.path.insert(0, str(REPO))
 
 from brainscan.labels import MODALITIES  # noqa: E402
 from tests.redis_server import start_redis  # noqa: E402
-from tests.servers import start_uvicorn  # noqa: E402
+from tests.servers import INTERNAL_HEADERS, start_uvicorn  # noqa: E402
 
-OWNER = {"X-Brainscan-Owner": "bench"}
+#: a direct call to the segmenter API: the internal token start_uvicorn gave it, and an owner
+OWNER = {"X-Brainscan-Owner": "bench", **INTERNAL_HEADERS}
 
 
 def current_bundle(models: Path, arch: str) -> tuple[Path, dict[str, Any]]:

@@ -7,12 +7,19 @@ check, prints the URL to open, and on Ctrl-C (SIGINT) or SIGTERM stops every pro
 in reverse order, cleanly. Internal services bind to 127.0.0.1 on free ports; only the gateway
 listens on ``--host``/``--port``. Children are tied to the launcher (Linux ``PR_SET_PDEATHSIG``), so
 they also end if the launcher itself is killed.
+
+Each run makes two fresh secrets (:class:`RunSecrets`): the internal token that the gateway sends
+and the classifier and segmenter API require, and the password of the embedded Redis. They reach
+the children as environment variables (``BRAINSCAN_INTERNAL_TOKEN``, ``BRAINSCAN_REDIS_PASSWORD``)
+and Redis through its standard input (``redis-server -``), never on a command line, and are never
+printed. With ``--redis-url`` the URL (or ``BRAINSCAN_REDIS_PASSWORD``) carries that Redis's password.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -29,6 +36,9 @@ from threading import Thread
 from brainscan.errors import BrainscanError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKEN_VARIABLE = "BRAINSCAN_INTERNAL_TOKEN"
+REDIS_PASSWORD_VARIABLE = "BRAINSCAN_REDIS_PASSWORD"
+SECRET_VARIABLES = frozenset({TOKEN_VARIABLE, REDIS_PASSWORD_VARIABLE})
 
 
 class LaunchError(BrainscanError):
@@ -42,7 +52,8 @@ class Service:
     """One child process and how to tell that it is ready.
 
     Either ``app`` (a uvicorn ``module:attribute``, ready when ``ready_path`` answers 200) or ``argv``
-    (any command, ready when a line of its output contains ``ready_line``).
+    (any command, ready when a line of its output contains ``ready_line``). ``stdin``, when set, is
+    written to the child's standard input, which is then closed (how Redis gets its password).
     """
 
     name: str
@@ -52,7 +63,8 @@ class Service:
     ready_path: str | None = None
     argv: list[str] | None = None
     ready_line: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # holds secrets
+    stdin: bytes | None = field(default=None, repr=False)
     process: subprocess.Popen[bytes] | None = None
     log_tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     seen_ready_line: bool = False
@@ -105,12 +117,18 @@ def _pump(service: Service, echo: bool) -> None:
 
 
 def start(service: Service, *, echo_logs: bool) -> None:
-    env = {**os.environ, **service.env, "PYTHONUNBUFFERED": "1"}
+    # a secret reaches only the children plan() gave it to, never through the inherited environment
+    inherited = {key: value for key, value in os.environ.items() if key not in SECRET_VARIABLES}
+    env = {**inherited, **service.env, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
     service.process = subprocess.Popen(
-        service.command(),
+        service.command(), stdin=subprocess.DEVNULL if service.stdin is None else subprocess.PIPE,
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
     )
+    if service.stdin is not None:
+        assert service.process.stdin is not None
+        with service.process.stdin:
+            service.process.stdin.write(service.stdin)
     Thread(target=_pump, args=(service, echo_logs), daemon=True).start()
 
 
@@ -168,9 +186,25 @@ def redis_server_binary() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class RunSecrets:
+    """The secrets of one run of the stack, random each time (:meth:`generate`)."""
+
+    internal_token: str = field(repr=False)
+    redis_password: str = field(repr=False)
+
+    @classmethod
+    def generate(cls) -> RunSecrets:
+        return cls(internal_token=secrets.token_urlsafe(32), redis_password=secrets.token_urlsafe(32))
+
+
 def plan(*, host: str, port: int, models_root: Path, api_keys: str | None = None, workers: int = 1,
-         redis_url: str | None = None, data_dir: Path | None = None) -> list[Service]:
+         redis_url: str | None = None, data_dir: Path | None = None,
+         run_secrets: RunSecrets | None = None) -> list[Service]:
     """The services to start, in start order, with their configuration (environment variables).
+
+    ``run_secrets`` (default: fresh ones) are handed to the services that need them; see the module
+    docstring.
 
     Raises:
         LaunchError: when ``port`` is taken or the store has no classifier or no segmenter bundle.
@@ -192,6 +226,11 @@ def plan(*, host: str, port: int, models_root: Path, api_keys: str | None = None
     if not segmenters:
         raise LaunchError(f"no segmentation bundle in {models_root}; run 'brainscan models ensure-demo'")
     data_dir = (data_dir or REPO_ROOT / "var").resolve()
+    run_secrets = run_secrets or RunSecrets.generate()
+    token = {TOKEN_VARIABLE: run_secrets.internal_token}
+    # an external Redis: its URL, or the exported BRAINSCAN_REDIS_PASSWORD, carries its password
+    external_password = os.environ.get(REDIS_PASSWORD_VARIABLE)
+    redis_auth = {REDIS_PASSWORD_VARIABLE: external_password} if external_password else {}
     services: list[Service] = []
     if redis_url is None:
         redis_dir = data_dir / "redis"
@@ -199,18 +238,22 @@ def plan(*, host: str, port: int, models_root: Path, api_keys: str | None = None
         redis_port = free_port()
         services.append(Service(
             name="redis", host="127.0.0.1", port=redis_port, ready_line="Ready to accept connections",
-            argv=[redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+            # "-": the rest of the configuration (the password) comes from standard input
+            argv=[redis_server_binary(), "-", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                   "--appendonly", "yes", "--dir", str(redis_dir), "--protected-mode", "yes"],
+            stdin=f"requirepass {run_secrets.redis_password}\n".encode(),
         ))
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        redis_auth = {REDIS_PASSWORD_VARIABLE: run_secrets.redis_password}
     shared = {"BRAINSCAN_MODELS": str(models_root), "SEGMENTER_BROKER_URL": redis_url,
-              "SEGMENTER_RESULT_BACKEND": redis_url, "SEGMENTER_JOBS_DIR": str(data_dir / "jobs")}
+              "SEGMENTER_RESULT_BACKEND": redis_url, "SEGMENTER_JOBS_DIR": str(data_dir / "jobs"), **redis_auth}
     classifier = Service(
         name="classifier", app="services.classifier.app:app", host="127.0.0.1", port=free_port(),
-        ready_path="/readyz", env={**shared, "CLASSIFIER_EXPECTED_MODELS": ",".join(classifiers)},
+        ready_path="/readyz", env={"BRAINSCAN_MODELS": str(models_root),
+                                   "CLASSIFIER_EXPECTED_MODELS": ",".join(classifiers), **token},
     )
     segmenter = Service(name="segmenter-api", app="services.segmenter.app:app", host="127.0.0.1",
-                        port=free_port(), ready_path="/readyz", env=shared)
+                        port=free_port(), ready_path="/readyz", env={**shared, **token})
     worker_services = [
         Service(
             name=f"worker-{i + 1}", host="127.0.0.1", port=0, env={**shared, "WORKER_CONCURRENCY": "1"},
@@ -221,7 +264,7 @@ def plan(*, host: str, port: int, models_root: Path, api_keys: str | None = None
         )
         for i in range(workers)
     ]
-    gateway_env = {"GATEWAY_CLASSIFIER_URL": classifier.url, "GATEWAY_SEGMENTER_URL": segmenter.url}
+    gateway_env = {"GATEWAY_CLASSIFIER_URL": classifier.url, "GATEWAY_SEGMENTER_URL": segmenter.url, **token}
     if api_keys:
         gateway_env["GATEWAY_API_KEYS"] = api_keys
     gateway = Service(name="gateway", app="gateway.app:app", host=host, port=port, ready_path="/api/ready",

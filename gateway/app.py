@@ -23,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from brainscan import __version__
+from brainscan.internal_auth import INTERNAL_TOKEN_HEADER
 from brainscan.web import ClientGoneError, error_response, http_error_code, unless_client_leaves
 from gateway.examples import CLASSIFIER_ERRORS, CLASSIFY_BODY, CLASSIFY_RESPONSES, MODELS_EXAMPLE
 from gateway.metrics import GatewayMetrics, RequestContextMiddleware, configure_logging
@@ -201,16 +202,22 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     Returns:
         The FastAPI app: ``/api/*`` routes, ``/metrics``, ``/docs``, and the static page at ``/``
         (mounted last so that it never shadows an API route).
+
+    Raises:
+        MissingSecretError: no internal token outside development mode.
     """
     settings = settings or get_settings()
     metrics = GatewayMetrics()
     app_logger = configure_logging(settings.log_level)
+    token = settings.require_internal_token("the gateway")
+    # every upstream call (and readiness probe) carries the internal token
+    upstream_headers = {INTERNAL_TOKEN_HEADER: token} if token else {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout = httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s)
         # trust_env=False: calls to internal services must never go through a proxy from the env.
-        async with httpx.AsyncClient(timeout=timeout, trust_env=False,
+        async with httpx.AsyncClient(timeout=timeout, trust_env=False, headers=upstream_headers,
                                      limits=httpx.Limits(max_connections=64, max_keepalive_connections=16)) as client:
             app.state.http = client
             app.state.classifier = Upstream("classifier", settings.classifier_url, client, metrics,

@@ -196,9 +196,15 @@ class Upstream:
         """The (read) body of a response the client may see, as a JSON object.
 
         Raises:
-            GatewayError: 502 ``bad_gateway`` for a non-JSON body or a 5xx other than a JSON 503
-                (a 503 with an ``error`` code, e.g. ``model_unavailable``, passes through).
+            GatewayError: 502 ``bad_gateway`` for a non-JSON body, a 401 (the service refused the
+                gateway's internal token: a misconfiguration the client cannot fix) or a 5xx other
+                than a JSON 503 (a 503 with an ``error`` code, e.g. ``model_unavailable``, passes through).
         """
+        if response.status_code == 401:
+            raise self._fail(502, "bad_gateway",
+                             f"The gateway is not allowed to call the {self.name} service. Report this to the "
+                             "operator: BRAINSCAN_INTERNAL_TOKEN must be the same for the gateway and the services.",
+                             "internal token refused (401)")
         body = _json_object(response)
         if body is None:
             raise self._fail(502, "bad_gateway",

@@ -2,7 +2,9 @@
 
 The gateway is the only public entry point: it holds the upload limit, the API keys, the CORS
 allow-list and the addresses of the internal services. Secrets have no default: with no
-``GATEWAY_API_KEYS`` the API is open, which is meant for a single user on ``localhost`` only.
+``GATEWAY_API_KEYS`` the API is open, which is meant for a single user on ``localhost`` only. The
+internal services need ``BRAINSCAN_INTERNAL_TOKEN``, which the gateway sends on every upstream call
+(:class:`~brainscan.internal_auth.DeploymentSettings`; required outside ``BRAINSCAN_ENV=development``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from brainscan.internal_auth import DeploymentSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +35,7 @@ def _split_csv(value: object) -> object:
     return value
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(DeploymentSettings):
     """Configuration of the public gateway.
 
     Attributes:
@@ -58,9 +62,11 @@ class GatewaySettings(BaseSettings):
             load balancer's probe never hangs).
         frontend_dir: folder of the static web page served at ``/``.
         log_level: level of the JSON logs.
+        internal_token: the token the internal services require (``BRAINSCAN_INTERNAL_TOKEN``).
+        environment: ``BRAINSCAN_ENV``; ``development`` lets the gateway run without the token.
     """
 
-    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", hide_input_in_errors=True)
 
     classifier_url: str = "http://127.0.0.1:8101"
     segmenter_url: str = "http://127.0.0.1:8102"

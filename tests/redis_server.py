@@ -1,23 +1,25 @@
 """Start a real, throw-away ``redis-server`` for integration tests (Celery broker and result backend).
 
 Each server listens on a free port of 127.0.0.1 (never 6379), keeps its append-only file in a
-test folder (``--save '' --appendonly yes --dir <tmp>``), and is stopped by the context manager.
-The helpers return only once the server answers PING.
+test folder (``--save '' --appendonly yes --dir <tmp>``), requires a random password (``requirepass``,
+as every deployment's Redis does), and is stopped by the context manager. The helpers return only
+once the server answers PING.
 
 Example::
 
     with redis_server(tmp_path) as redis:
-        env = {"SEGMENTER_BROKER_URL": redis.url}
+        env = {"SEGMENTER_BROKER_URL": redis.url}   # redis://:<password>@127.0.0.1:<port>/0
 """
 
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -41,16 +43,23 @@ needs_redis = pytest.mark.skipif(REDIS_SERVER is None,
 
 @dataclass
 class RedisServer:
-    """A running ``redis-server`` subprocess."""
+    """A running ``redis-server`` subprocess (``password``: what it requires, None for none)."""
 
     port: int
     process: subprocess.Popen
     folder: Path
     log_path: Path
+    password: str | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:<port>/0``."""
+        """``redis://:<password>@127.0.0.1:<port>/0`` (``redis://127.0.0.1:<port>/0`` without a password)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def url_without_password(self) -> str:
+        """``redis://127.0.0.1:<port>/0``: what a client that does not know the password connects to."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     def log_tail(self, chars: int = 3000) -> str:
@@ -61,10 +70,11 @@ class RedisServer:
         stop_process(self.process, timeout_s)
 
 
-def _answers_ping(port: int) -> bool:
+def _answers_ping(port: int, password: str | None = None) -> bool:
     import redis
 
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
+    client = redis.Redis(host="127.0.0.1", port=port, password=password, socket_connect_timeout=0.5,
+                         socket_timeout=0.5)
     try:
         return bool(client.ping())
     except redis.exceptions.RedisError:
@@ -73,13 +83,15 @@ def _answers_ping(port: int) -> bool:
         client.close()
 
 
-def start_redis(folder: Path, *, ready_timeout_s: float = 15.0, attempts: int = 3) -> RedisServer:
+def start_redis(folder: Path, *, ready_timeout_s: float = 15.0, attempts: int = 3,
+                require_password: bool = True) -> RedisServer:
     """Start ``redis-server`` with its files in ``folder`` and wait until it answers PING.
 
     Args:
         folder: working folder (append-only file and log); created if missing.
         ready_timeout_s: how long to wait for PING.
         attempts: ports to try (another process may take the free port first).
+        require_password: the server requires a random password (``RedisServer.password``).
 
     Raises:
         RuntimeError: no binary, or the server did not come up; the message holds its log tail.
@@ -88,17 +100,19 @@ def start_redis(folder: Path, *, ready_timeout_s: float = 15.0, attempts: int = 
         raise RuntimeError("redis-server not found; run scripts/install-system-deps.sh")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    password = "test-redis-" + secrets.token_urlsafe(18) if require_password else None
     last_log = ""
     for _ in range(attempts):
         port = free_port()
         log_path = folder / f"redis-{port}.log"
         command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-                   "--dir", str(folder), "--logfile", str(log_path), "--daemonize", "no"]
+                   "--dir", str(folder), "--logfile", str(log_path), "--daemonize", "no",
+                   *(["--requirepass", password] if password else [])]
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        server = RedisServer(port, process, folder, log_path)
+        server = RedisServer(port, process, folder, log_path, password)
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline and process.poll() is None:
-            if _answers_ping(port):
+            if _answers_ping(port, password):
                 return server
             time.sleep(0.05)
         last_log = server.log_tail()

@@ -4,17 +4,23 @@ Every server gets a free port on 127.0.0.1 (never the default ports of the proje
 helpers return only once it answers its readiness path, so tests never sleep blindly. Subprocess
 output goes to a log file whose tail is put into the error when a server fails to start.
 
+Every uvicorn server gets the test session's :data:`INTERNAL_TOKEN` as ``BRAINSCAN_INTERNAL_TOKEN``
+(an ``env`` entry overrides it; ``""`` leaves it unset), as a deployment would: the gateway sends
+it, the classifier and the segmenter API require it. A test that calls an internal service
+directly sends :data:`INTERNAL_HEADERS`.
+
 Example::
 
     with serve_uvicorn("services.classifier.app:app", env={"BRAINSCAN_MODELS": str(store)},
                        ready_path="/readyz", log_dir=tmp_path) as classifier:
-        httpx.get(f"{classifier.url}/v1/models")
+        httpx.get(f"{classifier.url}/v1/models", headers=INTERNAL_HEADERS)
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -27,7 +33,13 @@ from pathlib import Path
 
 import httpx
 
+from brainscan.internal_auth import INTERNAL_TOKEN_HEADER, TOKEN_VARIABLE
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: the internal token of every server this session starts (random: no test may depend on its value)
+INTERNAL_TOKEN = "test-internal-" + secrets.token_urlsafe(24)
+#: what a test sends to call the classifier or the segmenter API directly, as the gateway does
+INTERNAL_HEADERS = {INTERNAL_TOKEN_HEADER: INTERNAL_TOKEN}
 
 
 def free_port() -> int:
@@ -107,8 +119,8 @@ def start_uvicorn(target: str, *, env: dict[str, str] | None = None, factory: bo
 
     Args:
         target: ``"module:attribute"``, e.g. ``"gateway.app:app"``.
-        env: extra environment variables (added to this process's environment; the repository
-            root is put on ``PYTHONPATH``).
+        env: extra environment variables (added to this process's environment and
+            ``BRAINSCAN_INTERNAL_TOKEN``=:data:`INTERNAL_TOKEN`; the repository root is put on ``PYTHONPATH``).
         factory: ``target`` is an app factory (uvicorn ``--factory``).
         ready_path: path that must answer 200 before this returns.
         ready_timeout_s: how long to wait for it (servers that load TensorFlow need seconds).
@@ -126,7 +138,8 @@ def start_uvicorn(target: str, *, env: dict[str, str] | None = None, factory: bo
     log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="brainscan-server-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{target.replace(':', '_').replace('.', '_')}-{port}.log"
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", TOKEN_VARIABLE: INTERNAL_TOKEN,
+                **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), full_env.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "warning", *(["--factory"] if factory else [])]

@@ -1,7 +1,10 @@
-"""`brainscan up`: the stack starts, serves a classification, and Ctrl-C leaves no process behind."""
+"""`brainscan up`: the stack starts, serves a classification, and Ctrl-C leaves no process behind; each
+run has its own internal token and Redis password, which no child gets on its command line, no child
+gets unless it needs it, and nothing prints."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -9,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from brainscan.launcher import free_port
+from brainscan.launcher import RunSecrets, free_port, plan
 from tests.bundles import make_classifier_store
 from tests.paths import KAGGLE_TRAINING
 from tests.servers import launch_brainscan_up as launch
@@ -47,16 +50,31 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+#: secrets exported in the shell that starts the launcher: a run must use fresh ones instead
+EXPORTED = {"BRAINSCAN_INTERNAL_TOKEN": "exported-token-0123456789abcdef",
+            "BRAINSCAN_REDIS_PASSWORD": "exported-redis-password-0123456789"}
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode(errors="replace").partition("=")[::2] for entry in entries if b"=" in entry)
+
+
+def cmdline_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+
+
 def test_up_serves_and_ctrl_c_stops_everything(store: Path) -> None:
     port = free_port()
     proc = launch("--port", str(port), "--models", str(store), "--workers", "2",
-                  "--data-dir", str(store.parent / "var"))
+                  "--data-dir", str(store.parent / "var"), env=EXPORTED)
     try:
         lines = wait_for_launcher(proc)
         assert f"http://127.0.0.1:{port}/" in lines[-1]
         children = children_of(proc.pid)
         assert len(children) == 6, children  # redis, classifier, segmenter API, 2 workers, gateway
         worker_pools = [grandchild for pid in children for grandchild in children_of(pid)]
+        run_secrets = check_trust_boundary(lines, children)
         assert httpx.get(f"http://127.0.0.1:{port}/api/ready", timeout=10).status_code == 200
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
         assert page.status_code == 200 and "not for clinical use" in page.text.lower()
@@ -77,8 +95,83 @@ def test_up_serves_and_ctrl_c_stops_everything(store: Path) -> None:
         out = stop_launcher(proc)
     assert proc.returncode == 0, out
     assert "stopping" in out
+    assert not any(secret in "".join(lines) + out for secret in run_secrets)  # never printed
     time.sleep(0.5)
     assert [pid for pid in children + worker_pools if alive(pid)] == []
+
+
+def check_trust_boundary(lines: list[str], children: list[int]) -> tuple[str, str]:
+    """The launched stack's internal services and Redis refuse callers without its secrets, which
+    are fresh (not the exported ones), on no command line, and given only to who needs them.
+
+    Returns:
+        the run's internal token and Redis password.
+    """
+    import redis
+
+    started = re.findall(r"starting (\S+) on \S*?127\.0\.0\.1:(\d+)", "".join(lines))
+    ports = {name: int(port) for name, port in started}
+    environments = {pid: environ_of(pid) for pid in children}
+    commands = {pid: cmdline_of(pid) for pid in children}
+    markers = {"services.classifier.app": "classifier", "services.segmenter.app": "segmenter-api",
+               "gateway.app": "gateway", "celery": "worker", "redis-server": "redis"}
+    by_name: dict[str, list[int]] = {}
+    for pid, command in commands.items():
+        name = next((name for marker, name in markers.items() if marker in command), "?")
+        by_name.setdefault(name, []).append(pid)
+    token = environments[by_name["classifier"][0]]["BRAINSCAN_INTERNAL_TOKEN"]
+    password = environments[by_name["worker"][0]]["BRAINSCAN_REDIS_PASSWORD"]
+    assert token not in EXPORTED.values() and password not in EXPORTED.values() and token != password
+    for name, pids in by_name.items():
+        for pid in pids:
+            assert token not in commands[pid] and password not in commands[pid], name
+            assert (environments[pid].get("BRAINSCAN_INTERNAL_TOKEN") == token) is (
+                name in ("classifier", "segmenter-api", "gateway")), name
+            assert (environments[pid].get("BRAINSCAN_REDIS_PASSWORD") == password) is (
+                name in ("segmenter-api", "worker")), name
+            assert password not in environments[pid].get("SEGMENTER_BROKER_URL", ""), name
+
+    for service in ("classifier", "segmenter-api"):
+        base = f"http://127.0.0.1:{ports[service]}"
+        for headers in ({}, {"X-Brainscan-Internal-Token": EXPORTED["BRAINSCAN_INTERNAL_TOKEN"]}):
+            refused = httpx.get(f"{base}/v1/models", headers=headers, timeout=10)
+            assert refused.status_code == 401 and refused.json()["error"] == "unauthorized", service
+        allowed = httpx.get(f"{base}/v1/models", headers={"X-Brainscan-Internal-Token": token}, timeout=10)
+        assert allowed.status_code == 200, service
+        assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
+    for guess in (None, EXPORTED["BRAINSCAN_REDIS_PASSWORD"]):
+        client = redis.Redis(host="127.0.0.1", port=ports["redis"], password=guess, socket_timeout=5)
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            client.ping()
+        client.close()
+    assert redis.Redis(host="127.0.0.1", port=ports["redis"], password=password, socket_timeout=5).ping()
+    return token, password
+
+
+def test_each_run_plans_its_own_secrets(store: Path, tmp_path: Path) -> None:
+    runs = [plan(host="127.0.0.1", port=free_port(), models_root=store, data_dir=tmp_path, workers=2)
+            for _ in range(2)]
+    tokens, passwords = [], []
+    for services in runs:
+        env = {service.name: service.env for service in services}
+        token = env["gateway"]["BRAINSCAN_INTERNAL_TOKEN"]
+        password = env["segmenter-api"]["BRAINSCAN_REDIS_PASSWORD"]
+        assert len(token) >= 32 and len(password) >= 32
+        assert env["classifier"]["BRAINSCAN_INTERNAL_TOKEN"] == token
+        assert env["segmenter-api"]["BRAINSCAN_INTERNAL_TOKEN"] == token
+        assert [env[w]["BRAINSCAN_REDIS_PASSWORD"] for w in ("worker-1", "worker-2")] == [password] * 2
+        redis_service = services[0]
+        assert redis_service.name == "redis" and redis_service.stdin == f"requirepass {password}\n".encode()
+        assert "-" in redis_service.argv and not any(password in arg for arg in redis_service.argv)
+        for service in services:
+            assert token not in " ".join(service.command()) and password not in " ".join(service.command())
+            assert password not in service.env.get("SEGMENTER_BROKER_URL", "")
+        tokens.append(token)
+        passwords.append(password)
+    assert len(set(tokens)) == len(set(passwords)) == 2  # fresh each run
+    fresh = RunSecrets.generate()
+    assert fresh.internal_token not in repr(fresh) and fresh.redis_password not in repr(fresh)
+    assert tokens[0] not in repr(runs[0]) and passwords[0] not in repr(runs[0])
 
 
 def segment_one_case(base: str, workdir: Path) -> None:

@@ -15,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "is given), the classifier service, the segmenter API, N segmentation workers (Celery) and "
             "the gateway (which serves the web page) as child processes, wait until each is ready, and "
             "print the URL to open. Missing demo segmentation bundles are trained first (minutes). "
-            "Internal services listen on 127.0.0.1 only. Ctrl-C stops every process this command "
+            "Internal services listen on 127.0.0.1 only, and each run makes a fresh internal token (the "
+            "classifier and the segmenter API answer only the gateway) and a fresh Redis password; neither "
+            "is ever printed. Ctrl-C stops every process this command "
             "started. Exits non-zero with a message when the port is taken or a model is missing."
         ),
     )
@@ -28,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="require this X-API-Key on /api/v1 (repeatable; default: $GATEWAY_API_KEYS or open)")
     up.add_argument("--workers", type=int, default=1, help="segmentation worker processes (default 1)")
     up.add_argument("--redis-url", default=os.environ.get("BRAINSCAN_REDIS_URL"),
-                    help="use this Redis instead of starting one (default: $BRAINSCAN_REDIS_URL)")
+                    help="use this Redis instead of starting one (default: $BRAINSCAN_REDIS_URL); its password "
+                         "goes in the URL (redis://:PASSWORD@host:6379/0) or in $BRAINSCAN_REDIS_PASSWORD")
     up.add_argument("--data-dir", type=Path, default=None,
                     help="where jobs and the broker's append-only file live (default ./var)")
     up.add_argument("--no-demo", action="store_true",

@@ -7,6 +7,10 @@ Routes:
     GET  /readyz       200 when at least one model is loaded, else 503; names missing / failed models
     GET  /metrics      Prometheus text format
 
+Every route but ``/healthz`` and ``/readyz`` needs the internal token (``X-Brainscan-Internal-Token``,
+or ``Authorization: Bearer`` for Prometheus; see :mod:`brainscan.internal_auth`): without it, 401.
+Outside development mode the service does not start without ``BRAINSCAN_INTERNAL_TOKEN``.
+
 Models are loaded once, in the lifespan. Every error is JSON ``{"error", "detail", "request_id"}``:
 ``BrainscanError`` subclasses map to their ``http_status``; request validation errors and a
 repeated ``file`` field (``duplicate_field``) to 422. A classification whose caller disconnects
@@ -16,7 +20,7 @@ Each request is logged as one JSON line with its ``request_id`` (``X-Request-ID`
 or a fresh uuid4 hex), which is echoed in the response header.
 
 Run:
-    uvicorn services.classifier.app:app --port 8101
+    BRAINSCAN_INTERNAL_TOKEN=... uvicorn services.classifier.app:app --port 8101
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from brainscan import web
 from brainscan.errors import InputTooLargeError
+from brainscan.internal_auth import internal_auth_guard
 from brainscan.web import error_response, refuse_repeated_form_fields, unless_client_leaves
 from services.classifier.metrics import ServiceMetrics
 from services.classifier.predictor import Predictor
@@ -102,9 +107,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     Returns:
         a FastAPI app whose lifespan loads the models (``app.state.predictor``).
+
+    Raises:
+        MissingSecretError: no internal token outside development mode.
     """
     settings = settings if settings is not None else Settings()
     web.configure_logging(log, settings.log_level)
+    token = settings.require_internal_token("the classifier")
     metrics = ServiceMetrics()
 
     @asynccontextmanager
@@ -131,8 +140,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     web.install_error_handlers(app, describe_problem=_describe_problem)
 
-    guard = web.upload_guard(log, path=CLASSIFY_PATH, max_upload_bytes=settings.max_upload_bytes,
-                             overhead=MULTIPART_OVERHEAD, service="classifier")
+    guard = internal_auth_guard(log, token=token, service="classifier", inner=web.upload_guard(
+        log, path=CLASSIFY_PATH, max_upload_bytes=settings.max_upload_bytes, overhead=MULTIPART_OVERHEAD,
+        service="classifier"))
     web.add_request_context(app, log, observe=metrics.observe_request, guard=guard)
 
     @app.post(CLASSIFY_PATH, summary="Classify one 2D MRI slice")

@@ -20,6 +20,10 @@ environment variable                    default                    meaning
 ``CLASSIFIER_MAX_BATCH``                16                         largest batch per forward pass
 ``CLASSIFIER_WARMUP``                   true                       trace the networks at start-up
 ``CLASSIFIER_LOG_LEVEL``                ``INFO``                   level of the JSON request log
+``BRAINSCAN_INTERNAL_TOKEN``            none (required outside     every route but the probes needs
+                                        development)               it (``brainscan.internal_auth``)
+``BRAINSCAN_ENV``                       ``production``             ``development``: may run without
+                                                                   the token (authentication off)
 ======================================  =========================  ================================
 """
 
@@ -28,17 +32,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from brainscan.internal_auth import DeploymentSettings
 from brainscan.preprocess.image2d import DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-class Settings(BaseSettings):
+class Settings(DeploymentSettings):
     """Classifier service settings; every field can be set by keyword (tests) or environment."""
 
-    model_config = SettingsConfigDict(env_prefix="CLASSIFIER_", populate_by_name=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CLASSIFIER_", populate_by_name=True, extra="ignore",
+                                      hide_input_in_errors=True)
 
     models_root: Path | None = Field(
         default=None,

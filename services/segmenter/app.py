@@ -13,13 +13,20 @@ Routes:
                                         segmentation bundle exists; else 503 naming what is wrong
     GET    /metrics                     Prometheus text format
 
+Every route but ``/healthz`` and ``/readyz`` needs the internal token (``X-Brainscan-Internal-Token``,
+see :mod:`brainscan.internal_auth`), so ``X-Brainscan-Owner`` is only ever honoured on a request
+the gateway authenticated; anything else gets 401. Jobs store only a hash of the owner id
+(:func:`services.segmenter.jobs.owner_digest`); records written before that are rewritten at start-up
+(:meth:`services.segmenter.store.LocalJobStore.hash_legacy_owners`) and stay readable by their owner.
+Outside development mode the API does not start without ``BRAINSCAN_INTERNAL_TOKEN`` and a Redis password.
+
 The API never imports TensorFlow: it validates uploads (``intake``), stores jobs (``store``) and
 enqueues them by task name with a Celery app from :func:`services.segmenter.worker.make_celery`.
 Every error is JSON ``{"error", "detail", "request_id"}``; each request is logged as one JSON line.
 Expired jobs are swept by a background task every ``expire_interval_s``.
 
 Run:
-    uvicorn services.segmenter.app:app --port 8102
+    BRAINSCAN_INTERNAL_TOKEN=... BRAINSCAN_REDIS_PASSWORD=... uvicorn services.segmenter.app:app --port 8102
 """
 
 from __future__ import annotations
@@ -35,16 +42,23 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from brainscan import web
 from brainscan.errors import BrainscanError, BundleError, InputTooLargeError, UnsupportedFormatError
+from brainscan.internal_auth import (
+    INTERNAL_TOKEN_HEADER,
+    REDIS_PASSWORD_VARIABLE,
+    internal_auth_guard,
+    is_internal_caller,
+)
 from brainscan.labels import BRATS2023_MODALITIES, MODALITIES
 from brainscan.web import error_response
 from services.segmenter.intake import UPLOAD_FIELDS, IntakeLimits, UploadPart, accept_upload
-from services.segmenter.jobs import FINAL, MODALITY_FILES, JobNotFoundError, JobStateError, public_view
+from services.segmenter.jobs import FINAL, MODALITY_FILES, JobNotFoundError, JobStateError, is_owned_by, public_view
 from services.segmenter.metrics import ServiceMetrics
 from services.segmenter.settings import QUEUE, TASK_NAME, Settings
 from services.segmenter.store import JobStore, LocalJobStore, check_file_name
@@ -92,6 +106,13 @@ class UnknownModelError(BrainscanError):
     http_status = 404
 
 
+class NotInternalCallerError(BrainscanError):
+    """An owner header on a request the internal token did not authenticate (401)."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
 class ServiceUnavailableError(BrainscanError):
     """The broker cannot take the job right now (503)."""
 
@@ -129,27 +150,29 @@ class JobQueue:
             raise ServiceUnavailableError(f"the job queue is unreachable ({type(exc).__name__}); "
                                           "try again in a minute") from exc
 
+    def _redis(self) -> Any:
+        """A Redis client of the broker (with its password), timing out after ``broker_timeout_s``."""
+        import redis
+
+        return redis.Redis.from_url(self.settings.authenticated_broker_url,
+                                    socket_connect_timeout=self.settings.broker_timeout_s,
+                                    socket_timeout=self.settings.broker_timeout_s)
+
     def length(self) -> int:
         """Jobs waiting in the ``segmentation`` queue (kombu keeps it as a Redis list of that name).
 
         Raises:
             redis.exceptions.RedisError: the broker is unreachable (within ``broker_timeout_s``).
         """
-        import redis
-
-        client = redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=self.settings.broker_timeout_s,
-                                      socket_timeout=self.settings.broker_timeout_s)
+        client = self._redis()
         try:
             return int(client.llen(QUEUE))
         finally:
             client.close()
 
     def ping(self) -> None:
-        """Raise unless the broker answers a PING within ``broker_timeout_s``."""
-        import redis
-
-        client = redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=self.settings.broker_timeout_s,
-                                      socket_timeout=self.settings.broker_timeout_s)
+        """Raise unless the broker answers a PING within ``broker_timeout_s`` (and accepts the password)."""
+        client = self._redis()
         try:
             client.ping()
         finally:
@@ -244,12 +267,20 @@ def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
-def get_owner(owner: Annotated[str | None, Header(alias=OWNER_HEADER)] = None) -> str:
+def get_owner(request: Request, owner: Annotated[str | None, Header(alias=OWNER_HEADER)] = None) -> str:
     """The caller's owner id; jobs are visible only to the owner that created them.
 
+    Honoured only on a request that the internal token authenticated (the gateway's): the guard
+    refuses others before routing, and this checks it again, so that no route can trust the
+    header on its own.
+
     Raises:
+        NotInternalCallerError: (401) the request was not authenticated.
         BrainscanError: (400 ``missing_owner``) the header is absent or malformed.
     """
+    if not is_internal_caller(request):
+        raise NotInternalCallerError(f"{OWNER_HEADER} is honoured only on requests that carry the internal token "
+                                     f"({INTERNAL_TOKEN_HEADER})")
     if owner is None or not _OWNER.match(owner):
         raise BrainscanError(f"send the header {OWNER_HEADER}: an opaque owner id (1-256 characters of "
                              "letters, digits and ._:@+=/-); the gateway sets it", code="missing_owner")
@@ -296,7 +327,7 @@ async def read_form(request: Request, max_bytes: int) -> FormData:
 def _owned_job(store: JobStore, job_id: str, owner: str) -> dict[str, Any]:
     """The job if ``owner`` owns it; another owner's job is indistinguishable from a missing one."""
     job = store.get(job_id)
-    if job.get("owner") != owner:
+    if not is_owned_by(job, owner):
         raise JobNotFoundError(f"no job {job_id!r}")
     return job
 
@@ -313,10 +344,15 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
             with ``app.dependency_overrides[get_queue]``.
 
     Returns:
-        a FastAPI app whose lifespan runs the expiry sweep.
+        a FastAPI app whose lifespan hashes legacy owner ids and runs the expiry sweep.
+
+    Raises:
+        MissingSecretError: no internal token or no Redis password outside development mode.
     """
     settings = settings if settings is not None else Settings()
     web.configure_logging(log, settings.log_level, propagate=False)
+    token = settings.require_internal_token("the segmenter API")
+    settings.require_redis_password("the segmenter API")
     metrics = ServiceMetrics()
     store = LocalJobStore(settings.jobs_dir, ttl_s=settings.job_ttl_s)
     limits = IntakeLimits(max_upload_bytes=settings.max_upload_bytes, max_voxels=settings.max_voxels,
@@ -333,6 +369,9 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        hashed = await run_in_threadpool(store.hash_legacy_owners)
+        if hashed:
+            log.info("replaced the raw owner id of %d job(s) written before owner hashing by its hash", hashed)
         sweeper = asyncio.create_task(sweep_expired(), name="segmenter-expiry")
         log.info("segmenter API started", extra={"jobs_dir": str(settings.jobs_dir), "models": catalog.names()})
         try:
@@ -359,9 +398,9 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     metrics.track_queue_length(lambda: app.state.queue.length())
     web.install_error_handlers(app)
 
-    guard = web.upload_guard(
+    guard = internal_auth_guard(log, token=token, service="segmenter API", inner=web.upload_guard(
         log, path=JOBS_PATH, max_upload_bytes=settings.max_upload_bytes, overhead=MULTIPART_OVERHEAD,
-        service="segmenter", on_reject=metrics.uploads_rejected.labels(error=InputTooLargeError.code).inc)
+        service="segmenter", on_reject=metrics.uploads_rejected.labels(error=InputTooLargeError.code).inc))
     web.add_request_context(app, log, observe=metrics.observe_request, guard=guard)
 
     @app.post(JOBS_PATH, status_code=202, summary="Submit a segmentation job", openapi_extra=_UPLOAD_SCHEMA)
@@ -468,6 +507,9 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         try:
             queue.ping()
             checks["broker"] = "ok"
+        except RedisAuthenticationError as exc:
+            checks["broker"] = (f"the broker refused the password ({type(exc).__name__}): set "
+                                f"{REDIS_PASSWORD_VARIABLE} to the Redis server's password")
         except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
             checks["broker"] = f"broker unreachable: {type(exc).__name__}: {exc}"
         try:
@@ -476,7 +518,7 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         except BrainscanError as exc:
             available = [name for name in catalog.names() if name != settings.default_model]
             checks["models"] = "ok" if available else exc.message
-        return {name: settings.redact_paths(state) for name, state in checks.items()}
+        return {name: settings.redact(state) for name, state in checks.items()}
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def prometheus_metrics(metrics: MetricsDep) -> Response:

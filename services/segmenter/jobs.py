@@ -18,10 +18,15 @@ Stages of a running job, with the share of ``progress`` each one covers: ``prepr
 (mask, volumes, previews, 95-100 %), then ``done``. Every change of status or stage is appended to
 the record's ``history`` (``[{"at", "status", "stage"}]``), so a test or an operator can see that a
 job was restarted.
+
+The record never holds the owner id itself (a browser session id would be a live session for
+anyone who reads the jobs volume), only ``owner_hash``, its :func:`owner_digest`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -55,6 +60,8 @@ PREVIEW_FILES = {plane: f"preview_{plane}.png" for plane in PREVIEW_PLANES}
 ALLOWED_FILES = frozenset({*MODALITY_FILES, MASK_FILE, *PREVIEW_FILES.values()})
 #: label value -> name in a result, e.g. {"1": "NCR"}
 RESULT_LABELS = {str(label): BRATS_LABEL_NAMES[label] for label in BRATS_LABELS if label != 0}
+#: domain separation of the owner hash: no other SHA-256 in the project matches it
+OWNER_HASH_PREFIX = b"brainscan job owner v1\0"
 _PUBLIC_KEYS = ("id", "status", "progress", "stage", "stage_detail", "error", "created_at", "started_at",
                 "finished_at", "expires_at", "model", "input")
 
@@ -93,13 +100,36 @@ def parse_iso(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+def owner_digest(owner: str) -> str:
+    """What a job record keeps of its owner id: SHA-256 (hex) of a fixed prefix and the id.
+
+    Owner ids are 256-bit random session ids or hashes of API keys (``gateway.ownership``), so the
+    digest cannot be turned back into a usable id; it is stable across restarts and token
+    rotations, so an owner keeps its jobs.
+    """
+    return hashlib.sha256(OWNER_HASH_PREFIX + owner.encode()).hexdigest()
+
+
+def is_owned_by(job: dict[str, Any], owner: str) -> bool:
+    """Whether ``owner`` owns ``job`` (compared in constant time).
+
+    A record written before owner hashing holds the raw ``owner``; it is compared through its
+    digest too, until the API's start-up rewrites it (``LocalJobStore.hash_legacy_owners``).
+    """
+    stored = job.get("owner_hash")
+    if stored is None and isinstance(job.get("owner"), str):
+        stored = owner_digest(job["owner"])
+    return isinstance(stored, str) and hmac.compare_digest(stored, owner_digest(owner))
+
+
 def new_job(*, job_id: str, owner: str, model: dict[str, Any], input_meta: dict[str, Any],
             now: datetime, ttl_s: float) -> dict[str, Any]:
     """The record of a freshly submitted job (status ``queued``).
 
     Args:
         job_id: the unguessable id.
-        owner: the opaque owner id (``X-Brainscan-Owner``); only this owner sees the job.
+        owner: the opaque owner id (``X-Brainscan-Owner``); only this owner sees the job. The
+            record keeps only its :func:`owner_digest`.
         model: ``{"name", "arch", "version", "demo"}`` of the bundle the job will use.
         input_meta: ``{"shape", "spacing_mm", "source", ...}`` from the intake.
         now: the creation time.
@@ -114,7 +144,7 @@ def new_job(*, job_id: str, owner: str, model: dict[str, Any], input_meta: dict[
         raise ValueError("owner must be a non-empty string")
     return {
         "id": job_id,
-        "owner": owner,
+        "owner_hash": owner_digest(owner),
         "status": "queued",
         "progress": 0.0,
         "stage": "queued",

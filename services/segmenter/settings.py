@@ -33,6 +33,13 @@ environment variable                    default                        meaning
 ``WORKER_CONCURRENCY``                  1                              worker processes (each loads the
                                                                        models; one job already uses every
                                                                        core)
+``BRAINSCAN_REDIS_PASSWORD``            none (required outside         Redis password, put into the broker
+                                        development unless the URLs    and result backend URLs that lack one
+                                        carry one)
+``BRAINSCAN_INTERNAL_TOKEN``            none (API: required outside    every API route but the probes needs
+                                        development)                   it (``brainscan.internal_auth``)
+``BRAINSCAN_ENV``                       ``production``                 ``development``: may run without
+                                                                       these secrets
 ======================================  =============================  =====================================
 """
 
@@ -40,8 +47,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from brainscan.internal_auth import (
+    REDIS_PASSWORD_VARIABLE,
+    DeploymentSettings,
+    redact_secrets,
+    require_secret,
+    url_has_password,
+    with_password,
+)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -56,10 +72,15 @@ QUEUE = "segmentation"
 TASK_NAME = "segmenter.segment"
 
 
-class Settings(BaseSettings):
-    """Segmenter settings; every field can be set by keyword (tests) or by environment variable."""
+class Settings(DeploymentSettings):
+    """Segmenter settings; every field can be set by keyword (tests) or by environment variable.
 
-    model_config = SettingsConfigDict(env_prefix="SEGMENTER_", populate_by_name=True, extra="ignore")
+    The broker URLs stay free of secrets (they are safe to log); :attr:`authenticated_broker_url`
+    and :attr:`authenticated_backend_url` are what the clients connect with.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SEGMENTER_", populate_by_name=True, extra="ignore",
+                                      hide_input_in_errors=True)
 
     models_root: Path | None = Field(
         default=None, validation_alias=AliasChoices("BRAINSCAN_MODELS", "models_root"),
@@ -67,6 +88,10 @@ class Settings(BaseSettings):
     )
     broker_url: str = Field(default="redis://127.0.0.1:6379/0", description="Celery broker URL (Redis)")
     result_backend: str | None = Field(default=None, description="Celery result backend; None: the broker URL")
+    redis_password: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices(REDIS_PASSWORD_VARIABLE, "redis_password"),
+        description="Redis password, added to broker and backend URLs that carry none",
+    )
     jobs_dir: Path = Field(default=REPO_ROOT / "var" / "jobs", description="job store folder")
     job_ttl_s: float = Field(default=86400.0, gt=0, description="seconds a job is kept after creation")
     expire_interval_s: float = Field(default=300.0, gt=0, description="seconds between expiry sweeps in the API")
@@ -99,7 +124,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"the segmenter needs a Redis URL (redis://host:port/db), got {value!r}")
+            raise ValueError(f"the segmenter needs a Redis URL (redis://host:port/db), got {redact_secrets(value)!r}")
         return value
 
     @model_validator(mode="after")
@@ -125,6 +150,36 @@ class Settings(BaseSettings):
     def backend_url(self) -> str:
         """The result backend URL (the broker's when unset)."""
         return self.result_backend or self.broker_url
+
+    @property
+    def authenticated_broker_url(self) -> str:
+        """The broker URL with :attr:`redis_password` in it (never log it: :meth:`redact`)."""
+        return with_password(self.broker_url, self._redis_password())
+
+    @property
+    def authenticated_backend_url(self) -> str:
+        """The result backend URL with :attr:`redis_password` in it."""
+        return with_password(self.backend_url, self._redis_password())
+
+    def _redis_password(self) -> str | None:
+        return self.redis_password.get_secret_value() if self.redis_password else None
+
+    def require_redis_password(self, service: str) -> None:
+        """Refuse to start without a Redis password outside development mode.
+
+        Raises:
+            MissingSecretError: neither ``BRAINSCAN_REDIS_PASSWORD`` nor a password in the broker URL.
+        """
+        password = self._redis_password()
+        if not url_has_password(self.broker_url):
+            require_secret(password, variable=REDIS_PASSWORD_VARIABLE, service=service, development=self.development,
+                           purpose="Redis holds the job queue, and the Redis server must require the same password")
+
+    def redact(self, text: str) -> str:
+        """``text`` without secrets (URL passwords, the Redis password, the token) and with the
+        store folders written ``<jobs>`` and ``<models>`` (:meth:`redact_paths`)."""
+        token = self.internal_token.get_secret_value() if self.internal_token else None
+        return self.redact_paths(redact_secrets(text, self._redis_password(), token))
 
     def store_root(self) -> Path:
         """The model store root: ``models_root``, else the store's default."""

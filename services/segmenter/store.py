@@ -47,6 +47,7 @@ from services.segmenter.jobs import (
     apply_update,
     is_expired,
     new_job,
+    owner_digest,
     utc_now,
 )
 
@@ -121,6 +122,11 @@ class JobStore(ABC):
     @abstractmethod
     def staging_dir(self) -> contextlib.AbstractContextManager[Path]:
         """A private local folder for an upload being validated, removed afterwards."""
+
+    @abstractmethod
+    def hash_legacy_owners(self) -> int:
+        """Replace the raw ``owner`` of records written before owner hashing by its ``owner_hash``;
+        returns how many were rewritten."""
 
 
 def check_job_id(job_id: str) -> str:
@@ -342,6 +348,34 @@ class LocalJobStore(JobStore):
                     shutil.rmtree(child, ignore_errors=True)
         elif folder.name.startswith((".trash-", ".new-")) and _age_s(folder) > _DEBRIS_AGE_S:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def hash_legacy_owners(self) -> int:
+        """Rewrite every record that still holds a raw ``owner`` (a session id or a key's owner id)
+        to hold only its :func:`~services.segmenter.jobs.owner_digest`, under the job's lock.
+
+        Run by the API at start-up: afterwards the store holds no owner id that could be replayed,
+        and the owners still reach their jobs (:func:`~services.segmenter.jobs.is_owned_by`).
+
+        Returns:
+            the number of records rewritten.
+        """
+        rewritten = 0
+        for folder in sorted(self.root.iterdir()) if self.root.is_dir() else ():
+            if not JOB_ID_PATTERN.match(folder.name) or not folder.is_dir():
+                continue
+            try:
+                if "owner" not in self.get(folder.name):
+                    continue
+                with self._locked(folder.name) as record:
+                    owner = record.pop("owner", None)
+                    if isinstance(owner, str):
+                        record["owner_hash"] = owner_digest(owner)
+                rewritten += 1
+            except JobNotFoundError:
+                continue  # deleted meanwhile
+            except (OSError, ValueError) as exc:  # an unreadable record: report, keep going
+                log.warning("cannot hash the owner of job %s: %s", folder.name, exc)
+        return rewritten
 
     def ping(self) -> None:
         """Raise ``OSError`` unless a file can be created and removed under ``root``."""

@@ -84,8 +84,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "socket_connect_timeout": settings.broker_timeout_s,
     }
     return {
-        "broker_url": settings.broker_url,
-        "result_backend": settings.backend_url,
+        "broker_url": settings.authenticated_broker_url,
+        "result_backend": settings.authenticated_backend_url,
         "broker_transport_options": transport,
         "result_backend_transport_options": {"socket_connect_timeout": settings.broker_timeout_s},
         "broker_connection_timeout": settings.broker_timeout_s,
@@ -403,6 +403,7 @@ class JobRunner:
 
 settings = Settings()
 configure_logging(log, settings.log_level, propagate=False)  # Celery formats the root logger its own way
+settings.require_redis_password("the segmentation worker")
 app = make_celery(settings)
 _runner: JobRunner | None = None
 

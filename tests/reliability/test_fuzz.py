@@ -31,7 +31,7 @@ from gateway.settings import GatewaySettings
 from tests.bundles import make_classifier_store
 from tests.redis_server import needs_redis, redis_server
 from tests.segmenter import case_files, nifti_bytes
-from tests.servers import RunningServer, serve_uvicorn
+from tests.servers import INTERNAL_TOKEN, RunningServer, serve_uvicorn
 
 pytestmark = [needs_redis, pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -68,7 +68,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         # wrong-key throttling off: one client sends every fuzzed key here, and after ten wrong ones the
         # rest would never get past the key check (throttling has its own tests: tests/gateway/test_security.py)
         gateway_settings = GatewaySettings(classifier_url=classifier.url, segmenter_url=segmenter.url,
-                                           api_keys=API_KEY, api_key_max_failures=0, log_level="WARNING")
+                                           api_keys=API_KEY, api_key_max_failures=0, log_level="WARNING",
+                                           internal_token=INTERNAL_TOKEN)
         with TestClient(create_app(gateway_settings), raise_server_exceptions=False) as client:
             yield Services(client, classifier, segmenter)
 

@@ -32,7 +32,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.bundles import make_classifier_store
-from tests.servers import RunningServer, serve_uvicorn
+from tests.servers import INTERNAL_HEADERS, RunningServer, serve_uvicorn
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/stat").exists(),
                                                    reason="reads the classifier's CPU time from /proc")]
@@ -101,7 +101,7 @@ def impatient_gateway(classifier: RunningServer, tmp_path_factory: pytest.TempPa
 
 def metric(server: RunningServer, name: str, **labels: str) -> float:
     """The sum of the classifier's samples called ``name`` whose labels include ``labels``."""
-    text = httpx.get(f"{server.url}/metrics", timeout=10, trust_env=False).text
+    text = httpx.get(f"{server.url}/metrics", headers=INTERNAL_HEADERS, timeout=10, trust_env=False).text
     return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                if sample.name == name and labels.items() <= sample.labels.items())
 
@@ -129,13 +129,16 @@ def wait_until_idle(server: RunningServer, timeout_s: float) -> float:
 
 
 def post_images(url: str, raw: bytes, count: int, timeout_s: float) -> list[tuple[int | str, float]]:
-    """``count`` concurrent uploads of ``raw``; each gives (status or exception name, seconds)."""
+    """``count`` concurrent uploads of ``raw``; each gives (status or exception name, seconds).
+
+    They carry the internal token, needed when ``url`` is the classifier's (the gateway ignores it).
+    """
 
     def one(index: int) -> tuple[int | str, float]:
         started = time.monotonic()
         try:
             response = httpx.post(url, files={"file": (f"huge-{index}.png", raw, "image/png")},
-                                  timeout=timeout_s, trust_env=False)
+                                  headers=INTERNAL_HEADERS, timeout=timeout_s, trust_env=False)
             return response.status_code, time.monotonic() - started
         except httpx.TimeoutException as exc:
             return type(exc).__name__, time.monotonic() - started
@@ -150,7 +153,8 @@ def small_slice_answers(server: RunningServer, path: str) -> float:
     cv2.ellipse(grey, (48, 48), (32, 40), 0, 0, 360, 170, -1)
     started = time.monotonic()
     response = httpx.post(f"{server.url}{path}", files={"file": ("slice.png", cv2.imencode(".png", grey)[1].tobytes(),
-                                                                 "image/png")}, timeout=60, trust_env=False)
+                                                                 "image/png")}, headers=INTERNAL_HEADERS, timeout=60,
+                          trust_env=False)
     assert response.status_code == 200, response.text
     return time.monotonic() - started
 

@@ -1,8 +1,8 @@
 """Segmenter API (services/segmenter/app.py) with the queue replaced by a recorder, and the worker's
 job logic (services/segmenter/worker.JobRunner) called directly on jobs the API created: statuses of
-bad uploads, ownership, cancel/delete, caps while streaming, readiness, expiry, TF-free imports,
-results equal to the evaluation path, cancellation and failures recorded in the job, previews
-oriented as radiologists read them. The real broker and worker are in test_worker_integration.py."""
+bad uploads, ownership, the internal token and owner hashes, start-up secrets, cancel/delete, caps
+while streaming, readiness, expiry, TF-free imports, results equal to the evaluation path,
+cancellation and failures recorded in the job, previews oriented as radiologists read them. The real broker and worker are in test_worker_integration.py."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from brainscan.labels import BRATS2021, BRATS2023, BRATS2023_MODALITIES, MODALITIES
 from services.segmenter.app import ServiceUnavailableError, create_app
+from services.segmenter.jobs import owner_digest
 from services.segmenter.previews import render_previews, tumour_centre
 from services.segmenter.settings import Settings
 from services.segmenter.store import LocalJobStore
@@ -388,6 +389,122 @@ def test_expired_jobs_are_swept_in_the_background(models: Path, tmp_path: Path) 
         assert 'segmenter_jobs_expired_total 1.0' in client.get("/metrics").text
 
 
+# -- the trust boundary: internal token, owner hashes, Redis password ---------------------------
+
+TOKEN = "segmenter-test-token-0123456789"
+AUTH = {"X-Brainscan-Internal-Token": TOKEN}
+REDIS_PASSWORD = "p@ss/word:1-long-enough"
+
+
+@pytest.fixture()
+def guarded(models: Path, tmp_path: Path) -> Iterator[TestClient]:
+    """The API with an internal token, as deployed."""
+    app = create_app(settings_for(models, tmp_path / "jobs", internal_token=TOKEN), queue=RecordingQueue())
+    with TestClient(app) as client:
+        yield client
+
+
+def test_the_owner_header_alone_opens_nothing(guarded: TestClient) -> None:
+    refused = submit(guarded)
+    assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
+    created = submit(guarded, headers={**OWNER, **AUTH})
+    assert created.status_code == 202, created.text
+    url = created.headers["location"]
+    for headers in (OWNER, {**OWNER, "X-Brainscan-Internal-Token": TOKEN + "x"},
+                    {**OWNER, "Authorization": "Bearer " + TOKEN[:-1]}, {**OWNER, "Authorization": TOKEN}):
+        assert guarded.get(url, headers=headers).status_code == 401, headers
+        assert guarded.delete(url, headers=headers).status_code == 401, headers
+    assert guarded.get(url, headers={**OWNER, "Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert guarded.get(url, headers={**OTHER, **AUTH}).status_code == 404
+    assert guarded.get("/metrics").status_code == 401 and guarded.get("/metrics", headers=AUTH).status_code == 200
+    assert guarded.get("/healthz").status_code == 200 and guarded.get("/readyz").status_code == 200
+
+
+def test_the_owner_header_needs_an_authenticated_request() -> None:
+    """Defence in depth: even a route the guard let through unauthenticated would not honour the header."""
+    from starlette.requests import Request
+
+    from services.segmenter.app import NotInternalCallerError, get_owner
+
+    request = Request({"type": "http", "headers": [], "state": {}})
+    with pytest.raises(NotInternalCallerError, match="X-Brainscan-Internal-Token"):
+        get_owner(request, "alice")
+    request.state.internal_caller = True
+    assert get_owner(request, "alice") == "alice"
+
+
+@pytest.mark.parametrize(("secrets", "variable"), [
+    ({}, "BRAINSCAN_INTERNAL_TOKEN"),
+    ({"internal_token": TOKEN}, "BRAINSCAN_REDIS_PASSWORD"),
+    ({"redis_password": REDIS_PASSWORD}, "BRAINSCAN_INTERNAL_TOKEN"),
+])
+def test_production_mode_refuses_to_start_without_a_secret(models: Path, tmp_path: Path, secrets: dict[str, str],
+                                                             variable: str) -> None:
+    from brainscan.internal_auth import MissingSecretError
+
+    settings = settings_for(models, tmp_path / "jobs", environment="production", **secrets)
+    with pytest.raises(MissingSecretError, match=f"{variable} is not set") as refused:
+        create_app(settings, queue=RecordingQueue())
+    assert f"{variable} to a long random value" in str(refused.value)
+    assert "BRAINSCAN_ENV=development" in str(refused.value)
+
+
+@pytest.mark.parametrize("redis_auth", [{"redis_password": REDIS_PASSWORD},
+                                        {"broker_url": "redis://:its-own-password-123@127.0.0.1:1/0"}])
+def test_production_mode_starts_with_both_secrets(models: Path, tmp_path: Path, redis_auth: dict[str, str]) -> None:
+    settings = settings_for(models, tmp_path / "jobs", environment="production", internal_token=TOKEN, **redis_auth)
+    with TestClient(create_app(settings, queue=RecordingQueue())) as client:
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers=AUTH).status_code == 200
+
+
+def test_the_redis_password_is_only_in_the_urls_the_clients_use() -> None:
+    import redis
+
+    from services.segmenter.worker import celery_config
+
+    settings = Settings(broker_url="redis://redis:6379/0", redis_password=REDIS_PASSWORD, internal_token=TOKEN)
+    assert settings.broker_url == settings.backend_url == "redis://redis:6379/0"
+    assert REDIS_PASSWORD not in repr(settings) and TOKEN not in repr(settings)
+    url = settings.authenticated_broker_url
+    assert url == settings.authenticated_backend_url == "redis://:p%40ss%2Fword%3A1-long-enough@redis:6379/0"
+    assert redis.ConnectionPool.from_url(url).connection_kwargs["password"] == REDIS_PASSWORD
+    config = celery_config(settings)
+    assert (config["broker_url"], config["result_backend"]) == (url, url)
+    own = Settings(broker_url="redis://:own-password@redis:6379/0", redis_password=REDIS_PASSWORD)
+    assert own.authenticated_broker_url == "redis://:own-password@redis:6379/0"  # a URL's own password wins
+    message = f"Error connecting to {url}; password {REDIS_PASSWORD}, token {TOKEN}"
+    redacted = settings.redact(message)
+    assert REDIS_PASSWORD not in redacted and "p%40ss" not in redacted and TOKEN not in redacted
+    assert "redis://:***@redis:6379/0" in redacted
+
+
+def test_settings_errors_never_show_a_password() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as refused:
+        Settings(broker_url="amqp://user:hunter2-secret@rabbit:5672//")
+    assert "hunter2-secret" not in str(refused.value) and "Redis URL" in str(refused.value)
+
+
+def test_jobs_written_before_owner_hashing_are_hashed_at_start_up(models: Path, tmp_path: Path) -> None:
+    store = LocalJobStore(tmp_path / "jobs")
+    job_id = store.create("session:legacy-cookie-value", {"name": "unet3d", "arch": "unet3d", "version": "test-1",
+                                                          "demo": True},
+                          {"shape": list(SMALL_SHAPE), "spacing_mm": [1.0, 1.0, 1.0], "source": "files"})
+    record_path = store.root / job_id / "job.json"
+    record = json.loads(record_path.read_text())
+    del record["owner_hash"]
+    record["owner"] = "session:legacy-cookie-value"  # what job.json held before this change
+    record_path.write_text(json.dumps(record))
+    app = create_app(settings_for(models, store.root, internal_token=TOKEN), queue=RecordingQueue())
+    with TestClient(app) as client:
+        assert "legacy-cookie-value" not in record_path.read_text()
+        owner = {"X-Brainscan-Owner": "session:legacy-cookie-value", **AUTH}
+        assert client.get(f"/v1/jobs/{job_id}", headers=owner).status_code == 200
+        assert client.get(f"/v1/jobs/{job_id}", headers={**OTHER, **AUTH}).status_code == 404
+
+
 # -- the worker's job logic, called directly ----------------------------------------------------
 
 @pytest.fixture()
@@ -656,7 +773,8 @@ def test_job_record_is_plain_json(app_parts: tuple[TestClient, RecordingQueue, L
     client, _, store = app_parts
     job = submit(client).json()
     record = json.loads((store.root / job["id"] / "job.json").read_text())
-    assert record["owner"] == "alice" and record["task_id"] == "task-1"
+    assert record["task_id"] == "task-1"
+    assert "owner" not in record and record["owner_hash"] == owner_digest("alice")  # never the owner id itself
 
 
 # -- the Celery task shell and configuration ----------------------------------------------------

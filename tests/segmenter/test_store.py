@@ -1,6 +1,6 @@
 """The job record and its transitions (services/segmenter/jobs.py) and the local job store
 (services/segmenter/store.py): atomic, locked updates that never lose a write or undo a cancel,
-the file allow-list, deletion and expiry."""
+the file allow-list, deletion and expiry; records keep only a hash of their owner."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from services.segmenter.jobs import (
     JobNotFoundError,
     JobStateError,
     check_transition,
+    is_owned_by,
+    owner_digest,
     public_view,
     stage_progress,
     utc_now,
@@ -83,7 +85,8 @@ def test_create_makes_a_queued_job_with_an_unguessable_id(store: LocalJobStore) 
     for job_id in ids:
         assert len(job_id) == 22 and job_id.replace("-", "").replace("_", "").isalnum()
     job = store.get(next(iter(ids)))
-    assert (job["status"], job["stage"], job["progress"], job["owner"]) == ("queued", "queued", 0.0, "alice")
+    assert (job["status"], job["stage"], job["progress"]) == ("queued", "queued", 0.0)
+    assert is_owned_by(job, "alice") and not is_owned_by(job, "bob")
     created, expires = (utc_now().fromisoformat(job[k].replace("Z", "+00:00")) for k in ("created_at", "expires_at"))
     assert expires - created == timedelta(seconds=3600)
 
@@ -93,7 +96,7 @@ def test_public_view_follows_the_contract(store: LocalJobStore) -> None:
     body = public_view(store.get(job_id))
     assert {"id", "status", "progress", "stage", "stage_detail", "error", "created_at", "started_at", "finished_at",
             "expires_at", "model", "input", "links", "result"} <= set(body)
-    assert "owner" not in body and "history" not in body
+    assert not {"owner", "owner_hash", "history"} & set(body)
     assert body["links"]["self"] == f"/v1/jobs/{job_id}"
     assert body["links"]["inputs"]["t1ce"] == f"/v1/jobs/{job_id}/files/input_t1ce.nii.gz"
     assert body["result"] is None
@@ -246,3 +249,45 @@ def test_ping_needs_a_writable_root(tmp_path: Path) -> None:
     blocker.write_text("not a folder")
     with pytest.raises(OSError):
         LocalJobStore(blocker / "jobs").ping()
+
+
+# -- owners -------------------------------------------------------------------------------------
+
+SESSION_OWNER = "session:" + "S" * 43  # what the gateway sends for a browser session (the cookie value)
+
+
+def test_records_hold_only_a_hash_of_the_owner(store: LocalJobStore) -> None:
+    job_id = new(store, SESSION_OWNER)
+    store.update(job_id, progress=0.5)  # a worker's rewrite keeps it so
+    text = (store.root / job_id / JOB_FILE).read_text()
+    assert "S" * 43 not in text and "session:" not in text
+    record = json.loads(text)
+    assert "owner" not in record and record["owner_hash"] == owner_digest(SESSION_OWNER)
+    assert len(record["owner_hash"]) == 64 and record["owner_hash"] != owner_digest("S" * 43)
+
+
+def test_owner_digest_is_stable_and_separates_owners() -> None:
+    assert owner_digest("key:abc") == owner_digest("key:abc")
+    assert len({owner_digest(owner) for owner in ("key:abc", "key:abd", "session:abc", "abc")}) == 4
+
+
+def test_legacy_records_are_rewritten_and_stay_with_their_owner(store: LocalJobStore) -> None:
+    """A job.json written before owner hashing holds the raw session id: the API's start-up replaces it."""
+    legacy, current = new(store, SESSION_OWNER), new(store, "bob")
+    path = store.root / legacy / JOB_FILE
+    record = json.loads(path.read_text())
+    del record["owner_hash"]
+    record["owner"] = SESSION_OWNER
+    path.write_text(json.dumps(record))
+    assert is_owned_by(store.get(legacy), SESSION_OWNER) and not is_owned_by(store.get(legacy), "bob")
+
+    assert store.hash_legacy_owners() == 1
+    assert "S" * 43 not in path.read_text()
+    assert store.get(legacy)["owner_hash"] == owner_digest(SESSION_OWNER)
+    assert is_owned_by(store.get(legacy), SESSION_OWNER) and is_owned_by(store.get(current), "bob")
+    assert store.hash_legacy_owners() == 0
+    assert LocalJobStore(store.root.parent / "never-made").hash_legacy_owners() == 0
+
+
+def test_a_record_without_owner_belongs_to_nobody() -> None:
+    assert not is_owned_by({"id": "x"}, "alice")
