@@ -16,10 +16,13 @@ Example:
 from __future__ import annotations
 
 import email.utils
+import io
+import json
 import os
 import random
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -216,16 +219,19 @@ class BrainscanClient:
                             files={"file": (name, raw, "application/octet-stream")}).json()
 
     def submit_segmentation(self, source: str | Path | Sequence[str | Path] | Mapping[str, str | Path],
-                            model: str | None = None) -> dict[str, Any]:
-        """Upload one BraTS case for segmentation; returns the queued job body.
+                            model: str | None = None, series: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Upload one BraTS case or DICOM study for segmentation; returns the queued job body.
 
         Args:
             source: a case folder (files found with :func:`brainscan.data.brats.find_case`; a
                 BraTS 2023-2024 folder is sent under its t1n/t1c/t2w/t2f names, so its mask numbers
                 enhancing tumour 3), four files in t1, t1ce, t2, flair order or a
-                ``{modality: path}`` mapping, a ``.zip`` of a case folder, or one 4D NIfTI
-                ``(X, Y, Z, 4)`` with channels in that order.
+                ``{modality: path}`` mapping, a ``.zip`` of a case folder, one 4D NIfTI
+                ``(X, Y, Z, 4)`` with channels in that order, or a DICOM study: a folder (zipped
+                here, in memory) or a zip, in any layout (:func:`brainscan.dicom.is_dicom_input`).
             model: ``"unet3d"``, ``"attention_unet3d"`` (default: the server's default).
+            series: DICOM only: ``{SeriesInstanceUID: modality}`` for series the headers do not make
+                clear (the server's 422 ``series_unidentified`` lists the series it found).
 
         Raises:
             MissingModalityError / DatasetLayoutError: the folder is not a BraTS case.
@@ -233,7 +239,14 @@ class BrainscanClient:
             ClientError: the server refused the case (4xx) or could not answer.
         """
         files: dict[str, tuple[str, bytes, str]]
-        if isinstance(source, Mapping) or (isinstance(source, Sequence) and not isinstance(source, (str, bytes))):
+        data = {"series": json.dumps(dict(series))} if series else None
+        if isinstance(source, (str, Path)) and is_dicom_study(Path(source)):
+            path = Path(source)
+            raw = _zip_folder(path) if path.is_dir() else path.read_bytes()
+            files = {"dicom": (path.name if path.is_file() else f"{path.name}.zip", raw, "application/zip")}
+        elif series:
+            raise ValueError("series maps the series of a DICOM study; give a DICOM folder or zip")
+        elif isinstance(source, Mapping) or (isinstance(source, Sequence) and not isinstance(source, (str, bytes))):
             if isinstance(source, Mapping):
                 missing = [m for m in MODALITIES if m not in source]
                 if missing:
@@ -260,7 +273,8 @@ class BrainscanClient:
                 field = "case" if raw[:4] == b"PK\x03\x04" else "volume"
                 files = {field: (path.name, raw, "application/octet-stream")}
         params = {"model": model} if model else None
-        return self.request("POST", "/api/v1/segmentations", params=params, files=files, expect=(200, 201, 202)).json()
+        return self.request("POST", "/api/v1/segmentations", params=params, files=files, data=data,
+                            expect=(200, 201, 202)).json()
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         """``GET /api/v1/segmentations/{id}``: the job body."""
@@ -316,12 +330,27 @@ class BrainscanClient:
         Raises:
             ClientError: code ``"no_result"`` when the job has no mask (not finished or failed).
         """
+        return self.download_result(job, "mask_url", out_path)
+
+    def download_result(self, job: str | Mapping[str, Any], key: str, out_path: str | Path) -> Path:
+        """Write one output of a succeeded job to ``out_path``; returns the path.
+
+        Args:
+            job: the job id or body.
+            key: the result's URL field: ``"mask_url"``, or for a DICOM job ``"seg_url"`` (the DICOM
+                SEG) or ``"transforms_url"``.
+
+        Raises:
+            ClientError: code ``"no_result"`` when the job has no such output (not finished, failed,
+                or not a DICOM job).
+        """
         body = dict(job) if isinstance(job, Mapping) else self.get_job(job)
         result = body.get("result") or {}
-        if not result.get("mask_url"):
-            raise ClientError(None, "no_result", f"job {body.get('id')} has no mask (status {body.get('status')})",
+        if not result.get(key):
+            what = key.removesuffix("_url")
+            raise ClientError(None, "no_result", f"job {body.get('id')} has no {what} (status {body.get('status')})",
                               job=body)
-        raw = self.request("GET", result["mask_url"]).content
+        raw = self.request("GET", result[key]).content
         out = Path(out_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_name(out.name + ".part")  # never leave a truncated mask under the real name
@@ -332,6 +361,29 @@ class BrainscanClient:
     def delete(self, job: str | Mapping[str, Any]) -> None:
         """Cancel a queued or running job, or delete a finished one."""
         self.request("DELETE", f"/api/v1/segmentations/{_job_id(job)}", expect=(200, 202, 204))
+
+
+def is_dicom_study(path: Path) -> bool:
+    """A DICOM study folder, or a zip without NIfTI members (a BraTS case zip holds NIfTI files)."""
+    if path.is_dir():
+        from brainscan.dicom.case import is_dicom_input
+
+        return is_dicom_input(path)
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return not any(name.lower().endswith((".nii", ".nii.gz")) for name in archive.namelist())
+
+
+def _zip_folder(folder: Path) -> bytes:
+    """The files under ``folder`` (relative names, hidden ones left out) as an in-memory zip."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            relative = path.relative_to(folder)
+            if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+                archive.write(path, relative.as_posix())
+    return buffer.getvalue()
 
 
 def _job_id(job: str | Mapping[str, Any]) -> str:

@@ -289,7 +289,9 @@ def install_error_handlers(app: FastAPI, *,
     with :func:`error_response`."""
 
     async def brainscan_error(request: Request, exc: BrainscanError) -> JSONResponse:
-        return error_response(request, exc.http_status, exc.code, exc.message)
+        # an error may carry more than its code and message (the series of a study, to map them)
+        extra = {key: value for key, value in exc.to_dict().items() if key not in ("error", "detail")}
+        return error_response(request, exc.http_status, exc.code, exc.message, **extra)
 
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [describe_problem(error) for error in exc.errors()]

@@ -87,7 +87,9 @@ export function initSegmentation({ onUnauthorized }) {
     form: $("seg-form"), modelSelect: $("seg-model-select"), modelBadge: $("seg-model-badge"),
     modelInfo: $("seg-model-info"), submit: $("seg-submit"), cancel: $("seg-cancel"),
     selection: $("seg-selection"), folder: $("seg-folder"), zip: $("seg-file-zip"), fourD: $("seg-file-4d"),
-    groups: { files: $("seg-files-group"), zip: $("seg-zip-group"), "4d": $("seg-4d-group") },
+    dicom: $("seg-file-dicom"),
+    groups: { files: $("seg-files-group"), zip: $("seg-zip-group"), "4d": $("seg-4d-group"),
+      dicom: $("seg-dicom-group") },
     progressBlock: $("seg-progress-block"), progress: $("seg-progress"), progressLabel: $("seg-progress-label"),
     stage: $("seg-stage"),
     status: $("seg-status"), error: $("seg-error"), results: $("seg-results"), model: $("seg-model"),
@@ -118,7 +120,7 @@ export function initSegmentation({ onUnauthorized }) {
 
   function describeSelection() {
     if (source() !== "files") {
-      const input = source() === "zip" ? el.zip : el.fourD;
+      const input = { zip: el.zip, "4d": el.fourD, dicom: el.dicom }[source()];
       el.selection.textContent = input.files[0] ? `Chosen: ${input.files[0].name}.` : "";
       return;
     }
@@ -133,10 +135,11 @@ export function initSegmentation({ onUnauthorized }) {
   /** The multipart form for the chosen source, or an ApiError saying what is missing. */
   function buildForm() {
     const form = new FormData();
-    if (source() === "zip" || source() === "4d") {
-      const input = source() === "zip" ? el.zip : el.fourD;
+    const single = { zip: [el.zip, "case"], "4d": [el.fourD, "volume"], dicom: [el.dicom, "dicom"] }[source()];
+    if (single) {
+      const [input, field] = single;
       if (!input.files[0]) throw new ApiError(0, "missing_modality", "no file chosen");
-      form.append(source() === "zip" ? "case" : "volume", input.files[0], input.files[0].name);
+      form.append(field, input.files[0], input.files[0].name);
       return form;
     }
     const files = chosenFiles();
@@ -230,6 +233,9 @@ export function initSegmentation({ onUnauthorized }) {
       return row;
     }));
     el.download.href = job.result.mask_url;
+    // a DICOM job also gives a DICOM SEG; its mask and volumes lie on the t1ce series, so the viewer shows them
+    $("seg-download-seg-row").hidden = !job.result.seg_url;
+    if (job.result.seg_url) $("seg-download-seg").href = job.result.seg_url;
     el.results.hidden = false;
     viewer.show(job, shownModality());
   }
@@ -399,7 +405,7 @@ export function initSegmentation({ onUnauthorized }) {
       describeSelection();
     });
   }
-  for (const input of [...Object.values(fileInputs), el.zip, el.fourD]) {
+  for (const input of [...Object.values(fileInputs), el.zip, el.fourD, el.dicom]) {
     input.addEventListener("change", describeSelection);
   }
   el.folder.addEventListener("change", () => {

@@ -18,7 +18,7 @@ CLASSIFICATION_EXAMPLE = {
     "probabilities": {"glioma": 0.91, "meningioma": 0.03, "notumor": 0.02, "pituitary": 0.04},
     "model": {"name": "resnet50", "arch": "resnet50", "version": "1", "demo": False, "tta": ["flip_lr"],
               "temperature": 1.21},
-    "heatmap": {"method": "grad-cam", "image_png": "data:image/png;base64,iVBORw0KGgo...",
+    "heatmap": {"method": "grad-cam-stage2", "image_png": "data:image/png;base64,iVBORw0KGgo...",
                 "overlay_png": "data:image/png;base64,iVBORw0KGgo..."},
     "image": {"width": 512, "height": 512, "format": "jpeg"},
     "timings": {"decode_ms": 3.1, "queue_ms": 0.4, "inference_ms": 58.2, "explain_ms": 71.0, "total_ms": 134.9},
@@ -148,7 +148,8 @@ SEGMENTATION_BODY = {
         "required": True,
         "content": {"multipart/form-data": {
             "schema": {"type": "object", "description": "Send ONE of: the four files t1, t1ce, t2 and flair; "
-                                                        "or `case`; or `volume`.",
+                                                        "or `case`; or `volume`; or `dicom` (with `series` "
+                                                        "if asked for it).",
                        "properties": {
                            "t1": {**_NIFTI, "description": "T1-weighted volume (.nii or .nii.gz)"},
                            "t1ce": {**_NIFTI, "description": "Contrast-enhanced T1 volume"},
@@ -157,6 +158,13 @@ SEGMENTATION_BODY = {
                            "case": {**_NIFTI, "description": "A zip of one BraTS case folder "
                                                              "(<case>_{t1,t1ce,t2,flair}.nii[.gz])"},
                            "volume": {**_NIFTI, "description": "One 4D NIfTI (X, Y, Z, 4), channels t1, t1ce, t2, flair"},
+                           "dicom": {**_NIFTI, "description": "A zip of one skull-stripped DICOM MR study (any "
+                                                              "folder layout) with t1, t1ce, t2 and flair series; "
+                                                              "the job also gives a DICOM SEG (seg.dcm) on the t1ce "
+                                                              "series"},
+                           "series": {"type": "string", "description": "With `dicom` only: JSON "
+                                      "{SeriesInstanceUID: modality} for series the headers do not make clear "
+                                      "(a 422 `series_unidentified` lists the series found)"},
                        }}}},
     }
 }

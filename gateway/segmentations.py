@@ -41,7 +41,7 @@ from gateway.settings import GatewaySettings
 SEGMENTER_START_HINT = (" (uvicorn services.segmenter.app:app --port 8102, plus a worker: "
                         "celery -A services.segmenter.worker worker -Q segmentation)")
 SEGMENTATION_UPLOAD_HINT = ("Upload the four scans as .nii.gz (compressed) files, or a zip of the case folder, "
-                            "rather than uncompressed volumes.")
+                            "rather than uncompressed volumes; send a DICOM study as a zip of its four series only.")
 UPSTREAM_JOBS_PREFIX = "/v1/jobs/"
 PUBLIC_JOBS_PREFIX = "/api/v1/segmentations/"
 # Job ids are secrets.token_urlsafe(16); file names are ones the job store wrote. Anything else is
@@ -142,7 +142,10 @@ def build_segmentation_router() -> APIRouter:
     @router.post("/segmentations", status_code=202, summary="Start a 3D tumour segmentation of one case",
                  response_class=Response, responses=CREATE_SEGMENTATION_RESPONSES, openapi_extra=SEGMENTATION_BODY,
                  description="Upload one case as multipart/form-data: the four scans as fields `t1`, `t1ce`, `t2`, "
-                             "`flair` (NIfTI), or a zip as `case`, or one 4D NIfTI as `volume`. Answers 202 with "
+                             "`flair` (NIfTI), or a zip as `case`, or one 4D NIfTI as `volume`, or a zip of a "
+                             "DICOM study as `dicom` (plus, if the answer asks for it, a text field `series`: JSON "
+                             "{SeriesInstanceUID: modality}); a DICOM job's result adds `seg_url` (DICOM SEG on "
+                             "the t1ce series) and `transforms_url`. Answers 202 with "
                              "the job; poll `GET` on its URL until `status` is `succeeded`, `failed` or "
                              "`cancelled`. Jobs (and their files) are visible only to the API key or browser "
                              "session that created them. Research software: not for clinical use.")
@@ -158,7 +161,7 @@ def build_segmentation_router() -> APIRouter:
         if not content_type.lower().startswith("multipart/form-data"):
             raise GatewayError(415, "unsupported_media_type",
                                "Send the case as multipart/form-data: four files named t1, t1ce, t2 and flair, "
-                               "or a zip named case, or one 4D NIfTI named volume "
+                               "or a zip named case, or one 4D NIfTI named volume, or a DICOM study zip named dicom "
                                "(`curl -F t1=@t1.nii.gz -F t1ce=@t1ce.nii.gz ...`).")
         limit = settings.max_segmentation_upload_bytes
         check_declared_length(request, limit, SEGMENTATION_UPLOAD_HINT)

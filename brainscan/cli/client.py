@@ -53,15 +53,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     classify.set_defaults(func=run_classify)
 
     segment = commands.add_parser(
-        "segment", help="tumour mask of one BraTS case, computed by the server",
+        "segment", help="tumour mask of one BraTS case or DICOM study, computed by the server",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=_wrap("Upload the case in CASE_DIR (<case>_{t1,t1ce,t2,flair}.nii[.gz], or BraTS 2023-2024 "
+        description=_wrap("Upload the case in CASE (a folder of <case>_{t1,t1ce,t2,flair}.nii[.gz], or BraTS 2023-2024 "
                     "<case>-{t1n,t1c,t2w,t2f}.nii.gz), wait for the job while showing its progress on stderr, "
                     "write the mask (BraTS labels 0/1/2/4, or 0/1/2/3 for a 2023-2024 case, on the input grid) "
-                    "to --out and print the tumour volumes in mL and the job id."),
-        epilog=f"example: brainscan client segment BraTS2021_00006 --out pred.nii.gz\n\n{EXIT_CODES_HELP}")
-    segment.add_argument("case_dir", type=Path, metavar="CASE_DIR", help="BraTS case folder")
-    segment.add_argument("--out", type=Path, required=True, metavar="MASK.nii.gz", help="mask file to write")
+                    "to --out and print the tumour volumes in mL and the job id. CASE may also be a "
+                    "skull-stripped DICOM MR study with a t1, t1ce, t2 and flair series: a folder (zipped on the "
+                    "fly) or a zip, in any layout; --out is then a folder that receives seg.dcm (a DICOM SEG "
+                    "referencing the t1ce series), mask.nii.gz (on the t1ce grid) and transforms.json."),
+        epilog=("examples:\n  brainscan client segment BraTS2021_00006 --out pred.nii.gz\n"
+                "  brainscan client segment study/ --out study_seg/\n"
+                f"  brainscan client segment study.zip --out study_seg/ --series '{{\"1.2.840...\": \"t1ce\"}}'"
+                f"\n\n{EXIT_CODES_HELP}"))
+    segment.add_argument("case_dir", type=Path, metavar="CASE",
+                         help="BraTS case folder, or DICOM study (folder or zip)")
+    segment.add_argument("--out", type=Path, required=True, metavar="OUT",
+                         help="mask file (.nii.gz) for a case folder; output folder for a DICOM study")
+    segment.add_argument("--series", default=None, metavar="JSON",
+                         help="DICOM only: {SeriesInstanceUID: modality} for series the headers do not make clear "
+                              "(the server lists the series it found when it needs this), as JSON text or a file")
     _connection_options(segment)
     segment.add_argument("--model", default=None, help="segmentation model, e.g. unet3d (default: the server's)")
     segment.add_argument("--json", action="store_true", help="print JSON (job body and mask path); no progress")
@@ -180,19 +191,39 @@ class _Progress:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    if not args.case_dir.is_dir():
-        print(f"brainscan: error: {args.case_dir} is not a folder; give a BraTS case folder", file=sys.stderr)
+    from brainscan.client import is_dicom_study
+
+    dicom = args.case_dir.exists() and is_dicom_study(args.case_dir)
+    if not dicom and not args.case_dir.is_dir():
+        print(f"brainscan: error: {args.case_dir} is not a folder; give a BraTS case folder, or a DICOM study "
+              "(folder or zip)", file=sys.stderr)
+        return EXIT_INPUT
+    if not dicom and args.series:
+        print(f"brainscan: error: --series applies to DICOM studies only; {args.case_dir} is a NIfTI case folder",
+              file=sys.stderr)
         return EXIT_INPUT
     progress = _Progress(quiet=args.json)
     job: dict[str, Any] | None = None
     try:
+        series = None
+        if dicom:
+            from brainscan.cli.predict import series_mapping_option
+
+            series = series_mapping_option(args.series)
         with _client(args) as client:
-            job = client.submit_segmentation(args.case_dir, model=args.model)
+            job = client.submit_segmentation(args.case_dir, model=args.model, series=series)
             if not args.json:
                 print(f"job {job['id']} queued", file=sys.stderr)
             job = client.wait(job, progress=progress, timeout=args.timeout)
             progress.close()
-            mask = client.download_mask(job, args.out)
+            if dicom:
+                files = {key: client.download_result(job, f"{key}_url", args.out / name)
+                         for key, name in (("mask", "mask.nii.gz"), ("seg", "seg.dcm"),
+                                           ("transforms", "transforms.json"))}
+                mask = files["mask"]
+            else:
+                mask = client.download_mask(job, args.out)
+                files = {"mask": mask}
     except ClientError as exc:
         progress.close()
         if exc.job is not None:
@@ -202,11 +233,13 @@ def run_segment(args: argparse.Namespace) -> int:
             print_json({"job": job, "mask": None})
         return code
     if args.json:
-        print_json({"job": job, "mask": str(mask)})
+        print_json({"job": job, "mask": str(mask), "files": {key: str(path) for key, path in files.items()}})
         return EXIT_OK
     volumes = job["result"].get("volumes_ml") or {}
     print(table(["region", "volume_ml"], [[r, fmt(volumes.get(r), 2)] for r in ("WT", "TC", "ET", "NCR", "ED")]))
     model = job.get("model") or {}
     print(f"mask: {mask}")
+    if "seg" in files:
+        print(f"DICOM SEG: {files['seg']}, transforms: {files['transforms']}")
     print(f"job: {job['id']} (model {model.get('name')} version {model.get('version')})")
     return EXIT_OK

@@ -182,7 +182,8 @@ def _progress_bar(quiet: bool, unit: str) -> Any:
     return progress_bar(quiet=quiet, unit=unit, leave=False)
 
 
-def _series_mapping(text: str | None) -> dict[str, str]:
+def series_mapping_option(text: str | None) -> dict[str, str]:
+    """The `--series` option: JSON text, or a JSON file, as {SeriesInstanceUID: modality}."""
     from brainscan.dicom.sequences import parse_series_mapping
 
     if text is not None and not text.lstrip().startswith("{") and Path(text).is_file():
@@ -221,9 +222,9 @@ def run_segment(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if dicom:
         from brainscan.dicom.case import load_dicom_case, save_dicom_results
-        from brainscan.dicom.seg import algorithm_identification
+        from brainscan.dicom.seg import bundle_algorithm
 
-        mapping = _series_mapping(args.series)
+        mapping = series_mapping_option(args.series)
         bundle_path = resolve_bundle(args.bundle, task="segmentation", models_root=args.models_root)
         loaded: Any = load_dicom_case(args.case_dir, mapping, method=args.alignment)
     else:
@@ -244,10 +245,8 @@ def run_segment(args: argparse.Namespace) -> int:
     write_started = time.perf_counter()
     written = to_convention(mask, loaded.label_convention)
     if dicom:
-        settings = inference_settings(bundle, overrides)
-        algorithm = algorithm_identification(bundle.name, bundle.version,
-                                             {k: settings[k] for k in ("patch_size", "overlap")})
-        files = save_dicom_results(loaded, written, args.out, algorithm=algorithm, save_volumes=args.save_volumes)
+        files = save_dicom_results(loaded, written, args.out, algorithm=bundle_algorithm(bundle, overrides),
+                                   save_volumes=args.save_volumes)
         out = Path(files["mask"])
     else:
         out = save_like(written, loaded.reference, args.out)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from brainscan.dicom.reader import StudyLimits, check_decodable, read_study
+from brainscan.dicom.reader import DicomStudy, StudyLimits, check_decodable, read_study
 from brainscan.dicom.registration import REFERENCE, align_to_reference
 from brainscan.dicom.seg import write_dicom_seg
 from brainscan.dicom.sequences import describe, identify_series
@@ -130,10 +130,15 @@ def brain_mask(channels: np.ndarray, fraction: float = BRAIN_FRACTION) -> np.nda
     return labels == int(np.argmax(sizes))
 
 
-def check_study(path: str | Path, series_map: Mapping[str, str] | None = None, *,
+def check_study(path: str | Path | DicomStudy, series_map: Mapping[str, str] | None = None, *,
                 limits: StudyLimits | None = None) -> dict[str, dict[str, Any]]:
     """Check a study from its headers alone (no pixel decoding, no registration): what a service
     does before it queues a job.
+
+    Args:
+        path: the study folder or zip, or a study :func:`~brainscan.dicom.reader.read_study` already read.
+        series_map: optional ``{SeriesInstanceUID: modality}`` overriding the guess.
+        limits: bounds on files and bytes (when ``path`` is read here).
 
     Returns:
         modality -> the chosen series' summary.
@@ -143,7 +148,8 @@ def check_study(path: str | Path, series_map: Mapping[str, str] | None = None, *
         slice geometry (missing, duplicate, unevenly spaced slices; mixed sizes or orientations),
         transfer syntaxes without a decoder.
     """
-    chosen = identify_series(read_study(path, limits=limits), series_map)
+    study = path if isinstance(path, DicomStudy) else read_study(path, limits=limits)
+    chosen = identify_series(study, series_map)
     for series in chosen.values():
         for instance in series.instances:
             check_decodable(instance, series)

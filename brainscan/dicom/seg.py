@@ -64,6 +64,15 @@ def algorithm_identification(name: str, version: str, parameters: Mapping[str, A
                                               parameters=recorded)
 
 
+def bundle_algorithm(bundle: Any, overrides: Mapping[str, Any] | None = None) -> Any:
+    """:func:`algorithm_identification` of a loaded segmentation bundle, recording the sliding-window
+    settings it runs with (``overrides`` as given to ``segment_case``)."""
+    from brainscan.evaluation.segment import inference_settings
+
+    settings = inference_settings(bundle, dict(overrides or {}))
+    return algorithm_identification(bundle.name, bundle.version, {k: settings[k] for k in ("patch_size", "overlap")})
+
+
 def segment_descriptions(algorithm: Any) -> list[Any]:
     """One SegmentDescription per BraTS label (NCR, ED, ET), AUTOMATIC, with ``algorithm``."""
     import highdicom as hd
@@ -182,5 +191,5 @@ def read_dicom_seg(path: str | Path, reference: SeriesVolume) -> np.ndarray:
     return np.ascontiguousarray(lookup[np.asarray(pixels, dtype=np.intp)].transpose(2, 1, 0))
 
 
-__all__ = ["SEGMENT_NUMBERS", "algorithm_identification", "read_dicom_seg", "segment_descriptions",
+__all__ = ["SEGMENT_NUMBERS", "algorithm_identification", "bundle_algorithm", "read_dicom_seg", "segment_descriptions",
            "write_dicom_seg"]

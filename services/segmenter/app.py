@@ -3,7 +3,8 @@
 Routes:
     POST   /v1/jobs?model=unet3d        multipart: ``t1``+``t1ce``+``t2``+``flair`` (or BraTS 2023-2024
                                         ``t1n``+``t1c``+``t2w``+``t2f``), or ``case`` (zip), or
-                                        ``volume`` (4D); header ``X-Brainscan-Owner``. 202 + job body
+                                        ``volume`` (4D), or ``dicom`` (a study zip, optional text
+                                        ``series``); header ``X-Brainscan-Owner``. 202 + job body
     GET    /v1/jobs/{id}                the job body (404 for another owner's job)
     GET    /v1/jobs/{id}/files/{name}   an input, or once succeeded the mask / a preview
     DELETE /v1/jobs/{id}                cancels a queued or running job (200 + body), deletes a finished one (204)
@@ -48,7 +49,13 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from brainscan import web
-from brainscan.errors import BrainscanError, BundleError, InputTooLargeError, UnsupportedFormatError
+from brainscan.errors import (
+    BrainscanError,
+    BundleError,
+    InputTooLargeError,
+    InvalidInputError,
+    UnsupportedFormatError,
+)
 from brainscan.internal_auth import (
     INTERNAL_TOKEN_HEADER,
     REDIS_PASSWORD_VARIABLE,
@@ -72,7 +79,8 @@ _OWNER = re.compile(r"^[A-Za-z0-9._:@+=/-]{1,256}$")
 MULTIPART_OVERHEAD = 64 * 1024
 JOBS_PATH = "/v1/jobs"
 SEGMENTATION = "segmentation"
-MEDIA_TYPES = {".png": "image/png", ".gz": "application/gzip"}
+MEDIA_TYPES = {".png": "image/png", ".gz": "application/gzip", ".dcm": "application/dicom",
+               ".json": "application/json", ".zip": "application/zip"}
 
 _UPLOAD_SCHEMA = {
     "requestBody": {
@@ -81,7 +89,8 @@ _UPLOAD_SCHEMA = {
             "type": "object",
             "description": "exactly one of: the four modality files (t1, t1ce, t2, flair, or the BraTS 2023-2024 "
                            "names t1n, t1c, t2w, t2f); 'case' (a zip of a BraTS case folder of either naming); "
-                           "'volume' (one 4D NIfTI, channels t1, t1ce, t2, flair). An upload in the 2023-2024 "
+                           "'volume' (one 4D NIfTI, channels t1, t1ce, t2, flair); 'dicom' (a zip of a DICOM "
+                           "study, with an optional text field 'series'). An upload in the 2023-2024 "
                            "naming gets a mask that numbers enhancing tumour 3, as that challenge does, not 4",
             "properties": {
                 **{m: {"type": "string", "format": "binary", "description": f"{m} volume (.nii / .nii.gz)"}
@@ -93,6 +102,13 @@ _UPLOAD_SCHEMA = {
                          "description": "zip of <case>_<modality>.nii[.gz], or of BraTS 2023-2024 "
                                         "<case>-<t1n|t1c|t2w|t2f>.nii.gz"},
                 "volume": {"type": "string", "format": "binary", "description": "4D NIfTI (X, Y, Z, 4)"},
+                "dicom": {"type": "string", "format": "binary",
+                          "description": "zip of one skull-stripped DICOM MR study (any folder layout) holding a t1, "
+                                         "t1ce, t2 and flair series; the job adds seg.dcm (DICOM SEG) and "
+                                         "transforms.json, and its mask lies on the t1ce series' grid"},
+                "series": {"type": "string",
+                           "description": "with 'dicom' only: JSON {SeriesInstanceUID: modality} for series the "
+                                          "headers do not make clear (a 422 series_unidentified lists them)"},
             },
         }}},
     }
@@ -422,7 +438,7 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
             try:
                 parts = [UploadPart(field=key, filename=value.filename or key, file=value.file)
                          for key, value in form.multi_items() if isinstance(value, UploadFile)]
-                texts = [key for key, value in form.multi_items() if not isinstance(value, UploadFile)]
+                texts = [(key, value) for key, value in form.multi_items() if not isinstance(value, UploadFile)]
                 job_id, source = await run_in_threadpool(_intake, store, parts, texts, owner, model_info)
             finally:
                 await form.close()
@@ -444,10 +460,14 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         request.state.log = {"job_id": job_id, "model": model_info["name"], "source": source}
         return JSONResponse(public_view(job), status_code=202, headers={"Location": f"{JOBS_PATH}/{job_id}"})
 
-    def _intake(store: JobStore, parts: list[UploadPart], texts: list[str], owner: str,
+    def _intake(store: JobStore, parts: list[UploadPart], texts: list[tuple[str, str]], owner: str,
                 model_info: dict[str, Any]) -> tuple[str, str]:
+        names = [key for key, _ in texts]
+        if len(set(names)) < len(names):
+            raise InvalidInputError(f"field(s) {sorted({n for n in names if names.count(n) > 1})} sent more than "
+                                    "once; send each field once", code="duplicate_field")
         with store.staging_dir() as staging:
-            result = accept_upload(parts, staging, limits, texts)
+            result = accept_upload(parts, staging, limits, dict(texts))
             job_id = store.create(owner, model_info, result.meta, files=result.files)
         return job_id, result.meta["source"]
 

@@ -69,6 +69,7 @@ from brainscan.errors import (
     VolumeMismatchError,
 )
 from brainscan.io.nifti import load_nifti, read_nifti_header, save_nifti
+from services.segmenter.jobs import STUDY_FILE
 from brainscan.labels import (
     BRATS2021,
     BRATS2023,
@@ -78,14 +79,18 @@ from brainscan.labels import (
     MODALITIES,
 )
 
-SOURCES = ("files", "zip", "4d")
+SOURCES = ("files", "zip", "4d", "dicom")
 CASE_FIELD = "case"
 VOLUME_FIELD = "volume"
+DICOM_FIELD = "dicom"
+#: the one text field: ``{SeriesInstanceUID: modality}`` as JSON, with ``dicom`` only
+SERIES_FIELD = "series"
+
 #: label convention -> {form field: modality} of the four-files upload; the BraTS 2023-2024 field
 #: names make the job's mask use that convention (enhancing tumour 3)
 MODALITY_FIELDS: dict[str, dict[str, str]] = {BRATS2021: {m: m for m in MODALITIES},
                                               BRATS2023: dict(BRATS2023_MODALITIES)}
-UPLOAD_FIELDS = (*MODALITIES, *BRATS2023_MODALITIES, CASE_FIELD, VOLUME_FIELD)
+UPLOAD_FIELDS = (*MODALITIES, *BRATS2023_MODALITIES, CASE_FIELD, VOLUME_FIELD, DICOM_FIELD)
 #: NIfTI data types that hold intensities (complex, RGB and 128-bit types are refused)
 INTENSITY_DTYPES = {2: "uint8", 4: "int16", 8: "int32", 16: "float32", 64: "float64", 256: "int8",
                     512: "uint16", 768: "uint32", 1024: "int64", 1280: "uint64"}
@@ -117,6 +122,7 @@ class IntakeLimits:
         max_header_bytes: largest NIfTI header plus extensions (``vox_offset``); real files need
             a few KB, and nibabel reads extensions whole, so a lying header must not get further.
         max_zip_members: most entries in a case zip.
+        max_study_files: most entries in a DICOM study zip (one file per slice).
     """
 
     max_upload_bytes: int
@@ -124,9 +130,11 @@ class IntakeLimits:
     max_dim: int = 512
     max_header_bytes: int = 4 << 20
     max_zip_members: int = 64
+    max_study_files: int = 4096
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_voxels", "max_dim", "max_header_bytes", "max_zip_members"):
+        for name in ("max_upload_bytes", "max_voxels", "max_dim", "max_header_bytes", "max_zip_members",
+                     "max_study_files"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -222,40 +230,51 @@ def files_convention(fields: set[str] | Sequence[str]) -> str:
 
 
 def select_source(parts: Sequence[UploadPart], texts: Sequence[str] = ()) -> str:
-    """Decide which of the three upload shapes ``parts`` is, or raise a 400/422.
+    """Decide which of the four upload shapes ``parts`` is, or raise a 400/422.
 
     Args:
         parts: the file fields of the form, in order.
-        texts: names of non-file fields (refused: every field is a file).
+        texts: names of non-file fields (only ``series``, with ``dicom``; others are refused).
 
     Returns:
-        ``"files"``, ``"zip"`` or ``"4d"``.
+        ``"files"``, ``"zip"``, ``"4d"`` or ``"dicom"``.
 
     Raises:
-        BrainscanError: (400) an unknown or non-file field, or two shapes at once (code
+        BrainscanError: (400) an unknown or non-file field, or two NIfTI shapes at once (code
             ``ambiguous_upload``, e.g. files and a zip, or 2018-2021 and 2023-2024 field names).
-        InvalidInputError: (422 ``duplicate_field``) a field sent more than once, named.
+        InvalidInputError: (422 ``duplicate_field``) a field sent more than once, named; (422
+            ``ambiguous_upload``) ``dicom`` with NIfTI fields, or ``series`` without ``dicom``.
         EmptyInputError: (400) no field at all.
         MissingModalityError: (422) some but not all of the four modality files.
     """
-    if texts:
-        raise BrainscanError(f"form fields {sorted(set(texts))[:6]} must be files; send volumes as file "
+    other_texts = sorted(set(texts) - {SERIES_FIELD})
+    if other_texts:
+        raise BrainscanError(f"form fields {other_texts[:6]} must be files; send volumes as file "
                              f"parts named {list(UPLOAD_FIELDS)}", code="invalid_upload")
     names = [part.field for part in parts]
     unknown = sorted({name for name in names if name not in UPLOAD_FIELDS})
     if unknown:
         raise BrainscanError(f"unknown upload field(s) {unknown[:6]}; use {_FIELD_HINT}, "
-                             f"'{CASE_FIELD}' (a zip) or '{VOLUME_FIELD}' (one 4D NIfTI)", code="invalid_upload")
-    repeated = sorted({name for name in names if names.count(name) > 1})
+                             f"'{CASE_FIELD}' (a zip), '{VOLUME_FIELD}' (one 4D NIfTI) or '{DICOM_FIELD}' (a zip of a "
+                             "DICOM study)", code="invalid_upload")
+    repeated = sorted({name for name in names + list(texts) if (names + list(texts)).count(name) > 1})
     if repeated:
         # which of two files would count is a guess the service must not make
         raise InvalidInputError(f"field(s) {repeated} sent more than once; send each file once", code="duplicate_field")
     given = set(names)
     shapes = [source for source, present in (("files", bool(given & _ALL_MODALITY_FIELDS)),
-                                             ("zip", CASE_FIELD in given), ("4d", VOLUME_FIELD in given)) if present]
+                                             ("zip", CASE_FIELD in given), ("4d", VOLUME_FIELD in given),
+                                             ("dicom", DICOM_FIELD in given)) if present]
+    if "dicom" in shapes and len(shapes) > 1:
+        raise InvalidInputError(f"the upload mixes a DICOM study ('{DICOM_FIELD}') with NIfTI fields "
+                                f"{sorted(given - {DICOM_FIELD})[:6]}; send either the DICOM study alone or the NIfTI "
+                                "volumes", code="ambiguous_upload")
+    if SERIES_FIELD in texts and shapes != ["dicom"]:
+        raise InvalidInputError(f"'{SERIES_FIELD}' maps the series of a DICOM study; send it with '{DICOM_FIELD}' "
+                                "(a zip of the study), not with NIfTI volumes", code="ambiguous_upload")
     if not shapes:
-        raise EmptyInputError(f"no volumes uploaded; send {_FIELD_HINT}, a zip as "
-                              f"'{CASE_FIELD}', or one 4D NIfTI as '{VOLUME_FIELD}'")
+        raise EmptyInputError(f"no volumes uploaded; send {_FIELD_HINT}, a zip as '{CASE_FIELD}', one 4D NIfTI "
+                              f"as '{VOLUME_FIELD}', or a zip of a DICOM study as '{DICOM_FIELD}'")
     if len(shapes) > 1:
         raise BrainscanError(f"the upload mixes {' and '.join(shapes)}; send exactly one of: {_FIELD_HINT}, "
                              f"a zip as '{CASE_FIELD}', a 4D NIfTI as '{VOLUME_FIELD}'", code="ambiguous_upload")
@@ -269,14 +288,14 @@ def select_source(parts: Sequence[UploadPart], texts: Sequence[str] = ()) -> str
 
 
 def accept_upload(parts: Sequence[UploadPart], staging: Path, limits: IntakeLimits,
-                  texts: Sequence[str] = ()) -> IntakeResult:
+                  texts: Mapping[str, str] | Sequence[str] = ()) -> IntakeResult:
     """Validate an upload and write the normalised inputs into ``staging``.
 
     Args:
         parts: the file fields of the multipart form.
         staging: an empty private folder (e.g. ``JobStore.staging_dir()``).
         limits: the caps.
-        texts: names of non-file form fields (refused).
+        texts: the non-file form fields, name -> value (only ``series`` is taken, with ``dicom``).
 
     Returns:
         the normalised files and the input description of the job.
@@ -284,7 +303,7 @@ def accept_upload(parts: Sequence[UploadPart], staging: Path, limits: IntakeLimi
     Raises:
         BrainscanError subclasses, each with its own status: see the module docstring.
     """
-    source = select_source(parts, texts)
+    source = select_source(parts, list(texts))
     by_field = {part.field: part for part in parts}
     if source == "files":
         convention = files_convention(set(by_field))
@@ -294,6 +313,13 @@ def accept_upload(parts: Sequence[UploadPart], staging: Path, limits: IntakeLimi
         names = {m: display_name(by_field[field_of[m]].filename, field_of[m]) for m in MODALITIES}
     elif source == "zip":
         staged, names, convention = _stage_zip(by_field[CASE_FIELD], staging, limits)
+    elif source == "dicom":
+        from services.segmenter.dicom_intake import accept_dicom
+
+        series = texts.get(SERIES_FIELD) if isinstance(texts, Mapping) else None
+        path = _stage_bounded_zip(by_field[DICOM_FIELD], staging / STUDY_FILE, limits, DICOM_FIELD,
+                                  limits.max_study_files, "a DICOM study zip")
+        return accept_dicom(path, display_name(by_field[DICOM_FIELD].filename, DICOM_FIELD), series, limits)
     else:
         part = by_field[VOLUME_FIELD]
         path = _stage_stream(part.file, staging / "volume.upload", limits, VOLUME_FIELD)
@@ -349,15 +375,9 @@ def _stage_zip(part: UploadPart, staging: Path, limits: IntakeLimits
             DatasetLayoutError: (422) files of several cases, or of both BraTS namings. The header
             checks of :func:`inspect_header` apply to each member.
     """
-    head = part.file.read(4)
-    part.file.seek(0)
-    if not head:
-        raise EmptyInputError(f"{CASE_FIELD} is empty (0 bytes)")
-    if head not in _ZIP_MAGICS:
-        raise UnsupportedFormatError(f"{CASE_FIELD} is not a zip file; zip the case folder "
-                                     f"({CONVENTION_FILE_NAMES[BRATS2021]} or {CONVENTION_FILE_NAMES[BRATS2023]}) "
-                                     "or send the four files")
-    _check_directory_size(part.file, limits)
+    _check_zip(part.file, limits, CASE_FIELD, limits.max_zip_members, "a case zip",
+               f"zip the case folder ({CONVENTION_FILE_NAMES[BRATS2021]} or {CONVENTION_FILE_NAMES[BRATS2023]}) "
+               "or send the four files")
     try:
         archive = zipfile.ZipFile(part.file)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:  # ValueError: e.g. a name not in UTF-8
@@ -416,10 +436,32 @@ def _stage_zip(part: UploadPart, staging: Path, limits: IntakeLimits
     return staged, names, convention
 
 
-def _check_directory_size(stream: IO[bytes], limits: IntakeLimits) -> None:
+def _check_zip(stream: IO[bytes], limits: IntakeLimits, what: str, max_members: int, kind: str, hint: str) -> None:
+    """Refuse an empty stream (400), one that is not a zip (415, with ``hint``), and a zip that
+    declares more than ``max_members`` entries (413, :func:`_check_directory_size`)."""
+    head = stream.read(4)
+    stream.seek(0)
+    if not head:
+        raise EmptyInputError(f"{what} is empty (0 bytes)")
+    if head not in _ZIP_MAGICS:
+        raise UnsupportedFormatError(f"{what} is not a zip file; {hint}")
+    _check_directory_size(stream, what, max_members, kind)
+
+
+def _stage_bounded_zip(part: UploadPart, dest: Path, limits: IntakeLimits, what: str, max_members: int,
+                       kind: str) -> Path:
+    """Copy an uploaded zip to ``dest`` (at most ``max_upload_bytes``) after the checks of :func:`_check_zip`;
+    its members are inflated later, each within the limits of whoever reads them."""
+    _check_zip(part.file, limits, what, max_members, kind,
+               "zip the study folder (any layout inside) and upload the zip")
+    return _stage_stream(part.file, dest, limits, what)
+
+
+def _check_directory_size(stream: IO[bytes], what: str, max_members: int, kind: str) -> None:
     """Refuse (413) a zip whose end-of-central-directory record (zip64 too) declares more entries,
-    or a larger directory, than a case zip can have; :mod:`zipfile` would otherwise parse them all
-    (about 10 us an entry, and millions fit in an upload) before a count could be checked."""
+    or a larger directory, than ``max_members`` entries of ``kind`` can have; :mod:`zipfile` would
+    otherwise parse them all (about 10 us an entry, and millions fit in an upload) before a count
+    could be checked."""
     stream.seek(0, 2)
     size = stream.tell()
     stream.seek(max(0, size - _EOCD.size - 0xFFFF - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size))
@@ -433,9 +475,9 @@ def _check_directory_size(stream: IO[bytes], limits: IntakeLimits) -> None:
     record = locator - _ZIP64_EOCD.size
     if record >= 0 and tail[locator:locator + 4] == b"PK\x06\x07" and tail[record:record + 4] == b"PK\x06\x06":
         entries, directory_bytes = _ZIP64_EOCD.unpack_from(tail, record)[7:9]
-    if entries > limits.max_zip_members or directory_bytes > limits.max_zip_members * _MAX_DIRECTORY_ENTRY_BYTES:
-        raise InputTooLargeError(f"{CASE_FIELD} declares {entries} entries in {directory_bytes} bytes of zip "
-                                 f"directory; a case zip holds at most {limits.max_zip_members}")
+    if entries > max_members or directory_bytes > max_members * _MAX_DIRECTORY_ENTRY_BYTES:
+        raise InputTooLargeError(f"{what} declares {entries} entries in {directory_bytes} bytes of zip "
+                                 f"directory; {kind} holds at most {max_members}")
 
 
 def _check_declared_sizes(chosen: Mapping[str, zipfile.ZipInfo], names: Mapping[str, str], limits: IntakeLimits

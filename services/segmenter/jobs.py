@@ -54,10 +54,16 @@ STAGE_PROGRESS: dict[str, tuple[float, float]] = {
 }
 MODALITY_FILES = ("input_t1.nii.gz", "input_t1ce.nii.gz", "input_t2.nii.gz", "input_flair.nii.gz")
 MASK_FILE = "mask.nii.gz"
+#: a DICOM job's files: the study as uploaded, and beside the mask the DICOM SEG and the record of
+#: every transform (the names :func:`brainscan.dicom.save_dicom_results` writes; a test keeps them equal)
+STUDY_FILE = "input_study.zip"
+SEG_FILE = "seg.dcm"
+TRANSFORMS_FILE = "transforms.json"
 PREVIEW_PLANES = ("axial", "coronal", "sagittal")
 PREVIEW_FILES = {plane: f"preview_{plane}.png" for plane in PREVIEW_PLANES}
 #: every file name a job may hold and the API may serve; anything else is refused
-ALLOWED_FILES = frozenset({*MODALITY_FILES, MASK_FILE, *PREVIEW_FILES.values()})
+ALLOWED_FILES = frozenset({*MODALITY_FILES, MASK_FILE, *PREVIEW_FILES.values(), STUDY_FILE, SEG_FILE,
+                           TRANSFORMS_FILE})
 #: label value -> name in a result, e.g. {"1": "NCR"}
 RESULT_LABELS = {str(label): BRATS_LABEL_NAMES[label] for label in BRATS_LABELS if label != 0}
 #: domain separation of the owner hash: no other SHA-256 in the project matches it
@@ -258,7 +264,12 @@ def public_view(job: dict[str, Any], prefix: str = "/v1/jobs") -> dict[str, Any]
         "volumes_ml": result["volumes_ml"],
         "previews": {plane: f"{base}/files/{name}" for plane, name in result["previews"].items()},
         "labels": result["labels"],
+        # every downloadable output by name; a DICOM job adds seg.dcm and transforms.json
+        "files": {name: f"{base}/files/{name}" for name in result.get("files", [result["mask"]])},
     }
+    if result is not None and "seg" in result:
+        body["result"]["seg_url"] = f"{base}/files/{result['seg']}"
+        body["result"]["transforms_url"] = f"{base}/files/{result['transforms']}"
     body["timings"] = job.get("timings") or {}
     body["attempts"] = job.get("attempts", 0)
     return body

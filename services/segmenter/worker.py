@@ -38,6 +38,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
@@ -54,7 +55,11 @@ from brainscan.web import configure_logging
 from services.segmenter.jobs import (
     FINAL,
     MASK_FILE,
+    MODALITY_FILES,
     PREVIEW_FILES,
+    SEG_FILE,
+    STUDY_FILE,
+    TRANSFORMS_FILE,
     JobNotFoundError,
     JobStateError,
     parse_iso,
@@ -303,9 +308,13 @@ class JobRunner:
         from services.segmenter.previews import render_previews
 
         started = time.perf_counter()
-        modalities = {m: self.store.path_for(job_id, input_file_name(m)) for m in MODALITIES}
-        case = load_case(BratsCase(case_id=job_id, folder=modalities["flair"].parent, modalities=modalities),
-                         with_seg=False)
+        dicom = job["input"].get("source") == "dicom"
+        if dicom:
+            case = self._load_study(job_id, job)
+        else:
+            modalities = {m: self.store.path_for(job_id, input_file_name(m)) for m in MODALITIES}
+            case = load_case(BratsCase(case_id=job_id, folder=modalities["flair"].parent, modalities=modalities),
+                             with_seg=False)
         model = self.models.get(job["model"]["arch"], job["model"]["version"])
         loaded = time.perf_counter()
         self._check_running(job_id)
@@ -320,8 +329,13 @@ class JobRunner:
         reference = case.reference
         # the mask speaks the labels of the upload's naming (enhancing tumour 3 for BraTS 2023-2024 names)
         convention = job["input"].get("label_convention", BRATS2021)
-        save_like(to_convention(mask, convention), reference, self.store.path_for(job_id, MASK_FILE))
-        self.store.commit_file(job_id, MASK_FILE)
+        if dicom:
+            files = self._write_dicom_results(job_id, case, to_convention(mask, convention), model.bundle)
+        else:
+            save_like(to_convention(mask, convention), reference, self.store.path_for(job_id, MASK_FILE))
+            files = {"mask": MASK_FILE}
+        for name in files.values():
+            self.store.commit_file(job_id, name)
         volumes = volumes_ml(mask, reference.spacing)
         previews = render_previews(case.channels[3], mask, reference.affine, reference.spacing)
         for plane, name in PREVIEW_FILES.items():
@@ -335,12 +349,45 @@ class JobRunner:
             "write_s": round(written - inferred, 3),
             "total_s": round(written - started, 3),
         }
-        result = {"mask": MASK_FILE, "volumes_ml": {k: round(v, 3) for k, v in volumes.items()},
+        result = {**files, "files": list(files.values()), "volumes_ml": {k: round(v, 3) for k, v in volumes.items()},
                   "previews": dict(PREVIEW_FILES), "labels": result_labels(convention)}
         self.store.transition(job_id, "succeeded", expect_status={"running"}, result=result, timings=timings)
         log.info("job %s succeeded", job_id, extra={"job_id": job_id, "timings": timings,
                                                     "model": job["model"]["arch"], "volumes_ml": result["volumes_ml"]})
         return {"job_id": job_id, "status": "succeeded"}
+
+    def _load_study(self, job_id: str, job: dict[str, Any]) -> Any:
+        """The job's DICOM study as a case on the t1ce grid (:func:`brainscan.dicom.load_dicom_case`, as
+        the CLI loads it), from exactly the series the intake checked; records that grid in ``input``."""
+        import nibabel as nib
+
+        from brainscan.dicom.case import load_dicom_case
+
+        mapping = {summary["series_instance_uid"]: modality for modality, summary in job["input"]["series"].items()}
+        case = load_dicom_case(self.store.path_for(job_id, STUDY_FILE), mapping)
+        grid = {"shape": list(case.reference.shape), "spacing_mm": [round(float(s), 6) for s in case.reference.spacing],
+                "orientation": "".join(nib.aff2axcodes(case.reference.affine))}
+        self.store.update(job_id, expect_status={"running"}, input={**job["input"], **grid})
+        return case
+
+    def _write_dicom_results(self, job_id: str, case: Any, mask: Any, bundle: Any) -> dict[str, str]:
+        """Write a DICOM job's outputs with :func:`brainscan.dicom.save_dicom_results` (the CLI's writer):
+        ``seg.dcm``, ``mask.nii.gz`` and ``transforms.json``, and the four volumes on the t1ce grid as
+        the job's ``input_<modality>.nii.gz`` (what the model saw; the page's viewer shows them).
+
+        Returns:
+            ``{"mask", "seg", "transforms"}`` -> job file name.
+        """
+        from brainscan.dicom.case import save_dicom_results
+        from brainscan.dicom.seg import bundle_algorithm
+        from services.segmenter.intake import input_file_name
+
+        folder = self.store.path_for(job_id, MASK_FILE).parent
+        written = save_dicom_results(case, mask, folder, algorithm=bundle_algorithm(bundle), save_volumes=True)
+        for modality in MODALITIES:
+            Path(written[modality]).replace(self.store.path_for(job_id, input_file_name(modality)))
+            self.store.commit_file(job_id, input_file_name(modality))
+        return {"mask": MASK_FILE, "seg": SEG_FILE, "transforms": TRANSFORMS_FILE}
 
     def _progress_callback(self, job_id: str, report: Callable[[dict[str, Any]], None] | None
                            ) -> Callable[[int, int], None]:
@@ -372,7 +419,10 @@ class JobRunner:
 
     def _clear_outputs(self, job_id: str) -> None:
         """Remove results a previous, interrupted attempt may have left."""
-        for name in (MASK_FILE, *PREVIEW_FILES.values()):
+        outputs = [MASK_FILE, SEG_FILE, TRANSFORMS_FILE, *PREVIEW_FILES.values()]
+        if self.store.get(job_id)["input"].get("source") == "dicom":
+            outputs += MODALITY_FILES  # a DICOM job's volumes on the t1ce grid are outputs too
+        for name in outputs:
             self.store.path_for(job_id, name).unlink(missing_ok=True)
 
     def _fail(self, job_id: str, code: str, detail: str) -> dict[str, Any]:

@@ -332,3 +332,24 @@ def zip_folder(folder: Path, zip_path: Path) -> Path:
             if path.is_file():
                 archive.write(path, path.relative_to(folder).as_posix())
     return zip_path
+
+
+def edit_instances(paths: Iterable[Path], **attributes: object) -> None:
+    """Set DICOM attributes (by keyword) in each file of ``paths``, in place."""
+    import pydicom
+
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+
+
+def copy_study(study: StudyFiles, folder: Path) -> StudyFiles:
+    """A copy of ``study`` under ``folder``, for tests that damage it."""
+    import shutil
+
+    shutil.copytree(study.folder, folder)
+    return StudyFiles(folder=folder, study=study.study, series_uids=dict(study.series_uids),
+                      files={m: [folder / p.relative_to(study.folder) for p in paths] for m, paths in study.files.items()},
+                      grids=dict(study.grids))

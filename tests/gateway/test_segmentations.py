@@ -175,13 +175,18 @@ def stack(tmp_path_factory) -> Iterator[SegmentationStack]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def gateway(stack, tmp_path_factory) -> Iterator[RunningServer]:
+@contextlib.contextmanager
+def serve_gateway(stack: SegmentationStack, log_dir: Path) -> Iterator[RunningServer]:
     """The real gateway process in front of the segmenter (no classifier: its URL is a closed port)."""
     env = {"GATEWAY_SEGMENTER_URL": stack.url, "GATEWAY_CLASSIFIER_URL": f"http://127.0.0.1:{free_port()}",
            "GATEWAY_MAX_SEGMENTATION_UPLOAD_BYTES": str(TEST_SEGMENTATION_LIMIT), "GATEWAY_LOG_LEVEL": "WARNING"}
-    with serve_uvicorn("gateway.app:app", env=env, ready_path="/api/health",
-                       log_dir=tmp_path_factory.mktemp("gateway-logs")) as server:
+    with serve_uvicorn("gateway.app:app", env=env, ready_path="/api/health", log_dir=log_dir) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gateway(stack, tmp_path_factory) -> Iterator[RunningServer]:
+    with serve_gateway(stack, tmp_path_factory.mktemp("gateway-logs")) as server:
         yield server
 
 
