@@ -1,7 +1,10 @@
-"""Explanations of classifier decisions: Grad-CAM, attention rollout, and their PNG rendering.
+"""Explanations of classifier decisions: Grad-CAM, Layer-CAM, attention rollout, and their PNG rendering.
 
 :func:`explainer_for` picks the method a model supports: gradient-weighted attention rollout for
-the ViT-CNN (it has ``encoder_{i}_mha`` layers), Grad-CAM on ``GRADCAM_LAYER`` otherwise (ResNet50).
+the ViT-CNN (it has ``encoder_{i}_mha`` layers; its token grid is S/8, 16x16 at 128 px), Grad-CAM
+on the output of the second stage for ResNet50 (also S/8; Grad-CAM on the last stage is a 4x4 blob
+at 128 px and points at the tumour a third as often, see ``bench/heatmap_localisation.py``), and
+Grad-CAM on ``GRADCAM_LAYER`` for any other network.
 Both explain one class (the predicted one by default). Both return
 ``(B, S, S)`` maps in [0, 1] at the input size; :mod:`brainscan.explain.overlay` renders them.
 TensorFlow is imported only when an explainer is built.
@@ -11,7 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from brainscan.explain.gradcam import GradCam, grad_cam, normalise_maps
+from brainscan.explain.gradcam import (
+    GradCam,
+    LayerCam,
+    StageTwoGradCam,
+    grad_cam,
+    normalise_maps,
+    stage_outputs,
+)
 from brainscan.explain.overlay import colorize, heatmap_pngs, model_view, png_data_url
 from brainscan.explain.rollout import (
     AttentionRollout,
@@ -25,6 +35,8 @@ __all__ = [
     "AttentionRollout",
     "GradCam",
     "GradientAttentionRollout",
+    "LayerCam",
+    "StageTwoGradCam",
     "attention_rollout",
     "class_token_map",
     "colorize",
@@ -35,14 +47,17 @@ __all__ = [
     "model_view",
     "normalise_maps",
     "png_data_url",
+    "stage_outputs",
 ]
 
 
 def explainer_for(model: Any) -> GradCam | GradientAttentionRollout:
     """The explainer suited to ``model``: :class:`GradientAttentionRollout` for transformer
-    encoders, else :class:`GradCam`. Its ``method`` attribute names it
-    (``"gradient-attention-rollout"`` / ``"grad-cam"``), and calling it maps
-    ``(images, class_index)`` to heatmaps of that class."""
+    encoders, :class:`StageTwoGradCam` for a four-stage ResNet, else :class:`GradCam`. Its
+    ``method`` attribute names it (``"gradient-attention-rollout"`` / ``"grad-cam-stage2"`` /
+    ``"grad-cam"``), and calling it maps ``(images, class_index)`` to heatmaps of that class."""
     from brainscan.models.vit_cnn import encoder_depth
 
-    return GradientAttentionRollout(model) if encoder_depth(model) > 0 else GradCam(model)
+    if encoder_depth(model) > 0:
+        return GradientAttentionRollout(model)
+    return StageTwoGradCam(model) if len(stage_outputs(model)) >= 4 else GradCam(model)

@@ -15,6 +15,8 @@ from brainscan.explain import (
     AttentionRollout,
     GradCam,
     GradientAttentionRollout,
+    LayerCam,
+    StageTwoGradCam,
     attention_rollout,
     class_token_map,
     colorize,
@@ -23,6 +25,7 @@ from brainscan.explain import (
     heatmap_pngs,
     model_view,
     png_data_url,
+    stage_outputs,
 )
 from brainscan.models.registry import build_model
 from brainscan.models.resnet import GRADCAM_LAYER
@@ -61,7 +64,7 @@ def head_like(batch: int = 1, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "arch, method, batch",
-    [("resnet50", "grad-cam", 1), ("resnet50", "grad-cam", 3),
+    [("resnet50", "grad-cam-stage2", 1), ("resnet50", "grad-cam-stage2", 3),
      ("vit_cnn", "gradient-attention-rollout", 1), ("vit_cnn", "gradient-attention-rollout", 2)],
 )
 def test_explainer_shape_and_range(explainers: dict, arch: str, method: str, batch: int) -> None:
@@ -137,6 +140,65 @@ def test_grad_cam_mass_concentrates_in_the_quadrant_the_score_reads(quadrant: tu
     assert inside / heat.sum() > 0.95
     # class 1 is argued against by every feature: nothing supports it, so its map is empty
     assert np.all(cam(image, class_index=1)[0] == 0.0)
+
+
+def staged_model(size: int = 64) -> keras.Model:
+    """A ResNet-shaped stack without learning: four averaging "stages" (strides 4, 2, 2, 2,
+    named like the ResNet builder's) over a grey image, and a class-0 logit that is the mean of the
+    last one, so the score is the image's brightness and a bright lesion is what argues for it."""
+    inputs = keras.Input((size, size, 1))
+    x, pools = inputs, []
+    for stage, pool in enumerate((4, 2, 2, 2), start=1):
+        pools.append(keras.layers.Conv2D(1, pool, strides=pool, use_bias=False, name=f"stage{stage}_pool"))
+        x = keras.layers.Activation("relu", name=GRADCAM_LAYER if stage == 4 else f"stage{stage}_block1_out")(pools[-1](x))
+    dense = keras.layers.Dense(2, name="logits")
+    outputs = keras.layers.Activation("softmax")(dense(keras.layers.GlobalAveragePooling2D()(x)))
+    model = keras.Model(inputs, outputs)
+    for layer in pools:  # a strided average: (pool, pool, 1, 1) of 1 / pool^2
+        layer.set_weights([np.full(layer.kernel.shape, 1.0 / np.prod(layer.kernel.shape[:2]), np.float32)])
+    dense.set_weights([np.array([[1.0, -1.0]], np.float32), np.zeros(2, np.float32)])
+    return model
+
+
+@pytest.mark.parametrize("arch_or_staged, expected", [
+    ("resnet50", ["stage1_block1_out", "stage2_block1_out", "stage3_block1_out", GRADCAM_LAYER]),
+    ("staged", ["stage1_block1_out", "stage2_block1_out", "stage3_block1_out", GRADCAM_LAYER]),
+])
+def test_stage_outputs(tiny_models: dict, arch_or_staged: str, expected: list[str]) -> None:
+    model = staged_model() if arch_or_staged == "staged" else tiny_models[arch_or_staged]
+    assert stage_outputs(model) == expected
+
+
+@pytest.mark.parametrize("explainer, grid", [(GradCam, SIZE // 32), (StageTwoGradCam, SIZE // 8)])
+def test_resnet_map_resolution(tiny_models: dict, explainer: type, grid: int) -> None:
+    # 2x2 cells for Grad-CAM on the last stage at 64 px, 8x8 on the second stage's output
+    assert explainer(tiny_models["resnet50"])(head_like(1), upsample=False).shape == (1, grid, grid)
+
+
+@pytest.mark.parametrize("lesion", [(12, 14), (40, 20), (24, 48), (50, 50)])
+def test_stage_two_grad_cam_peaks_at_the_lesion(lesion: tuple[int, int]) -> None:
+    image = np.full((1, SIZE, SIZE, 1), 0.2, np.float32)
+    cv2.circle(image[0, :, :, 0], lesion[::-1], 4, 1.0, -1)
+    model = staged_model(SIZE)
+    fine = StageTwoGradCam(model)(image)[0]
+    peak = np.unravel_index(fine.argmax(), fine.shape)
+    assert np.hypot(peak[0] - lesion[0], peak[1] - lesion[1]) <= SIZE / 8, "the peak must be in the lesion's cell"
+    coarse = GradCam(model)(image)[0]
+    lesion_cell = (slice(lesion[0] // 8 * 8, lesion[0] // 8 * 8 + 8), slice(lesion[1] // 8 * 8, lesion[1] // 8 * 8 + 8))
+    # the fine map gathers more of its mass in the lesion's 8x8 cell than the 2x2-cell map can
+    assert fine[lesion_cell].sum() / fine.sum() > 1.5 * coarse[lesion_cell].sum() / coarse.sum()
+
+
+def test_layer_cam_fuses_stages(tiny_models: dict) -> None:
+    cam = LayerCam(tiny_models["resnet50"], stages=2)
+    assert cam.layer_names == ("stage3_block1_out", GRADCAM_LAYER)
+    heat = cam(head_like(2))
+    assert heat.shape == (2, SIZE, SIZE) and heat.min() >= 0.0 and heat.max() == pytest.approx(1.0)
+    assert cam(head_like(1), upsample=False).shape == (1, SIZE // 16, SIZE // 16)
+    with pytest.raises(ValueError, match="stages must be"):
+        LayerCam(tiny_models["resnet50"], stages=0)
+    with pytest.raises(ValueError, match="no four ResNet stages"):
+        StageTwoGradCam(quadrant_model((0, 0)))
 
 
 # -- attention rollout --------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from tests.bundles import TINY_INPUT_SIZE, make_classifier_store
 from tests.paths import KAGGLE_TRAINING, REPO_ROOT, needs_kaggle
 
 ARCHS = ("resnet50", "vit_cnn")
-METHODS = {"resnet50": "grad-cam", "vit_cnn": "gradient-attention-rollout"}
+METHODS = {"resnet50": "grad-cam-stage2", "vit_cnn": "gradient-attention-rollout"}
 CONTRACT_KEYS = {"label", "probabilities", "model", "heatmap", "image", "timings", "request_id"}
 TIMING_KEYS = {"decode_ms", "queue_ms", "inference_ms", "explain_ms", "total_ms"}
 
@@ -479,7 +479,7 @@ def test_real_uvicorn_process(store: Path, tmp_path: Path) -> None:
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["request_id"] == "uvicorn-test-1" == response.headers["X-Request-ID"]
-    assert body["model"]["name"] == "resnet50" and body["heatmap"]["method"] == "grad-cam"
+    assert body["model"]["name"] == "resnet50" and body["heatmap"]["method"] == METHODS["resnet50"]
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     assert any(line.get("request_id") == "uvicorn-test-1" and line.get("status") == 200 for line in lines)
 
