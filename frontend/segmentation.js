@@ -67,6 +67,10 @@ function messageFor(error) {
   if (ERROR_MESSAGES[error.code]) return ERROR_MESSAGES[error.code];
   const code = ERROR_BY_STATUS[error.status];
   if (code) return ERROR_MESSAGES[code];
+  if (error.status >= 400 && error.status < 500) {
+    // A refusal of this upload (its details follow), not a server failure.
+    return "The server refused this upload; the details below say why.";
+  }
   return "The segmentation failed on the server. Try again; if it keeps happening, tell the operator.";
 }
 
@@ -340,11 +344,13 @@ export function initSegmentation({ onUnauthorized }) {
     // A plain link carries the session cookie but cannot carry an X-API-Key header.
     if (!storedApiKey()) return;
     event.preventDefault();
+    const anchor = event.currentTarget;
+    const dicom = anchor.id === "seg-download-seg";
     try {
-      const { bytes, type } = await apiFetchBytes(el.download.href);
+      const { bytes, type } = await apiFetchBytes(anchor.href);
       const link = document.createElement("a");
-      link.href = URL.createObjectURL(new Blob([bytes], { type: type || "application/gzip" }));
-      link.download = "mask.nii.gz";
+      link.href = URL.createObjectURL(new Blob([bytes], { type: type || (dicom ? "application/dicom" : "application/gzip") }));
+      link.download = dicom ? "seg.dcm" : "mask.nii.gz";
       link.click();
       setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
     } catch (error) {
@@ -397,6 +403,7 @@ export function initSegmentation({ onUnauthorized }) {
   el.form.addEventListener("submit", start);
   el.cancel.addEventListener("click", cancel);
   el.download.addEventListener("click", downloadWithKey);
+  $("seg-download-seg").addEventListener("click", downloadWithKey);
   el.modelSelect.addEventListener("change", renderSelectedModel);
   el.opacity.addEventListener("input", applyOpacity);
   for (const radio of el.form.querySelectorAll("input[name=seg-source]")) {
