@@ -61,8 +61,7 @@ def write_pack(cases: Sequence[Any], config: VolumePreprocessConfig, out: str | 
         DatasetLayoutError: no cases, a case without a segmentation, ``out`` not ending in ``.npz``.
         And the data errors of :func:`~brainscan.data.brats.load_case`.
     """
-    from brainscan.data.brats import load_case
-    from training.patches import fingerprint_lines, prepare_case
+    from training.patches import fingerprint_lines, prepare_case, read_truth
 
     out = Path(out)
     if out.suffix != PACK_SUFFIX:
@@ -72,14 +71,12 @@ def write_pack(cases: Sequence[Any], config: VolumePreprocessConfig, out: str | 
     arrays: dict[str, np.ndarray] = {}
     records = []
     for number, case in enumerate(cases):
-        prepared = prepare_case(case, config, cache_dir)
-        loaded = load_case(case)
-        assert loaded.seg is not None
+        prepared = prepare_case(case, config, cache_dir)  # validates the case (and its labels) when not cached
+        truth, spacing = read_truth(case)  # the label file only: the volumes are not read again
         arrays[f"{number}.image"] = np.asarray(prepared.image, dtype=np.float16)
         arrays[f"{number}.labels"] = np.asarray(prepared.labels, dtype=np.uint8)
-        arrays[f"{number}.truth"] = np.asarray(loaded.seg, dtype=np.uint8)
-        records.append({"case_id": case.case_id, "info": prepared.info.to_dict(),
-                        "spacing": [float(s) for s in loaded.reference.spacing[:3]],
+        arrays[f"{number}.truth"] = np.asarray(truth, dtype=np.uint8)
+        records.append({"case_id": case.case_id, "info": prepared.info.to_dict(), "spacing": list(spacing),
                         "label_convention": case.label_convention, "fingerprint": fingerprint_lines(case)})
         log.info("packed %s (%d/%d)", case.case_id, number + 1, len(cases))
     meta = {"pack_version": PACK_VERSION, "preprocessing": config.to_dict(), "cases": records}

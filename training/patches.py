@@ -484,6 +484,23 @@ class PatchSampler:
         return PatchBatches()
 
 
+def read_truth(case: BratsCase | PackedCase) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A labelled case's label map on its own grid, in labels {0, 1, 2, 4}, and that grid's voxel size (mm).
+
+    Reads only the segmentation file (a pack: its stored copy), whatever the case's label convention.
+    """
+    from brainscan.io.nifti import load_nifti
+    from brainscan.labels import from_convention
+
+    if isinstance(case, PackedCase):
+        return case.truth(), case.spacing
+    if case.seg is None:
+        raise DatasetLayoutError(f"case {case.case_id} has no segmentation")
+    truth = load_nifti(case.seg)
+    labels = from_convention(truth.data.reshape(truth.data.shape[:3]).astype(np.uint8), case.label_convention)
+    return labels, tuple(float(s) for s in truth.spacing[:3])
+
+
 def fingerprint_lines(case: BratsCase | PackedCase) -> list[str]:
     """A case's share of :func:`dataset_fingerprint`: its id with each file's name and size."""
     if isinstance(case, PackedCase):
@@ -500,6 +517,6 @@ def dataset_fingerprint(cases: Sequence[BratsCase | PackedCase]) -> str:
 
 
 __all__ = [
-    "AugmentConfig", "PackedCase", "PatchSampler", "PreparedCase", "fingerprint_lines", "augment_patch", "dataset_fingerprint", "extract_patch",
+    "AugmentConfig", "PackedCase", "PatchSampler", "PreparedCase", "fingerprint_lines", "read_truth", "augment_patch", "dataset_fingerprint", "extract_patch",
     "prepare_arrays", "prepare_case", "prepare_cases", "spatial_transform", "transform_patch",
 ]

@@ -253,19 +253,12 @@ def predict_cases(segmenter: Any, cases: list[Any], cache_dir: Path | None = Non
         The truth is the label file itself, on its own grid, not the cropped training labels: a
         tumour voxel the crop lost counts as missed.
     """
-    from brainscan.io.nifti import load_nifti
-    from brainscan.labels import from_convention
-    from training.patches import PackedCase, prepare_case
+    from training.patches import prepare_case, read_truth
 
     for case in cases:
         prepared = prepare_case(case, segmenter.preprocess_config, cache_dir)
         probabilities = segmenter.probabilities(np.asarray(prepared.image))
-        if isinstance(case, PackedCase):
-            labels, spacing = case.truth(), case.spacing
-        else:
-            truth = load_nifti(case.seg)
-            labels = from_convention(truth.data.reshape(truth.data.shape[:3]).astype(np.uint8), case.label_convention)
-            spacing = truth.spacing[:3]
+        labels, spacing = read_truth(case)
         yield case.case_id, prepared.info, probabilities, labels, spacing
 
 
