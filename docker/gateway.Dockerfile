@@ -19,15 +19,14 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONPATH=/app
 WORKDIR /app
 
-# Dependencies first (a layer that survives code changes): install the project from a stub
-# package, then remove the stub; the real code is copied below and runs from /app.
-COPY pyproject.toml README.md LICENSE ./
-RUN mkdir brainscan && touch brainscan/__init__.py \
- && pip install --no-cache-dir '.[serve]' \
- && pip uninstall --yes brainscan \
- && rm -rf brainscan build ./*.egg-info
+# Dependencies first (a layer that survives code changes): only the `gateway` extra of
+# pyproject.toml, not the core's dependencies (no TensorFlow, OpenCV, SciPy or DICOM libraries).
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['gateway'], sep='\n')" > /tmp/gateway.txt \
+ && pip install --no-cache-dir -r /tmp/gateway.txt \
+ && rm /tmp/gateway.txt
 
-# The gateway imports only its own package and brainscan's version.
+# The gateway imports its own package and brainscan's light modules (version, errors, web plumbing).
 COPY brainscan/ ./brainscan/
 COPY gateway/ ./gateway/
 COPY frontend/ ./frontend/

@@ -118,7 +118,7 @@ def add_calibrate_parser(commands: argparse._SubParsersAction) -> argparse.Argum
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from brainscan.cli.predict import resolve_bundle
+    from brainscan.models.store import resolve_bundle
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = resolve_bundle(args.bundle, task="classification", models_root=getattr(args, "root", None))

@@ -186,7 +186,7 @@ def load_initial_weights(model: Any, spec: str, config: ClassifierTrainConfig, r
             trained on the same data (same fingerprint) with another split seed or fraction, so this
             run's validation images may have been its training images.
     """
-    from brainscan.cli.predict import resolve_bundle
+    from brainscan.models.store import resolve_bundle
     from brainscan.data.kaggle import dataset_fingerprint
     from brainscan.models.bundle import load_bundle
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from brainscan.cli.arguments import overlap_fraction, positive_int
 from brainscan.cli.output import progress_bar
-from brainscan.cli.predict import resolve_bundle
+from brainscan.models.store import resolve_bundle
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

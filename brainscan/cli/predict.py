@@ -10,6 +10,7 @@ from typing import Any
 
 from brainscan.cli.arguments import overlap_fraction, positive_int
 from brainscan.errors import BrainscanError, BundleError
+from brainscan.models.store import resolve_bundle
 
 _BUNDLE_HELP = ("model bundle folder (holding manifest.json), or ARCH / TASK/ARCH for the current "
                 "version in the model store (see `brainscan models list`)")
@@ -85,53 +86,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     segment.add_argument("--models-root", type=Path, default=None,
                          help="model store for ARCH / TASK/ARCH (default: $BRAINSCAN_MODELS or ./models)")
     segment.set_defaults(func=run_segment)
-
-
-def resolve_bundle(spec: str, *, task: str | None = None, models_root: Path | None = None) -> Path:
-    """The bundle folder that ``spec`` names.
-
-    Args:
-        spec: a bundle folder (or its ``manifest.json``), else ``ARCH`` or ``TASK/ARCH``: the
-            current version of that architecture in the model store.
-        task: the task the command needs; used to look ``ARCH`` up, and checked.
-        models_root: the model store (default ``$BRAINSCAN_MODELS`` or ``./models``).
-
-    Returns:
-        the bundle folder.
-
-    Raises:
-        BundleError: no such folder nor store entry, or a bundle of the other task.
-    """
-    from brainscan.models.bundle import read_manifest
-    from brainscan.models.registry import TASKS
-    from brainscan.models.store import ModelStore
-
-    path = Path(spec)
-    if not path.exists():
-        store = ModelStore(models_root)
-        parts = spec.strip("/").split("/")
-        if len(parts) == 2 and parts[0] in TASKS:
-            candidates = [tuple(parts)]
-        elif len(parts) == 1 and parts[0]:
-            tasks = [task] if task else [t for t in TASKS if (store.root / t / parts[0]).is_dir()]
-            candidates = [(t, parts[0]) for t in tasks]
-        else:
-            candidates = []
-        found = [(t, a) for t, a in candidates if (store.root / t / a).is_dir()]
-        if not found:
-            raise BundleError(
-                f"{spec!r} is neither a bundle folder nor an architecture in the model store {store.root} "
-                "(see `brainscan models list`, or set --models-root / $BRAINSCAN_MODELS)",
-                code="bundle_not_found",
-            )
-        if len(found) > 1:
-            raise BundleError(f"{spec!r} names bundles of several tasks; write TASK/ARCH, e.g. {found[0][0]}/{spec}")
-        path = store.current(*found[0])
-    manifest = read_manifest(path)
-    if task is not None and manifest["task"] != task:
-        raise BundleError(f"bundle {manifest['name']} ({path}) is a {manifest['task']} model; this command needs "
-                          f"a {task} bundle")
-    return path
 
 
 def model_info(bundle: Any) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from brainscan.errors import BundleError
 from brainscan.models.bundle import VERSION_PATTERN, read_manifest, verify_weights
 from brainscan.models.registry import TASKS
 
-__all__ = ["CURRENT_FILE", "ENV_VAR", "ModelStore", "StoreEntry", "default_root", "format_table"]
+__all__ = ["CURRENT_FILE", "ENV_VAR", "ModelStore", "StoreEntry", "default_root", "format_table", "resolve_bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,49 @@ class ModelStore:
         newest = valid[-1]
         log.info("%s has no %s file; using the newest version %s", current_file.parent, CURRENT_FILE, newest.version)
         return newest.version
+
+
+def resolve_bundle(spec: str, *, task: str | None = None, models_root: Path | None = None) -> Path:
+    """The bundle folder that ``spec`` names.
+
+    Args:
+        spec: a bundle folder (or its ``manifest.json``), else ``ARCH`` or ``TASK/ARCH``: the
+            current version of that architecture in the model store.
+        task: the task the command needs; used to look ``ARCH`` up, and checked.
+        models_root: the model store (default ``$BRAINSCAN_MODELS`` or ``./models``).
+
+    Returns:
+        the bundle folder.
+
+    Raises:
+        BundleError: no such folder nor store entry, or a bundle of the other task.
+    """
+    path = Path(spec)
+    if not path.exists():
+        store = ModelStore(models_root)
+        parts = spec.strip("/").split("/")
+        if len(parts) == 2 and parts[0] in TASKS:
+            candidates = [tuple(parts)]
+        elif len(parts) == 1 and parts[0]:
+            tasks = [task] if task else [t for t in TASKS if (store.root / t / parts[0]).is_dir()]
+            candidates = [(t, parts[0]) for t in tasks]
+        else:
+            candidates = []
+        found = [(t, a) for t, a in candidates if (store.root / t / a).is_dir()]
+        if not found:
+            raise BundleError(
+                f"{spec!r} is neither a bundle folder nor an architecture in the model store {store.root} "
+                "(see `brainscan models list`, or set --models-root / $BRAINSCAN_MODELS)",
+                code="bundle_not_found",
+            )
+        if len(found) > 1:
+            raise BundleError(f"{spec!r} names bundles of several tasks; write TASK/ARCH, e.g. {found[0][0]}/{spec}")
+        path = store.current(*found[0])
+    manifest = read_manifest(path)
+    if task is not None and manifest["task"] != task:
+        raise BundleError(f"bundle {manifest['name']} ({path}) is a {manifest['task']} model; this command needs "
+                          f"a {task} bundle")
+    return path
 
 
 def _subdirs(folder: Path) -> list[Path]:
