@@ -113,7 +113,7 @@ def in_process(bundle_path: Path, case: Path, repeats: int) -> dict[str, float]:
     import numpy as np
 
     from brainscan.data.brats import find_case, load_case
-    from brainscan.evaluation.segment import inference_settings, segment_case
+    from brainscan.inference.segmenter import inference_settings, segment_case
     from brainscan.inference.sliding_window import count_patches, keras_predict_fn
     from brainscan.models.bundle import load_bundle
 

@@ -52,7 +52,7 @@ def calibrate_batches(classifier: Any, batches: Iterable[np.ndarray], y_true: np
 
 
 def _preprocessed_batches(bundle: Any, paths: list[Path], size: int) -> Iterable[np.ndarray]:
-    from brainscan.evaluation.classify import preprocess_one
+    from brainscan.inference.classifier import preprocess_one
 
     for start in range(0, len(paths), size):
         yield np.stack([preprocess_one(bundle, p, name=str(p)) for p in paths[start : start + size]])

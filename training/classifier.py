@@ -497,7 +497,7 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
 
     # The served path: the Classifier's compiled forward pass, with the flip TTA and temperature chosen
     # here on the validation images (TTA only if it classifies more of them right).
-    from brainscan.evaluation.classify import DEFAULT_BATCH_SIZE
+    from brainscan.inference.classifier import DEFAULT_BATCH_SIZE
     from brainscan.inference.classifier import Classifier
     from training.calibrate import calibrate_batches
 

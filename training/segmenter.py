@@ -23,7 +23,6 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,14 @@ import numpy as np
 
 from brainscan.errors import DatasetLayoutError
 from brainscan.labels import BRATS_LABELS, REGIONS
+
+from training.segmenter_validation import (
+    finite_or_none,
+    evaluate_cases,
+    region_dice,
+    select_mirroring,
+    select_postprocessing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -243,197 +250,6 @@ def labelled_cases(data: Path, max_cases: int | None, seed: int) -> list[Any]:
         pick = np.random.default_rng(seed).choice(len(labelled), size=max_cases, replace=False)
         labelled = [labelled[i] for i in sorted(pick)]
     return labelled
-
-
-def predict_cases(segmenter: Any, cases: list[Any], cache_dir: Path | None = None) -> Iterator[tuple]:
-    """Segmenter probabilities of labelled cases, with what scoring them needs.
-
-    Yields:
-        ``(case_id, CropInfo, probabilities (X', Y', Z', K), truth labels (X, Y, Z) uint8, spacing)``.
-        The truth is the label file itself, on its own grid, not the cropped training labels: a
-        tumour voxel the crop lost counts as missed.
-    """
-    from training.patches import prepare_case, read_truth
-
-    for case in cases:
-        prepared = prepare_case(case, segmenter.preprocess_config, cache_dir)
-        probabilities = segmenter.probabilities(np.asarray(prepared.image))
-        labels, spacing = read_truth(case)
-        yield case.case_id, prepared.info, probabilities, labels, spacing
-
-
-def evaluate_cases(segmenter: Any, cases: list[Any], cache_dir: Path | None = None) -> dict[str, dict]:
-    """Segment whole cases as serving does and score them against their label files, on their own grid.
-
-    Args:
-        segmenter: the :class:`~brainscan.inference.segmenter.Segmenter` the bundle will serve.
-        cases: labelled :class:`~brainscan.data.brats.BratsCase` objects.
-        cache_dir: preprocessed-case cache shared with training (the same function, computed once).
-
-    Returns:
-        ``{case_id: segmentation_metrics(...)}`` (BraTS regions WT/TC/ET, labels, mean IoU).
-    """
-    from brainscan.metrics.segmentation import segmentation_metrics
-
-    return {case_id: segmentation_metrics(segmenter.decode(probabilities, info, spacing), labels, spacing)
-            for case_id, info, probabilities, labels, spacing in predict_cases(segmenter, cases, cache_dir)}
-
-
-#: Smallest gain in mean validation Dice for which a post-processing step is switched on.
-MEASURABLE_GAIN = 1e-3
-#: Candidates tried by :func:`select_postprocessing` (mm^3; BraTS cases are 1 mm^3 a voxel).
-POSTPROCESSING_CANDIDATES: tuple[dict[str, float], ...] = (
-    {}, {"min_enhancing_mm3": 200.0}, {"min_enhancing_mm3": 500.0}, {"min_component_mm3": 200.0},
-    {"min_component_mm3": 200.0, "min_enhancing_mm3": 200.0}, {"min_component_mm3": 200.0, "min_enhancing_mm3": 500.0},
-)
-
-
-def select_postprocessing(segmenter: Any, cases: list[Any], cache_dir: Path | None = None,
-                          candidates: tuple[dict[str, float], ...] = POSTPROCESSING_CANDIDATES
-                          ) -> tuple[Any, dict[str, dict], list[dict[str, Any]]]:
-    """Pick the post-processing that scores best on the validation cases; none unless it helps.
-
-    Each case is predicted once; every candidate decodes the same probabilities. A candidate replaces
-    the current best only with a strictly higher mean of WT/TC/ET Dice, so a step that does not
-    measurably help stays off (the first candidate, ``{}``, is no post-processing).
-
-    Returns:
-        ``(PostprocessConfig, per_case metrics of the chosen one, table of every candidate's Dice)``.
-    """
-    from brainscan.inference.postprocess import PostprocessConfig
-    from brainscan.metrics.segmentation import segmentation_metrics
-
-    predicted = list(predict_cases(segmenter, cases, cache_dir))
-    best: tuple[Any, dict[str, dict], float] | None = None
-    table = []
-    for candidate in candidates:
-        config = PostprocessConfig(threshold=segmenter.postprocessing.threshold, **candidate)
-        segmenter.postprocessing = config
-        per_case = {case_id: segmentation_metrics(segmenter.decode(probabilities, info, spacing), labels, spacing)
-                    for case_id, info, probabilities, labels, spacing in predicted}
-        scores = region_dice(per_case)
-        table.append({"postprocessing": config.to_dict(), "dice": scores})
-        log.info("post-processing %s: Dice WT %.3f TC %.3f ET %.3f mean %.4f", candidate or "none", scores["WT"],
-                 scores["TC"], scores["ET"], scores["mean"])
-        if best is None or scores["mean"] > best[2] + MEASURABLE_GAIN:
-            best = (config, per_case, scores["mean"])
-    assert best is not None
-    return best[0], best[1], table
-
-
-#: Mirroring candidates of :func:`select_mirroring`, cheapest first: none, left-right (2 passes), all
-#: three axes (8 passes).
-MIRROR_CANDIDATES: tuple[tuple[int, ...], ...] = ((), (0,), (0, 1, 2))
-#: Smallest gain in mean validation Dice for which a costlier mirroring is chosen: it multiplies
-#: every user's inference time, so it must pay more than post-processing (which is free).
-MIRROR_GAIN = 5e-3
-
-
-def select_mirroring(segmenter: Any, cases: list[Any], cache_dir: Path | None = None,
-                     candidates: tuple[tuple[int, ...], ...] = MIRROR_CANDIDATES
-                     ) -> tuple[tuple[int, ...], dict[str, dict], list[dict[str, Any]]]:
-    """Pick the test-time mirroring that serves best on the validation cases, for its cost.
-
-    Candidates are tried cheapest first, with the segmenter's post-processing; a costlier one
-    replaces the current choice only when it gains more than :data:`MIRROR_GAIN` mean Dice of
-    WT/TC/ET over it. The segmenter is left with the chosen axes.
-
-    Returns:
-        ``(mirror axes, per-case metrics of the chosen one, table of every candidate's Dice and seconds)``.
-    """
-    from brainscan.metrics.segmentation import segmentation_metrics
-
-    best: tuple[tuple[int, ...], dict[str, dict], float] | None = None
-    table = []
-    for axes in candidates:
-        segmenter.mirror_axes = tuple(axes)
-        start = time.perf_counter()
-        per_case = evaluate_cases(segmenter, cases, cache_dir)
-        seconds = time.perf_counter() - start
-        scores = region_dice(per_case)
-        table.append({"mirror_axes": list(axes), "passes": 2 ** len(axes), "dice": scores,
-                      "seconds_per_case": round(seconds / max(1, len(cases)), 2)})
-        log.info("mirroring %s (%d passes): Dice WT %.3f TC %.3f ET %.3f mean %.4f, %.1f s a case", list(axes),
-                 2 ** len(axes), scores["WT"], scores["TC"], scores["ET"], scores["mean"], seconds / max(1, len(cases)))
-        if best is None or scores["mean"] > best[2] + MIRROR_GAIN:
-            best = (tuple(axes), per_case, scores["mean"])
-    assert best is not None
-    segmenter.mirror_axes = best[0]
-    return best[0], best[1], table
-
-
-def region_dice(per_case: dict[str, dict]) -> dict[str, float]:
-    """Mean Dice per region over cases, and ``mean`` (their average: the model-selection score)."""
-    scores = {r: float(np.mean([m[r]["dice"] for m in per_case.values()])) for r in REGIONS}
-    scores["mean"] = float(np.mean(list(scores.values())))
-    return scores
-
-
-def _finite_or_none(value: Any) -> float | None:
-    """A metric for JSON: ``None`` where it is undefined (NaN, inf: e.g. HD95 with an empty mask)."""
-    return float(value) if value is not None and np.isfinite(value) else None
-
-
-def cross_validation_summary(bundle_paths: list[Path]) -> dict[str, Any]:
-    """Pool the validation of the fold runs of one cross-validation (``--folds K --fold I``).
-
-    Reads the manifests only. Every case is validated by the fold that did not train on it, so the
-    pooled per-case Dice and HD95 are an estimate over all cases of what the recipe reaches on
-    unseen cases of the same data (still not an independent test: the recipe was chosen on them).
-
-    Returns:
-        ``{"folds": K, "folds_found": [...], "folds_missing": [...], "cases": N, "per_fold": [...],
-        "dice": {WT, TC, ET, mean}, "hd95": {WT, TC, ET}, "hd95_cases": {region: n}}``.
-
-    Raises:
-        BundleError: a bundle is not a fold run, or the runs are not folds of one cross-validation
-            (other data, seed, K or architecture; a fold twice; overlapping validation cases).
-    """
-    from brainscan.errors import BundleError
-    from brainscan.models.bundle import read_manifest
-
-    if not bundle_paths:
-        raise BundleError("cv-summary needs the bundles of the fold runs")
-    runs = []
-    for path in bundle_paths:
-        manifest = read_manifest(path)
-        training = manifest.get("training") or {}
-        config = training.get("config") or {}
-        if manifest.get("task") != "segmentation" or config.get("folds") is None:
-            raise BundleError(f"{path} is not a segmenter trained with --folds/--fold")
-        runs.append((path, manifest, config))
-    key = {(m["architecture"]["name"], m["training"]["data_fingerprint"], c["folds"], c["seed"]) for _, m, c in runs}
-    if len(key) > 1:
-        raise BundleError(f"these bundles are not folds of one cross-validation (architecture, data, folds, seed "
-                          f"differ: {sorted(key)})")
-    folds = runs[0][2]["folds"]
-    seen: dict[int, Path] = {}
-    dice_rows: dict[str, dict[str, float]] = {}
-    hd95_rows: dict[str, dict[str, float | None]] = {}
-    per_fold = []
-    for path, manifest, config in sorted(runs, key=lambda r: r[2]["fold"]):
-        fold = config["fold"]
-        if fold in seen:
-            raise BundleError(f"fold {fold} twice: {seen[fold]} and {path}")
-        seen[fold] = path
-        metrics = manifest["metrics"]
-        overlap = sorted(set(metrics["validation_per_case"]) & set(dice_rows))
-        if overlap:
-            raise BundleError(f"{path} validates on {overlap}, which another fold validates on too")
-        dice_rows.update(metrics["validation_per_case"])
-        hd95_rows.update(metrics.get("validation_per_case_hd95") or {})
-        per_fold.append({"fold": fold, "bundle": str(path), "cases": sorted(metrics["validation_per_case"]),
-                         "dice": metrics["dice"]})
-    dice = {r: float(np.mean([row[r] for row in dice_rows.values()])) for r in REGIONS}
-    dice["mean"] = float(np.mean([dice[r] for r in REGIONS]))
-    hd95 = {}
-    counts = {}
-    for r in REGIONS:
-        values = [row[r] for row in hd95_rows.values() if row.get(r) is not None]
-        hd95[r] = float(np.mean(values)) if values else None
-        counts[r] = len(values)
-    return {"folds": folds, "folds_found": sorted(seen), "folds_missing": sorted(set(range(folds)) - set(seen)),
-            "cases": len(dice_rows), "per_fold": per_fold, "dice": dice, "hd95": hd95, "hd95_cases": counts}
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -731,7 +547,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
                 "dice": scores,
                 "validation": aggregate_cases(list(per_case.values())),
                 "validation_per_case": {cid: {r: m[r]["dice"] for r in REGIONS} for cid, m in per_case.items()},
-                "validation_per_case_hd95": {cid: {r: _finite_or_none(m[r]["hd95"]) for r in REGIONS}
+                "validation_per_case_hd95": {cid: {r: finite_or_none(m[r]["hd95"]) for r in REGIONS}
                                              for cid, m in per_case.items()},
                 "validation_cases": len(val),
                 "postprocessing_selection": selection,

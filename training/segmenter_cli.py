@@ -199,7 +199,7 @@ def add_cv_summary_parser(commands: argparse._SubParsersAction) -> argparse.Argu
 def run_cv_summary(args: argparse.Namespace) -> int:
     import json
 
-    from training.segmenter import cross_validation_summary
+    from training.segmenter_validation import cross_validation_summary
 
     summary = cross_validation_summary(args.bundles)
     if args.json:

@@ -67,7 +67,7 @@ def algorithm_identification(name: str, version: str, parameters: Mapping[str, A
 def bundle_algorithm(bundle: Any, overrides: Mapping[str, Any] | None = None) -> Any:
     """:func:`algorithm_identification` of a loaded segmentation bundle, recording the sliding-window
     settings it runs with (``overrides`` as given to ``segment_case``)."""
-    from brainscan.evaluation.segment import inference_settings
+    from brainscan.inference.segmenter import inference_settings
 
     settings = inference_settings(bundle, dict(overrides or {}))
     return algorithm_identification(bundle.name, bundle.version, {k: settings[k] for k in ("patch_size", "overlap")})

@@ -1,10 +1,9 @@
 """Prediction with model bundles, and evaluation reports (``brainscan predict`` / ``brainscan evaluate``).
 
-- :mod:`.classify`: :func:`classify_images` (paths / bytes / arrays -> ``(N, K)`` probabilities)
-  and :func:`evaluate_classifier` (labelled Kaggle records -> metrics per split);
-- :mod:`.segment`: :func:`segment_case` (one BraTS case -> uint8 BraTS mask on the input grid),
-  the single 3D inference path of the CLI, the evaluation and the segmenter worker, and
-  :func:`evaluate_segmenter`;
+- :mod:`.classify`: :func:`evaluate_classifier` (labelled Kaggle records -> metrics per split);
+- :mod:`.segment`: :func:`evaluate_segmenter` (cases with ground truth -> BraTS metrics per case);
+- prediction (:func:`classify_images`, :func:`segment_case`) lives in :mod:`brainscan.inference`
+  and is re-exported here;
 - :mod:`.report`: :func:`evaluate` (bundle + dataset folder -> ``report.json``, ``report.md``,
   CSV tables and figures), :mod:`.plots` the figures.
 

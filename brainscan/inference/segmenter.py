@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from brainscan.errors import BadDimensionsError, BundleError
+from brainscan.errors import BadDimensionsError, BundleError, EmptyInputError, VolumeMismatchError
 from brainscan.inference.postprocess import PostprocessConfig, postprocess_labels
-from brainscan.labels import BRATS_LABELS, REGION_ORDER, regions_to_brats
+from brainscan.labels import BRATS_LABELS, MODALITIES, REGION_ORDER, regions_to_brats
 from brainscan.preprocess.volume3d import CropInfo, VolumePreprocessConfig, preprocess_case, restore_to_original
 
 ProgressFn = Callable[[int, int], None]
@@ -84,8 +84,6 @@ class Segmenter:
         Raises:
             BundleError: not a segmentation bundle, or a manifest section that cannot be used.
         """
-        from brainscan.evaluation.segment import _check_segmenter, inference_settings
-
         _check_segmenter(bundle)
         settings = inference_settings(bundle, overrides)
         section = bundle.inference
@@ -167,4 +165,108 @@ class Segmenter:
         return self.decode(probabilities, info, spacing)
 
 
-__all__ = ["OUTPUT_KINDS", "Segmenter"]
+_INFERENCE_KEYS = ("patch_size", "overlap", "batch_size", "mirror_axes", "one_pass")
+
+
+def _check_segmenter(bundle: Any) -> None:
+    if bundle.task != "segmentation":
+        raise BundleError(
+            f"bundle {bundle.name} ({bundle.path}) is a {bundle.task} model; a segmentation bundle is needed"
+        )
+
+
+def inference_settings(bundle: Any, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sliding-window settings: the manifest's ``inference`` section, updated by ``overrides``.
+
+    Args:
+        bundle: a segmentation bundle.
+        overrides: any of ``patch_size``, ``overlap``, ``batch_size``, ``mirror_axes``, ``one_pass``
+            (``None`` values are ignored), e.g. ``{"overlap": 0.0}`` for a quick preview.
+
+    Returns:
+        ``{"patch_size": (x, y, z), "overlap": float, "batch_size": int, "mirror_axes": tuple,
+        "one_pass": bool}`` (``one_pass``: the whole preprocessed volume in one network call).
+
+    Raises:
+        ValueError: an unknown override key.
+        BundleError: the manifest has no patch size (and none was given).
+    """
+    unknown = sorted(set(overrides or {}) - set(_INFERENCE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown inference settings {unknown}; known: {list(_INFERENCE_KEYS)}")
+    merged = {**bundle.inference, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    if merged.get("patch_size") is None:
+        raise BundleError(f"bundle {bundle.path}: manifest inference section has no patch_size")
+    return {
+        "patch_size": tuple(int(p) for p in merged["patch_size"]),
+        "overlap": float(merged.get("overlap", 0.5)),
+        "batch_size": int(merged.get("batch_size") or 1),
+        "mirror_axes": tuple(int(a) for a in (merged.get("mirror_axes") or ())),
+        "one_pass": bool(merged.get("one_pass", False)),
+    }
+
+
+def _select_modalities(bundle: Any, channels: np.ndarray) -> np.ndarray:
+    """The channels the network expects, in its order, from ``(4, X, Y, Z)`` in MODALITIES order."""
+    wanted = list(bundle.manifest["input"].get("modalities") or MODALITIES)
+    if wanted == list(MODALITIES):
+        return channels
+    missing = [m for m in wanted if m not in MODALITIES]
+    if missing:
+        raise BundleError(f"bundle {bundle.path} expects modalities {missing} that BraTS cases do not have")
+    return channels[[MODALITIES.index(m) for m in wanted]]
+
+
+def segment_case(
+    bundle: Any,
+    case: Any,
+    reference: Any | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    inference: dict[str, Any] | None = None,
+    predict_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Segment one case and return BraTS labels on the input grid.
+
+    Args:
+        bundle: a segmentation :class:`~brainscan.models.bundle.Bundle`.
+        case: a :class:`~brainscan.data.brats.LoadedCase`, or channels ``(4, X, Y, Z)`` in
+            :data:`~brainscan.labels.MODALITIES` order.
+        reference: the :class:`~brainscan.io.nifti.Volume` the mask will be written against
+            (default: ``case.reference`` for a loaded case); only its shape is checked here.
+        progress: called after each network call with ``(patches_done, patches_total)``.
+        inference: overrides of the manifest's sliding-window settings (see
+            :func:`inference_settings`).
+        predict_fn: ``keras_predict_fn(bundle.model, batch_size)`` built once by a caller that
+            segments many cases (each new one traces the graph again); built here if ``None``.
+
+    Returns:
+        uint8 ``(X, Y, Z)`` mask with values in {0, 1, 2, 4}; 0 outside the brain crop.
+
+    Raises:
+        BundleError: ``bundle`` is not a segmentation bundle.
+        BadDimensionsError: ``case`` is not ``(4, X, Y, Z)``.
+        VolumeMismatchError: ``reference`` is on another grid than the channels.
+        And the errors of ``preprocess_case`` (NaN/inf voxels) and ``sliding_window_inference``.
+    """
+    _check_segmenter(bundle)
+    channels = np.asarray(getattr(case, "channels", case))
+    if reference is None:
+        reference = getattr(case, "reference", None)
+    if channels.ndim != 4 or channels.shape[0] != len(MODALITIES):
+        raise BadDimensionsError(
+            f"case channels must be ({len(MODALITIES)}, X, Y, Z) in {MODALITIES} order, got shape {channels.shape}"
+        )
+    if channels.size == 0:
+        raise EmptyInputError(f"case channels are empty, shape {channels.shape}")
+    if reference is not None and tuple(reference.shape[:3]) != tuple(channels.shape[1:]):
+        raise VolumeMismatchError(
+            f"reference grid {tuple(reference.shape[:3])} differs from the channels' grid {tuple(channels.shape[1:])}"
+        )
+    spacing = tuple(reference.spacing[:3]) if reference is not None else None
+    affine = getattr(reference, "affine", None)
+    segmenter = Segmenter.from_bundle(bundle, inference, predict_fn=predict_fn)
+    return segmenter.segment(_select_modalities(bundle, channels), spacing, affine=affine, progress=progress)
+
+
+__all__ = ["OUTPUT_KINDS", "Segmenter", "inference_settings", "segment_case"]

@@ -146,7 +146,7 @@ def test_segment_writes_the_labels_of_the_case_convention(layout: str, conventio
                                                           case_dir: Path, case_dir_2023: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    import brainscan.evaluation.segment as segment
+    import brainscan.inference.segmenter as segment
     from brainscan.io.nifti import load_nifti
     from brainscan.metrics.segmentation import volumes_ml
 

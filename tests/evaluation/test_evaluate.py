@@ -197,7 +197,7 @@ def test_evaluate_brats_matches_metrics_of_saved_masks(segmenter: Path, brats_di
 def test_segment_case_equals_the_direct_pipeline(segmenter: Path, brats_dir: Path) -> None:
     """One patch covering the whole preprocessed volume: sliding window must reduce to model(x)."""
     from brainscan.data.brats import find_case, load_case
-    from brainscan.evaluation.segment import segment_case
+    from brainscan.inference.segmenter import segment_case
     from brainscan.models.bundle import load_bundle
     from brainscan.preprocess.volume3d import preprocess_case, restore_to_original
 
@@ -227,7 +227,7 @@ def test_segment_case_rejects_bad_input(segmenter: Path, channels_shape: tuple[i
     from types import SimpleNamespace
 
     from brainscan import errors
-    from brainscan.evaluation.segment import segment_case
+    from brainscan.inference.segmenter import segment_case
     from brainscan.models.bundle import load_bundle
 
     reference = SimpleNamespace(shape=reference_shape) if reference_shape else None

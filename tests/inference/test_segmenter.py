@@ -142,7 +142,7 @@ def _write_reoriented(case: Path, out: Path, codes: tuple[str, str, str]) -> Pat
 @pytest.mark.parametrize("codes", [("S", "L", "A"), ("R", "A", "S")])
 def test_a_case_in_another_orientation_gets_the_same_mask(region_bundle, phantom_case, tmp_path, codes):
     from brainscan.data.brats import find_case, load_case
-    from brainscan.evaluation.segment import segment_case
+    from brainscan.inference.segmenter import segment_case
     from brainscan.models.bundle import load_bundle
 
     bundle = load_bundle(region_bundle)
@@ -179,7 +179,7 @@ def test_evaluate_predict_and_segment_case_give_the_same_mask(region_bundle, pha
     (the worker calls segment_case; tests/segmenter/test_api.py checks that side)."""
     from brainscan.cli.main import main
     from brainscan.data.brats import find_case, load_case
-    from brainscan.evaluation.segment import segment_case
+    from brainscan.inference.segmenter import segment_case
     from brainscan.models.bundle import load_bundle
 
     reference = segment_case(load_bundle(region_bundle), load_case(find_case(phantom_case), with_seg=False))

@@ -517,7 +517,7 @@ def runner(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore], models: 
 def test_runner_segments_a_job_like_the_evaluation_path(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore],
                                                         runner: JobRunner) -> None:
     from brainscan.data.brats import BratsCase, load_case
-    from brainscan.evaluation.segment import segment_case
+    from brainscan.inference.segmenter import segment_case
     from brainscan.metrics.segmentation import volumes_ml
 
     client, _, store = app_parts
@@ -686,7 +686,7 @@ MASK_CONVENTIONS = {
 def test_runner_writes_the_mask_in_the_labels_of_the_upload(
         app_parts: tuple[TestClient, RecordingQueue, LocalJobStore], models: Path, monkeypatch: pytest.MonkeyPatch,
         fields: dict[str, bytes], convention: str, enhancing: int, labels: dict[str, str]) -> None:
-    import brainscan.evaluation.segment as segment
+    import brainscan.inference.segmenter as segment
     from brainscan.metrics.segmentation import volumes_ml
 
     mask = _fixed_mask()

@@ -220,7 +220,7 @@ def test_three_upload_shapes_give_the_same_mask_on_the_input_grid(stack: Stack, 
 
 def test_job_survives_sigkill_of_its_pool_process(stack: Stack, full_case: Path) -> None:
     from brainscan.data.brats import BratsCase, load_case
-    from brainscan.evaluation.segment import segment_case
+    from brainscan.inference.segmenter import segment_case
     from brainscan.models.bundle import load_bundle
     from brainscan.models.store import ModelStore
 

@@ -508,7 +508,7 @@ def test_unexpected_failure_is_a_logged_json_500(client: TestClient, caplog: pyt
 
 def test_service_serves_the_bundles_tta_and_temperature_as_evaluate_and_predict_do(tmp_path: Path) -> None:
     """One prediction path: the service, `evaluate` and `predict` (classify_images) give the same numbers."""
-    from brainscan.evaluation.classify import classify_images
+    from brainscan.inference.classifier import classify_images
     from brainscan.models.bundle import load_bundle
 
     calibrated = make_classifier_store(tmp_path / "calibrated", archs=("resnet50",),

@@ -19,7 +19,8 @@ from brainscan.data.phantoms import write_brats_phantoms  # noqa: E402
 from brainscan.errors import DatasetLayoutError  # noqa: E402
 from training.pack import read_pack, write_pack  # noqa: E402
 from training.patches import PatchSampler, dataset_fingerprint, prepare_case  # noqa: E402
-from training.segmenter import SegmenterTrainConfig, evaluate_cases, labelled_cases, train_segmenter  # noqa: E402
+from training.segmenter import SegmenterTrainConfig, labelled_cases, train_segmenter  # noqa: E402
+from training.segmenter_validation import evaluate_cases  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,7 +116,7 @@ def test_training_from_a_pack_validates_as_the_folder_does(pack, phantoms, tmp_p
                     reason="jax is not installed (the dev extra brings it): the JAX-backend run cannot be tried")
 def test_a_pack_trains_under_the_jax_backend_and_tensorflow_serves_the_bundle(pack, phantoms, tmp_path):
     """What a GPU machine without TensorFlow runs: ``KERAS_BACKEND=jax python -m brainscan train ...``."""
-    from brainscan.evaluation.segment import segment_case
+    from brainscan.inference.segmenter import segment_case
     from brainscan.models.bundle import load_bundle
 
     path, _ = pack

@@ -295,7 +295,7 @@ def region_run(phantoms, tmp_path_factory) -> tuple[Path, SegmenterTrainConfig]:
 
 @pytest.mark.slow
 def test_region_run_records_outputs_resolution_and_postprocessing(region_run):
-    from brainscan.evaluation.segment import segment_case
+    from brainscan.inference.segmenter import segment_case
     from brainscan.models.bundle import load_bundle
 
     bundle_path, config = region_run
@@ -400,7 +400,7 @@ def test_config_rejects_bad_folds(overrides, message, tmp_path):
 def test_cv_summary_pools_the_folds_and_refuses_what_is_not_one_cross_validation(tmp_path, capsys):
     from brainscan.cli.main import main
     from brainscan.errors import BundleError
-    from training.segmenter import cross_validation_summary
+    from training.segmenter_validation import cross_validation_summary
 
     source = json.loads((SHIPPED_UNET / "manifest.json").read_text())
     per_fold = [{"a": {"WT": 0.9, "TC": 0.8, "ET": 0.7}, "b": {"WT": 0.7, "TC": 0.6, "ET": 0.5}},
@@ -441,18 +441,19 @@ def test_select_mirroring_measures_each_candidate_and_pays_only_for_a_gain(regio
     from brainscan.inference.segmenter import Segmenter
     from brainscan.models.bundle import load_bundle
     from training import segmenter as trainer
+    from training import segmenter_validation as validation
 
     bundle_path, config = region_run
     _, val = split_cases(trainer.labelled_cases(config.data, None, config.seed), val_fraction=config.val_fraction,
                          val_cases=config.val_cases, seed=config.seed)
     segmenter = Segmenter.from_bundle(load_bundle(bundle_path))
-    axes, per_case, table = trainer.select_mirroring(segmenter, val)
+    axes, per_case, table = validation.select_mirroring(segmenter, val)
     assert [row["mirror_axes"] for row in table] == [[], [0], [0, 1, 2]]
     assert [row["passes"] for row in table] == [1, 2, 8] and all(row["seconds_per_case"] > 0 for row in table)
     assert segmenter.mirror_axes == axes and set(per_case) == {c.case_id for c in val}
     means = [row["dice"]["mean"] for row in table]
     chosen = [row["mirror_axes"] for row in table].index(list(axes))
-    assert all(means[chosen] > means[i] + trainer.MIRROR_GAIN for i in range(chosen))  # it paid for its cost
+    assert all(means[chosen] > means[i] + validation.MIRROR_GAIN for i in range(chosen))  # it paid for its cost
     # With a minimum gain no candidate can reach, nothing costlier than one pass is chosen.
-    monkeypatch.setattr(trainer, "MIRROR_GAIN", 10.0)
-    assert trainer.select_mirroring(segmenter, val)[0] == ()
+    monkeypatch.setattr(validation, "MIRROR_GAIN", 10.0)
+    assert validation.select_mirroring(segmenter, val)[0] == ()
