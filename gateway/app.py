@@ -36,6 +36,8 @@ from gateway.settings import GatewaySettings, get_settings
 logger = logging.getLogger("brainscan.gateway")
 
 CLASSIFIER_START_HINT = " (uvicorn services.classifier.app:app --port 8101)"
+#: ``Retry-After`` of a 503 from ``/api/ready``
+READY_RETRY_AFTER_S = 10
 
 
 def get_app_settings(request: Request) -> GatewaySettings:
@@ -110,9 +112,11 @@ def _build_api_router() -> APIRouter:
         failing = [name for name, result in services.items() if result["status"] not in ("ready", "not configured")]
         if not failing:
             return JSONResponse({"status": "ready", "services": services})
+        # e.g. the segmenter while its broker restarts: a probe or a client may ask again soon
         return JSONResponse({"status": "not ready", "error": "service_unavailable",
                              "detail": f"Not ready: {', '.join(failing)}. See 'services' for each one.",
-                             "request_id": request.state.request_id, "services": services}, status_code=503)
+                             "request_id": request.state.request_id, "services": services}, status_code=503,
+                            headers={"Retry-After": str(READY_RETRY_AFTER_S)})
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["classification"])
 

@@ -149,7 +149,7 @@ SEGMENTATION_BODY = {
         "content": {"multipart/form-data": {
             "schema": {"type": "object", "description": "Send ONE of: the four files t1, t1ce, t2 and flair; "
                                                         "or `case`; or `volume`; or `dicom` (with `series` "
-                                                        "if asked for it).",
+                                                        "if asked for it); or `pacs` and `study_uid`.",
                        "properties": {
                            "t1": {**_NIFTI, "description": "T1-weighted volume (.nii or .nii.gz)"},
                            "t1ce": {**_NIFTI, "description": "Contrast-enhanced T1 volume"},
@@ -165,6 +165,10 @@ SEGMENTATION_BODY = {
                            "series": {"type": "string", "description": "With `dicom` only: JSON "
                                       "{SeriesInstanceUID: modality} for series the headers do not make clear "
                                       "(a 422 `series_unidentified` lists the series found)"},
+                           "pacs": {"type": "string", "description": "Instead of files: a PACS the operator "
+                                    "configured (its name, or exactly its DICOMweb URL); the server pulls the study "
+                                    "`study_uid` from it and stores the SEG back"},
+                           "study_uid": {"type": "string", "description": "With `pacs`: the StudyInstanceUID"},
                        }}}},
     }
 }

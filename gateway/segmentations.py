@@ -144,8 +144,11 @@ def build_segmentation_router() -> APIRouter:
                  description="Upload one case as multipart/form-data: the four scans as fields `t1`, `t1ce`, `t2`, "
                              "`flair` (NIfTI), or a zip as `case`, or one 4D NIfTI as `volume`, or a zip of a "
                              "DICOM study as `dicom` (plus, if the answer asks for it, a text field `series`: JSON "
-                             "{SeriesInstanceUID: modality}); a DICOM job's result adds `seg_url` (DICOM SEG on "
-                             "the t1ce series) and `transforms_url`. Answers 202 with "
+                             "{SeriesInstanceUID: modality}); or, with no file, the text fields `pacs` (a PACS "
+                             "the operator configured: its name, or exactly its DICOMweb URL) and `study_uid`: the "
+                             "server pulls that study over DICOMweb and stores the SEG back in the PACS (the job's "
+                             "`result.pacs` says whether that worked). A DICOM job's result adds `seg_url` (DICOM "
+                             "SEG on the t1ce series) and `transforms_url`. Answers 202 with "
                              "the job; poll `GET` on its URL until `status` is `succeeded`, `failed` or "
                              "`cancelled`. Jobs (and their files) are visible only to the API key or browser "
                              "session that created them. Research software: not for clinical use.")
@@ -162,7 +165,8 @@ def build_segmentation_router() -> APIRouter:
             raise GatewayError(415, "unsupported_media_type",
                                "Send the case as multipart/form-data: four files named t1, t1ce, t2 and flair, "
                                "or a zip named case, or one 4D NIfTI named volume, or a DICOM study zip named dicom "
-                               "(`curl -F t1=@t1.nii.gz -F t1ce=@t1ce.nii.gz ...`).")
+                               "(`curl -F t1=@t1.nii.gz -F t1ce=@t1ce.nii.gz ...`), or the text fields pacs and "
+                               "study_uid (`curl -F pacs=orthanc -F study_uid=1.2.840...`).")
         limit = settings.max_segmentation_upload_bytes
         check_declared_length(request, limit, SEGMENTATION_UPLOAD_HINT)
         headers = {"Content-Type": content_type, OWNER_HEADER: owner}

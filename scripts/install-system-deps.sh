@@ -4,11 +4,16 @@
 #                 `playwright install`, which downloads its own browser)
 #   redis-server  the broker for the Celery integration tests
 #   dicom3tools   David Clunie's DICOM validator `dciodvfy`, which checks the DICOM SEG brainscan writes
+#   orthanc, orthanc-dicomweb
+#                 a real PACS with its DICOMweb plugin, which the tests start on 127.0.0.1 to pull studies
+#                 from (QIDO-RS, WADO-RS) and store SEGs into (STOW-RS); the package's own service is not used
 set -euo pipefail
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
+command -v Orthanc >/dev/null 2>&1 || missing+=(orthanc)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "install-system-deps: please install ${missing[*]} with your package manager" >&2

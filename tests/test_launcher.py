@@ -1,18 +1,33 @@
 """`brainscan up`: the stack starts, serves a classification, and Ctrl-C leaves no process behind; each
 run has its own internal token and Redis password, which no child gets on its command line, no child
-gets unless it needs it, and nothing prints."""
+gets unless it needs it, and nothing prints. A Redis that dies is started again (same port, password
+and append-only file, after a back-off) while every other service keeps running and a job in flight
+finishes."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from brainscan.launcher import RunSecrets, free_port, plan
+from brainscan.launcher import (
+    RESTART_MAX_DELAY_S,
+    LaunchError,
+    RunSecrets,
+    Service,
+    free_port,
+    plan,
+    restart_delay,
+    start,
+    supervise,
+)
 from tests.bundles import make_classifier_store
 from tests.paths import KAGGLE_TRAINING
 from tests.servers import launch_brainscan_up as launch
@@ -222,3 +237,117 @@ def test_up_refuses_a_store_without_models(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "no classifier bundle" in out and "Traceback" not in out
+
+
+def test_restart_delay_doubles_up_to_its_cap() -> None:
+    assert [restart_delay(n) for n in range(7)] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, RESTART_MAX_DELAY_S]
+    assert restart_delay(10_000) == RESTART_MAX_DELAY_S
+    with pytest.raises(ValueError, match="restarts must be >= 0"):
+        restart_delay(-1)
+
+
+def exits_at_once(name: str, restart: bool) -> Service:
+    return Service(name=name, host="127.0.0.1", port=0, argv=[sys.executable, "-c", "raise SystemExit(3)"],
+                   ready_line="never", restart=restart)
+
+
+def test_supervise_restarts_only_a_restartable_child_after_its_back_off(capsys: pytest.CaptureFixture[str]) -> None:
+    child = exits_at_once("flaky", restart=True)
+    start(child, echo_logs=False)
+    first = child.process
+    assert first is not None and first.wait(timeout=30) == 3
+    now = time.monotonic()
+    supervise(child, echo_logs=False, now=now)  # noticed: a restart is due in 1 s
+    assert child.process is first and child.restart_at == pytest.approx(now + 1.0)
+    supervise(child, echo_logs=False, now=now + 0.5)
+    assert child.process is first  # not before the back-off
+    supervise(child, echo_logs=False, now=now + 1.0)
+    assert child.process is not first and child.restarts == 1
+    assert child.process.wait(timeout=30) == 3
+    supervise(child, echo_logs=False, now=now + 2.0)
+    assert child.restart_at == pytest.approx(now + 2.0 + restart_delay(1))  # dying again: a longer wait
+    printed = capsys.readouterr().out
+    assert "flaky stopped unexpectedly (status 3); restarting it in 1 s" in printed
+    assert "restarted flaky (restart 1 in a row)" in printed
+
+    fixed = exits_at_once("gateway", restart=False)
+    start(fixed, echo_logs=False)
+    assert fixed.process is not None and fixed.process.wait(timeout=30) == 3
+    with pytest.raises(LaunchError, match="gateway stopped unexpectedly"):
+        supervise(fixed, echo_logs=False)
+
+
+def test_only_the_embedded_redis_is_restarted_and_its_appendonly_file_is_fsynced(store: Path, tmp_path: Path) -> None:
+    services = plan(host="127.0.0.1", port=free_port(), models_root=store, data_dir=tmp_path)
+    assert [s.name for s in services if s.restart] == ["redis"]
+    argv = services[0].argv
+    assert argv is not None and argv[argv.index("--appendfsync") + 1] == "always"
+    assert argv[argv.index("--appendonly") + 1] == "yes" and argv[argv.index("--dir") + 1] == str(tmp_path / "redis")
+
+
+def test_up_restarts_a_redis_that_dies_and_nothing_else_stops(store: Path) -> None:
+    import redis
+
+    port = free_port()
+    proc = launch("--port", str(port), "--models", str(store), "--workers", "1",
+                  "--data-dir", str(store.parent / "var-redis-loss"))
+    try:
+        lines = wait_for_launcher(proc)
+        redis_port = int(re.search(r"starting redis on 127\.0\.0\.1:(\d+)", "".join(lines)).group(1))
+        children = children_of(proc.pid)
+        commands = {pid: cmdline_of(pid) for pid in children}
+        redis_pid = next(pid for pid, command in commands.items() if "redis-server" in command)
+        worker_pid = next(pid for pid, command in commands.items() if "celery" in command)
+        password = environ_of(worker_pid)["BRAINSCAN_REDIS_PASSWORD"]
+        others = sorted(set(children) - {redis_pid})
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=60) as client:  # keeps the session cookie: job ownership
+            job = client.post("/api/v1/segmentations", files=phantom_upload(store.parent / "redis-loss-case"))
+            assert job.status_code == 202, job.text
+            os.kill(redis_pid, signal.SIGKILL)
+            image = {"file": ("scan.jpg", slice_jpeg(), "image/jpeg")}
+            classified = client.post("/api/v1/classifications", files=image)
+            assert classified.status_code == 200, classified.text
+
+            deadline = time.monotonic() + 60
+            restarted = None
+            while time.monotonic() < deadline and restarted is None:
+                time.sleep(0.5)
+                fresh = [pid for pid in children_of(proc.pid)
+                         if pid not in children and "redis-server" in cmdline_of(pid)]
+                if fresh and redis.Redis(host="127.0.0.1", port=redis_port, password=password,
+                                         socket_timeout=2).ping():
+                    restarted = fresh[0]
+            assert restarted is not None, "the launcher did not start Redis again on its port"
+            assert [pid for pid in others if not alive(pid)] == [] and set(others) <= set(children_of(proc.pid))
+
+            body = job.json()
+            deadline = time.monotonic() + 240
+            while body["status"] in ("queued", "running") and time.monotonic() < deadline:
+                time.sleep(0.5)
+                body = client.get(f"/api/v1/segmentations/{body['id']}").json()
+            assert body["status"] == "succeeded" and body["attempts"] == 1, body
+            deadline = time.monotonic() + 60
+            while client.get("/api/ready").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert client.get("/api/ready").status_code == 200
+    finally:
+        out = stop_launcher(proc)
+    assert proc.returncode == 0, out
+    assert "redis stopped unexpectedly (status -9); restarting it in 1 s" in out, out
+    assert "restarted redis (restart 1 in a row)" in out and password not in "".join(lines) + out
+
+
+def phantom_upload(folder: Path) -> dict[str, tuple[str, bytes, str]]:
+    from brainscan.data.phantoms import write_brats_phantoms
+
+    case = write_brats_phantoms(folder, n=1, seed=11, shape=(64, 64, 48))[0]
+    return {m: (p.name, p.read_bytes(), "application/gzip")
+            for m in ("t1", "t1ce", "t2", "flair") for p in case.glob(f"*_{m}.nii.gz")}
+
+
+def slice_jpeg() -> bytes:
+    from brainscan.data.phantoms import make_kaggle_phantom
+    from brainscan.data.phantoms.kaggle import encode_jpeg
+
+    return encode_jpeg(make_kaggle_phantom("glioma", seed=1))

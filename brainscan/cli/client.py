@@ -22,6 +22,7 @@ EXIT_AUTH = 3
 EXIT_UNAVAILABLE = 4
 EXIT_JOB_FAILED = 5
 EXIT_TIMEOUT = 6
+EXIT_PACS_STORE = 7
 
 EXIT_CODES_HELP = """exit status:
   0  ok
@@ -29,7 +30,8 @@ EXIT_CODES_HELP = """exit status:
   3  authentication failed (401/403): pass --api-key or set $BRAINSCAN_API_KEY
   4  server unavailable after retries (connection refused, 502/503/504)
   5  the segmentation job failed or was cancelled
-  6  timed out waiting for the job"""
+  6  timed out waiting for the job
+  7  (--pacs) the job succeeded but the PACS did not store the SEG; it is under --out"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,18 +63,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "to --out and print the tumour volumes in mL and the job id. CASE may also be a "
                     "skull-stripped DICOM MR study with a t1, t1ce, t2 and flair series: a folder (zipped on the "
                     "fly) or a zip, in any layout; --out is then a folder that receives seg.dcm (a DICOM SEG "
-                    "referencing the t1ce series), mask.nii.gz (on the t1ce grid) and transforms.json."),
+                    "referencing the t1ce series), mask.nii.gz (on the t1ce grid) and transforms.json. With --pacs "
+                    "and --study instead of CASE, the server pulls the study from a PACS its operator configured "
+                    "(DICOMweb), and stores the SEG back in that PACS under the same study."),
         epilog=("examples:\n  brainscan client segment BraTS2021_00006 --out pred.nii.gz\n"
                 "  brainscan client segment study/ --out study_seg/\n"
-                f"  brainscan client segment study.zip --out study_seg/ --series '{{\"1.2.840...\": \"t1ce\"}}'"
+                f"  brainscan client segment study.zip --out study_seg/ --series '{{\"1.2.840...\": \"t1ce\"}}'\n"
+                "  brainscan client segment --pacs orthanc --study 1.2.840... --out study_seg/"
                 f"\n\n{EXIT_CODES_HELP}"))
-    segment.add_argument("case_dir", type=Path, metavar="CASE",
-                         help="BraTS case folder, or DICOM study (folder or zip)")
+    segment.add_argument("case_dir", type=Path, metavar="CASE", nargs="?", default=None,
+                         help="BraTS case folder, or DICOM study (folder or zip); not with --pacs")
     segment.add_argument("--out", type=Path, required=True, metavar="OUT",
                          help="mask file (.nii.gz) for a case folder; output folder for a DICOM study")
     segment.add_argument("--series", default=None, metavar="JSON",
                          help="DICOM only: {SeriesInstanceUID: modality} for series the headers do not make clear "
                               "(the server lists the series it found when it needs this), as JSON text or a file")
+    segment.add_argument("--pacs", default=None, metavar="NAME",
+                         help="pull the study from this PACS instead of uploading CASE: a DICOMweb server the "
+                              "brainscan server is configured with (its name, or exactly its URL); the SEG is "
+                              "stored back there")
+    segment.add_argument("--study", default=None, metavar="UID", help="with --pacs: the StudyInstanceUID")
     _connection_options(segment)
     segment.add_argument("--model", default=None, help="segmentation model, e.g. unet3d (default: the server's)")
     segment.add_argument("--json", action="store_true", help="print JSON (job body and mask path); no progress")
@@ -193,7 +203,11 @@ class _Progress:
 def run_segment(args: argparse.Namespace) -> int:
     from brainscan.client import is_dicom_study
 
-    dicom = args.case_dir.exists() and is_dicom_study(args.case_dir)
+    problem = _source_problem(args)
+    if problem:
+        print(f"brainscan: error: {problem}", file=sys.stderr)
+        return EXIT_INPUT
+    dicom = args.pacs is not None or (args.case_dir.exists() and is_dicom_study(args.case_dir))
     if not dicom and not args.case_dir.is_dir():
         print(f"brainscan: error: {args.case_dir} is not a folder; give a BraTS case folder, or a DICOM study "
               "(folder or zip)", file=sys.stderr)
@@ -211,7 +225,10 @@ def run_segment(args: argparse.Namespace) -> int:
 
             series = series_mapping_option(args.series)
         with _client(args) as client:
-            job = client.submit_segmentation(args.case_dir, model=args.model, series=series)
+            if args.pacs is not None:
+                job = client.submit_pacs_segmentation(args.pacs, args.study, model=args.model, series=series)
+            else:
+                job = client.submit_segmentation(args.case_dir, model=args.model, series=series)
             if not args.json:
                 print(f"job {job['id']} queued", file=sys.stderr)
             job = client.wait(job, progress=progress, timeout=args.timeout)
@@ -232,14 +249,37 @@ def run_segment(args: argparse.Namespace) -> int:
         if job is not None and args.json:
             print_json({"job": job, "mask": None})
         return code
+    pacs = job["result"].get("pacs")
+    status = EXIT_PACS_STORE if pacs and pacs.get("status") != "stored" else EXIT_OK
+    if status != EXIT_OK:
+        print(f"brainscan: error: the SEG was not stored in PACS {pacs.get('server')}: {pacs.get('detail')}",
+              file=sys.stderr)
     if args.json:
         print_json({"job": job, "mask": str(mask), "files": {key: str(path) for key, path in files.items()}})
-        return EXIT_OK
+        return status
     volumes = job["result"].get("volumes_ml") or {}
     print(table(["region", "volume_ml"], [[r, fmt(volumes.get(r), 2)] for r in ("WT", "TC", "ET", "NCR", "ED")]))
     model = job.get("model") or {}
     print(f"mask: {mask}")
     if "seg" in files:
         print(f"DICOM SEG: {files['seg']}, transforms: {files['transforms']}")
+    if pacs and pacs.get("status") == "stored":
+        print(f"stored in PACS {pacs['server']} under study {pacs['study_uid']} (SOPInstanceUID "
+              f"{pacs['sop_instance_uid']})")
     print(f"job: {job['id']} (model {model.get('name')} version {model.get('version')})")
-    return EXIT_OK
+    return status
+
+
+def _source_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with how the command names its input (CASE, or --pacs and --study), or ``None``."""
+    if args.pacs is None:
+        if args.study is not None:
+            return "--study names a study in a PACS; give --pacs too"
+        if args.case_dir is None:
+            return "give CASE (a BraTS case folder or a DICOM study), or --pacs and --study"
+        return None
+    if args.case_dir is not None:
+        return f"give either CASE ({args.case_dir}) or --pacs, not both"
+    if not args.study:
+        return "--pacs needs --study: the StudyInstanceUID to pull"
+    return None

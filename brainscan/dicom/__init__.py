@@ -4,6 +4,7 @@
 - :mod:`~brainscan.dicom.sequences`: which series is t1, t1ce, t2, flair (or an explicit mapping).
 - :mod:`~brainscan.dicom.volume`: check a series and rebuild its volume with its geometry (RAS affine).
 - :mod:`~brainscan.dicom.registration`: t1, t2, flair registered rigidly and resampled onto t1ce.
+- :mod:`~brainscan.dicom.skullstrip`: is the study skull-stripped; if not, its brain (MNI152 template).
 - :mod:`~brainscan.dicom.case`: all of that as a case for ``segment_case``, and the outputs.
 - :mod:`~brainscan.dicom.seg`: the label map as a DICOM Segmentation referencing the t1ce series.
 
@@ -14,10 +15,11 @@ from brainscan.dicom.case import DicomCase, check_study, is_dicom_input, load_di
 from brainscan.dicom.reader import DicomSeries, DicomStudy, StudyLimits, read_study
 from brainscan.dicom.seg import algorithm_identification, read_dicom_seg, write_dicom_seg
 from brainscan.dicom.sequences import guess_modality, identify_series
+from brainscan.dicom.skullstrip import extract_brain
 from brainscan.dicom.volume import SeriesVolume, series_volume
 
 __all__ = [
     "DicomCase", "DicomSeries", "DicomStudy", "SeriesVolume", "StudyLimits", "algorithm_identification", "check_study",
-    "guess_modality", "identify_series", "is_dicom_input", "load_dicom_case", "read_dicom_seg", "read_study",
-    "save_dicom_results", "series_volume", "write_dicom_seg",
+    "extract_brain", "guess_modality", "identify_series", "is_dicom_input", "load_dicom_case", "read_dicom_seg",
+    "read_study", "save_dicom_results", "series_volume", "write_dicom_seg",
 ]

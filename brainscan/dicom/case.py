@@ -3,12 +3,16 @@
 :func:`load_dicom_case` reads the study (:mod:`~brainscan.dicom.reader`), chooses the t1, t1ce,
 t2 and flair series (:mod:`~brainscan.dicom.sequences`), rebuilds each volume with its geometry
 (:mod:`~brainscan.dicom.volume`) and brings t1, t2 and flair onto the t1ce grid
-(:mod:`~brainscan.dicom.registration`). The result has ``channels`` and ``reference`` like a
-:class:`~brainscan.data.brats.LoadedCase`, so :func:`brainscan.evaluation.segment.segment_case`
+(:mod:`~brainscan.dicom.registration`), then extracts the brain when the scans still have the skull on
+(:mod:`~brainscan.dicom.skullstrip`). The result has ``channels`` and ``reference`` like a
+:class:`~brainscan.data.brats.LoadedCase`, so :func:`brainscan.inference.segmenter.segment_case`
 segments it the one way every case is segmented, and the label map lies on the t1ce grid: the
 grid of the SEG and of the NIfTI mask that :func:`save_dicom_results` writes.
 
-Skull stripping is not done here: the input must be skull-stripped, as BraTS cases are.
+Skull stripping (``skull_strip="auto"``, the default): the MNI152 template is registered to the t1ce;
+a study with no signal outside the template's brain is already skull-stripped and left as it is
+(BraTS-like inputs), any other has its brain extracted from the registered template brain, refined
+by its intensities. The decision, its measurements and the transform go into ``transforms.json``.
 
 Example:
     >>> case = load_dicom_case("study.zip")
@@ -22,7 +26,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,8 @@ from brainscan.dicom.reader import DicomStudy, StudyLimits, check_decodable, rea
 from brainscan.dicom.registration import REFERENCE, align_to_reference
 from brainscan.dicom.seg import write_dicom_seg
 from brainscan.dicom.sequences import describe, identify_series
+from brainscan.dicom.skullstrip import MODES as SKULL_STRIP_MODES
+from brainscan.dicom.skullstrip import extract_brain
 from brainscan.dicom.volume import SeriesVolume, nifti_volume, series_volume, slice_geometry
 from brainscan.io.nifti import Volume, save_like
 from brainscan.labels import BRATS2021, MODALITIES
@@ -62,6 +68,8 @@ class DicomCase:
         transforms: one record per modality of how it reached the t1ce grid
             (see :func:`~brainscan.dicom.registration.align_to_reference`).
         brain: how the brain mask was drawn (``method``, ``fraction``, ``voxels``, ``volume_ml``).
+        skull_strip: whether the study was found skull-stripped, what was done, the measurements and
+            the template registration (see :func:`~brainscan.dicom.skullstrip.extract_brain`).
     """
 
     case_id: str
@@ -72,6 +80,7 @@ class DicomCase:
     transforms: list[dict[str, Any]]
     brain: dict[str, Any]
     label_convention: str = BRATS2021
+    skull_strip: dict[str, Any] = field(default_factory=dict)
 
 
 def is_dicom_input(path: str | Path) -> bool:
@@ -159,7 +168,8 @@ def check_study(path: str | Path | DicomStudy, series_map: Mapping[str, str] | N
 
 
 def load_dicom_case(path: str | Path, series_map: Mapping[str, str] | None = None, *, method: str = "rigid",
-                    brain_fraction: float | None = BRAIN_FRACTION, limits: StudyLimits | None = None) -> DicomCase:
+                    skull_strip: str = "auto", brain_fraction: float | None = BRAIN_FRACTION,
+                    limits: StudyLimits | None = None) -> DicomCase:
     """Read a DICOM study and put its four modalities on the t1ce series' grid.
 
     Args:
@@ -167,6 +177,9 @@ def load_dicom_case(path: str | Path, series_map: Mapping[str, str] | None = Non
         series_map: optional ``{SeriesInstanceUID: modality}`` overriding the guess.
         method: ``"rigid"`` (register t1, t2, flair to t1ce) or ``"geometry"`` (resample by the DICOM
             geometry only).
+        skull_strip: ``"auto"`` (extract the brain unless the study is already skull-stripped),
+            ``"on"`` (always) or ``"off"`` (take the study as skull-stripped); see
+            :func:`~brainscan.dicom.skullstrip.extract_brain`.
         brain_fraction: see :func:`brain_mask`; ``None`` keeps every non-zero voxel.
         limits: bounds on files and bytes.
 
@@ -176,13 +189,21 @@ def load_dicom_case(path: str | Path, series_map: Mapping[str, str] | None = Non
     Raises:
         The errors of :func:`~brainscan.dicom.reader.read_study`,
         :func:`~brainscan.dicom.sequences.identify_series` and
-        :func:`~brainscan.dicom.volume.series_volume` (all :class:`~brainscan.errors.BrainscanError`).
+        :func:`~brainscan.dicom.volume.series_volume` and
+        :func:`~brainscan.dicom.skullstrip.extract_brain` (all :class:`~brainscan.errors.BrainscanError`);
+        ValueError for an unknown ``method`` or ``skull_strip``.
     """
+    if skull_strip not in SKULL_STRIP_MODES:
+        raise ValueError(f"skull_strip must be one of {SKULL_STRIP_MODES}, got {skull_strip!r}")
     study = read_study(path, limits=limits)
     chosen = identify_series(study, series_map)
     volumes = {modality: series_volume(series) for modality, series in chosen.items()}
     channels, transforms = align_to_reference(volumes, method=method)
     reference_series = volumes[REFERENCE]
+    head_mask, strip_record = extract_brain(channels[MODALITIES.index(REFERENCE)], reference_series.affine,
+                                            mode=skull_strip, modality=REFERENCE)
+    if head_mask is not None:
+        channels *= head_mask
     if brain_fraction is None:
         brain_info: dict[str, Any] = {"method": "none: every non-zero voxel"}
     else:
@@ -199,7 +220,8 @@ def load_dicom_case(path: str | Path, series_map: Mapping[str, str] | None = Non
     digest = hashlib.sha256(study.study_uid.encode()).hexdigest()[:12]
     return DicomCase(case_id=f"study-{digest}", channels=channels,
                      reference=nifti_volume(reference_series.data, reference_series.affine),
-                     reference_series=reference_series, series=summaries, transforms=transforms, brain=brain_info)
+                     reference_series=reference_series, series=summaries, transforms=transforms, brain=brain_info,
+                     skull_strip=strip_record)
 
 
 def save_dicom_results(case: DicomCase, mask: np.ndarray, out_dir: str | Path, *, algorithm: Any,
@@ -223,7 +245,8 @@ def save_dicom_results(case: DicomCase, mask: np.ndarray, out_dir: str | Path, *
         "mask": str(save_like(mask, case.reference, out / MASK_FILE)),
     }
     (out / TRANSFORMS_FILE).write_text(json.dumps({"reference": REFERENCE, "series": case.series,
-                                                   "transforms": case.transforms, "brain_mask": case.brain},
+                                                   "transforms": case.transforms, "skull_strip": case.skull_strip,
+                                                   "brain_mask": case.brain},
                                                   indent=2) + "\n")
     written["transforms"] = str(out / TRANSFORMS_FILE)
     if save_volumes:

@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -75,14 +75,38 @@ def _rotation_deg(matrix: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
 
 
-def _registration_method(sampling: float) -> Any:
+def mutual_information(sampling: float | Sequence[float], seed: int = _SEED) -> Any:
+    """A SimpleITK registration method with brainscan's metric: Mattes mutual information (32 bins)
+    on random samples drawn with a fixed ``seed`` (so results repeat), linear interpolation.
+
+    Args:
+        sampling: fraction of the fixed image's voxels sampled, or one fraction per pyramid level.
+        seed: the samples' seed.
+    """
     import SimpleITK as sitk
 
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(sampling, _SEED)
+    if isinstance(sampling, int | float):
+        method.SetMetricSamplingPercentage(float(sampling), seed)
+    else:
+        method.SetMetricSamplingPercentagePerLevel([float(v) for v in sampling], seed)
     method.SetInterpolator(sitk.sitkLinear)
+    return method
+
+
+def gradient_descent(method: Any, *, learning_rate: float, iterations: int, shrink: Sequence[int],
+                     smoothing_mm: Sequence[float]) -> Any:
+    """``method`` set to optimise by regular-step gradient descent (steps scaled by physical shift)
+    over a pyramid: one shrink factor and one smoothing sigma (mm) per level. Returns ``method``."""
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=1e-3,
+                                                    numberOfIterations=iterations, relaxationFactor=0.5,
+                                                    gradientMagnitudeTolerance=1e-6)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([int(v) for v in shrink])
+    method.SetSmoothingSigmasPerLevel([float(v) for v in smoothing_mm])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     return method
 
 
@@ -113,20 +137,15 @@ def register_rigid(fixed: Any, moving: Any, *, same_frame: bool = True, sampling
         initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
                                                     sitk.CenteredTransformInitializerFilter.MOMENTS)
         initialisation = "centres of mass (no shared FrameOfReferenceUID)"
-    method = _registration_method(sampling)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=iterations,
-                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([4, 2, 1])
-    method.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method = gradient_descent(mutual_information(sampling), learning_rate=2.0, iterations=iterations,
+                              shrink=[4, 2, 1], smoothing_mm=[2.0, 1.0, 0.0])
     method.SetInitialTransform(sitk.Euler3DTransform(initial), inPlace=False)
     result = method.Execute(fixed, moving)
     final = sitk.Euler3DTransform(sitk.CompositeTransform(result).GetNthTransform(0)) \
         if isinstance(result, sitk.CompositeTransform) else sitk.Euler3DTransform(result)
 
     # Judge both transforms with one full-resolution metric and the same samples.
-    judge = _registration_method(max(sampling, 0.2))
+    judge = mutual_information(max(sampling, 0.2))
     judge.SetInitialTransform(initial)
     metric_before = float(judge.MetricEvaluate(fixed, moving))
     judge.SetInitialTransform(final)
@@ -213,5 +232,5 @@ def align_to_reference(volumes: Mapping[str, SeriesVolume], *, method: str = "ri
     return np.stack(channels).astype(np.float32, copy=False), transforms
 
 
-__all__ = ["MAX_ROTATION_DEG", "MAX_TRANSLATION_MM", "METHODS", "align_to_reference", "from_sitk", "register_rigid",
-           "to_sitk"]
+__all__ = ["MAX_ROTATION_DEG", "MAX_TRANSLATION_MM", "METHODS", "align_to_reference", "from_sitk", "gradient_descent",
+           "mutual_information", "register_rigid", "to_sitk"]

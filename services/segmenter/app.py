@@ -4,7 +4,9 @@ Routes:
     POST   /v1/jobs?model=unet3d        multipart: ``t1``+``t1ce``+``t2``+``flair`` (or BraTS 2023-2024
                                         ``t1n``+``t1c``+``t2w``+``t2f``), or ``case`` (zip), or
                                         ``volume`` (4D), or ``dicom`` (a study zip, optional text
-                                        ``series``); header ``X-Brainscan-Owner``. 202 + job body
+                                        ``series``), or texts ``pacs`` + ``study_uid`` (a study pulled
+                                        from a configured PACS, see ``dicom_intake``); header
+                                        ``X-Brainscan-Owner``. 202 + job body
     GET    /v1/jobs/{id}                the job body (404 for another owner's job)
     GET    /v1/jobs/{id}/files/{name}   an input, or once succeeded the mask / a preview
     DELETE /v1/jobs/{id}                cancels a queued or running job (200 + body), deletes a finished one (204)
@@ -24,7 +26,9 @@ Outside development mode the API does not start without ``BRAINSCAN_INTERNAL_TOK
 The API never imports TensorFlow: it validates uploads (``intake``), stores jobs (``store``) and
 enqueues them by task name with a Celery app from :func:`services.segmenter.worker.make_celery`.
 Every error is JSON ``{"error", "detail", "request_id"}``; each request is logged as one JSON line.
-Expired jobs are swept by a background task every ``expire_interval_s``.
+Expired jobs are swept by a background task every ``expire_interval_s``; another queues again the
+jobs that lost their worker or their queue message (:mod:`services.segmenter.reconcile`). While the
+broker is down, ``POST /v1/jobs`` answers 503 with ``Retry-After`` before reading the upload.
 
 Run:
     BRAINSCAN_INTERNAL_TOKEN=... BRAINSCAN_REDIS_PASSWORD=... uvicorn services.segmenter.app:app --port 8102
@@ -64,9 +68,11 @@ from brainscan.internal_auth import (
 )
 from brainscan.labels import BRATS2023_MODALITIES, MODALITIES
 from brainscan.web import error_response
+from services.segmenter.dicom_intake import PACS_FIELD, accept_pacs
 from services.segmenter.intake import UPLOAD_FIELDS, IntakeLimits, UploadPart, accept_upload
 from services.segmenter.jobs import FINAL, MODALITY_FILES, JobNotFoundError, JobStateError, is_owned_by, public_view
 from services.segmenter.metrics import ServiceMetrics
+from services.segmenter.reconcile import Reconciler
 from services.segmenter.settings import QUEUE, TASK_NAME, Settings
 from services.segmenter.store import JobStore, LocalJobStore, check_file_name
 
@@ -109,6 +115,11 @@ _UPLOAD_SCHEMA = {
                 "series": {"type": "string",
                            "description": "with 'dicom' only: JSON {SeriesInstanceUID: modality} for series the "
                                           "headers do not make clear (a 422 series_unidentified lists them)"},
+                "pacs": {"type": "string",
+                         "description": "instead of files: the name of a PACS configured in SEGMENTER_DICOMWEB_SERVERS "
+                                        "(or exactly its URL); the service pulls the study 'study_uid' from it "
+                                        "(QIDO-RS, WADO-RS) and stores the SEG back (STOW-RS)"},
+                "study_uid": {"type": "string", "description": "with 'pacs': the StudyInstanceUID to pull"},
             },
         }}},
     }
@@ -130,10 +141,23 @@ class NotInternalCallerError(BrainscanError):
 
 
 class ServiceUnavailableError(BrainscanError):
-    """The broker cannot take the job right now (503)."""
+    """The broker cannot take the job right now (503, with ``Retry-After``)."""
 
     code = "service_unavailable"
     http_status = 503
+
+
+#: ``Retry-After`` of a 503 while the broker is down (the launcher restarts Redis within seconds)
+BROKER_RETRY_AFTER_S = 10
+
+
+def require_broker(queue: JobQueue) -> None:
+    """Raise :class:`ServiceUnavailableError` unless the broker answers (checked before an upload is read)."""
+    try:
+        queue.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+        raise ServiceUnavailableError(f"the job queue is unreachable ({type(exc).__name__}); nothing was "
+                                      f"uploaded; try again in {BROKER_RETRY_AFTER_S} s") from exc
 
 
 # -- collaborators ------------------------------------------------------------------------------
@@ -389,13 +413,17 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         if hashed:
             log.info("replaced the raw owner id of %d job(s) written before owner hashing by its hash", hashed)
         sweeper = asyncio.create_task(sweep_expired(), name="segmenter-expiry")
+        # jobs that lost their worker or their queue message are queued again (services.segmenter.reconcile)
+        reconciler = asyncio.create_task(Reconciler(settings, store, lambda job_id: app.state.queue.enqueue(job_id)
+                                                    ).run_forever(), name="segmenter-reconciler")
         log.info("segmenter API started", extra={"jobs_dir": str(settings.jobs_dir), "models": catalog.names()})
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in (sweeper, reconciler):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     app = FastAPI(
         title="brainscan segmenter service",
@@ -413,6 +441,11 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     # read through app.state at scrape time: tests may swap the queue after the app is built
     metrics.track_queue_length(lambda: app.state.queue.length())
     web.install_error_handlers(app)
+
+    @app.exception_handler(ServiceUnavailableError)
+    async def broker_unavailable(request: Request, exc: ServiceUnavailableError) -> JSONResponse:
+        return error_response(request, exc.http_status, exc.code, exc.message,
+                              headers={"Retry-After": str(BROKER_RETRY_AFTER_S)})
 
     guard = internal_auth_guard(log, token=token, service="segmenter API", inner=web.upload_guard(
         log, path=JOBS_PATH, max_upload_bytes=settings.max_upload_bytes, overhead=MULTIPART_OVERHEAD,
@@ -434,6 +467,7 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         started = time.perf_counter()
         try:
             model_info = catalog.resolve(model)  # 404 / 503 before the body is read
+            await run_in_threadpool(require_broker, queue)
             form = await read_form(request, settings.max_upload_bytes)
             try:
                 parts = [UploadPart(field=key, filename=value.filename or key, file=value.file)
@@ -467,7 +501,11 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
             raise InvalidInputError(f"field(s) {sorted({n for n in names if names.count(n) > 1})} sent more than "
                                     "once; send each field once", code="duplicate_field")
         with store.staging_dir() as staging:
-            result = accept_upload(parts, staging, limits, dict(texts))
+            if PACS_FIELD in names:  # the study comes from a configured PACS, pulled here before queueing
+                result = accept_pacs(parts, dict(texts), staging, limits, settings.dicomweb_servers,
+                                     timeout_s=settings.dicomweb_timeout_s)
+            else:
+                result = accept_upload(parts, staging, limits, dict(texts))
             job_id = store.create(owner, model_info, result.meta, files=result.files)
         return job_id, result.meta["source"]
 

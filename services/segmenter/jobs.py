@@ -9,9 +9,19 @@ States::
       │  │       │ │ └───> failed
       │  │       │ └─────> cancelled
       │  └───────┼───────> cancelled / failed
-      │          ├──> running   (redelivered after its worker died: restarts from scratch)
-      │          └──> queued    (a transient error: the task is retried)
+      │          ├──> running   (taken over after its worker died: restarts from scratch)
+      │          └──> queued    (worker lost, or a transient error: the job is queued again)
       └── succeeded, failed and cancelled are final; only DELETE (or expiry) removes them.
+
+Who runs a job: a worker process *claims* it (``queued -> running``, or ``running -> running`` when
+the previous attempt is dead) and writes a fresh ``attempt_id``, ``worker`` (``host:pid``) and
+``heartbeat_at``, which it renews every few seconds while it works. Every write of an attempt
+expects its own ``attempt_id``, so an attempt that another one took over writes nothing more, and a
+second delivery of the same job finds it running with a fresh heartbeat and leaves it alone
+(:func:`claim_refusal`): a job never runs twice at once, and a rerun starts from scratch on the same
+inputs and model version, so it cannot end with a different result. A job whose worker is lost is
+put back to ``queued`` with ``stage_detail`` "worker lost ..., retrying" (by the worker's main
+process when a pool process dies, by the API's reconciler when a heartbeat stops).
 
 Stages of a running job, with the share of ``progress`` each one covers: ``preprocessing``
 (reading the inputs, 0-5 %), ``inference`` (sliding-window patches, 5-95 %), ``writing results``
@@ -27,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -166,6 +177,10 @@ def new_job(*, job_id: str, owner: str, model: dict[str, Any], input_meta: dict[
         "timings": {},
         "attempts": 0,
         "task_id": None,
+        "enqueued_at": None,
+        "attempt_id": None,
+        "worker": None,
+        "heartbeat_at": None,
         "history": [{"at": iso(now), "status": "queued", "stage": "queued"}],
     }
 
@@ -230,6 +245,39 @@ def apply_update(job: dict[str, Any], now: datetime, **fields: Any) -> dict[str,
     return job
 
 
+def heartbeat_age_s(job: dict[str, Any], now: datetime) -> float:
+    """Seconds since the running attempt of ``job`` last showed a sign of life (its ``heartbeat_at``,
+    else its ``started_at``, else its ``created_at``)."""
+    last = job.get("heartbeat_at") or job.get("started_at") or job["created_at"]
+    return (now - parse_iso(last)).total_seconds()
+
+
+def claim_refusal(job: dict[str, Any], now: datetime, *, stale_after_s: float,
+                  is_alive: Callable[[str], bool] = lambda worker: True) -> str | None:
+    """Why a worker process must not start ``job`` now, or None when it may (see the module docstring).
+
+    Args:
+        job: the record as read.
+        now: the current time.
+        stale_after_s: a heartbeat older than this means the attempt is dead.
+        is_alive: whether the ``host:pid`` of the running attempt still runs, when that can be
+            told (a process on this host); ``True`` when it cannot.
+
+    Returns:
+        ``None`` for a queued job, or a running one whose attempt is gone (no ``attempt_id``, a
+        stale heartbeat, or a dead process); else the reason. A fresh attempt of the claiming
+        process itself is no exception: another thread of a thread pool may run it.
+    """
+    if job["status"] in FINAL:
+        return f"the job is already {job['status']}"
+    if job["status"] != "running" or not job.get("attempt_id"):
+        return None
+    age = heartbeat_age_s(job, now)
+    if age > stale_after_s or not is_alive(str(job.get("worker"))):
+        return None
+    return f"it is running on {job.get('worker')} (heartbeat {age:.0f} s ago)"
+
+
 def stage_progress(stage: str, fraction: float = 0.0) -> float:
     """Overall progress at ``fraction`` (0-1) of the way through ``stage``."""
     start, end = STAGE_PROGRESS[stage]
@@ -270,6 +318,8 @@ def public_view(job: dict[str, Any], prefix: str = "/v1/jobs") -> dict[str, Any]
     if result is not None and "seg" in result:
         body["result"]["seg_url"] = f"{base}/files/{result['seg']}"
         body["result"]["transforms_url"] = f"{base}/files/{result['transforms']}"
+    if result is not None and "pacs" in result:  # a study pulled from a PACS: was its SEG stored back?
+        body["result"]["pacs"] = result["pacs"]
     body["timings"] = job.get("timings") or {}
     body["attempts"] = job.get("attempts", 0)
     return body

@@ -26,10 +26,23 @@ environment variable                    default                        meaning
                                                                        abandoned jobs (kombu)
 ``SEGMENTER_MAX_ATTEMPTS``              3                              a job whose worker died this many
                                                                        times fails (e.g. out of memory)
+``SEGMENTER_HEARTBEAT_INTERVAL_S``      5                              a running job's worker renews its
+                                                                       ``heartbeat_at`` this often
+``SEGMENTER_HEARTBEAT_TIMEOUT_S``       30                             a running job without a heartbeat
+                                                                       this long has lost its worker
+``SEGMENTER_RECONCILE_INTERVAL_S``      10                             how often the API re-queues jobs
+                                                                       that lost their worker or their
+                                                                       queue message (``reconcile``)
+``SEGMENTER_RECONCILE_GRACE_S``         30                             a queued job's message counts as
+                                                                       lost only this long after it was sent
 ``SEGMENTER_PROGRESS_INTERVAL_S``       0.5                            least time between progress writes
 ``SEGMENTER_BROKER_TIMEOUT_S``          2.0                            connect / publish timeout (API)
 ``SEGMENTER_WARMUP``                    true                           worker traces each network at start
 ``SEGMENTER_LOG_LEVEL``                 ``INFO``                       level of the JSON logs
+``SEGMENTER_DICOMWEB_SERVERS``          ``{}``                         JSON ``{name: DICOMweb URL}``: the only
+                                                                       PACS the service pulls studies from
+                                                                       and pushes SEGs to (requests name one)
+``SEGMENTER_DICOMWEB_TIMEOUT_S``        60                             connect / read timeout of PACS calls
 ``WORKER_CONCURRENCY``                  1                              worker processes (each loads the
                                                                        models; one job already uses every
                                                                        core)
@@ -45,10 +58,13 @@ environment variable                    default                        meaning
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from brainscan.internal_auth import (
     REDIS_PASSWORD_VARIABLE,
@@ -70,6 +86,9 @@ DEFAULT_MAX_DIM = 512
 QUEUE = "segmentation"
 #: the Celery task name the API enqueues (by name, so the API never imports the worker's code)
 TASK_NAME = "segmenter.segment"
+#: how a request names a configured PACS (``SEGMENTER_DICOMWEB_SERVERS``)
+_PACS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_DICOMWEB_URL = re.compile(r"^https?://[^/\s?#]+(/\S*)?$")
 
 
 class Settings(DeploymentSettings):
@@ -104,6 +123,10 @@ class Settings(DeploymentSettings):
     visibility_timeout_s: float = Field(default=7200.0, gt=0, description="broker redelivery timeout")
     unacked_restore_interval_s: float = Field(default=10.0, gt=0, description="abandoned-job sweep interval")
     max_attempts: int = Field(default=3, ge=1, description="worker deaths a job survives before failing")
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, description="seconds between a running job's heartbeats")
+    heartbeat_timeout_s: float = Field(default=30.0, gt=0, description="heartbeat age that means the worker is lost")
+    reconcile_interval_s: float = Field(default=10.0, gt=0, description="seconds between reconciler rounds (API)")
+    reconcile_grace_s: float = Field(default=30.0, ge=0, description="seconds before a queued job's message is missed")
     progress_interval_s: float = Field(default=0.5, ge=0, description="least seconds between progress writes")
     broker_timeout_s: float = Field(default=2.0, gt=0, description="broker connect / publish timeout")
     warmup: bool = Field(default=True, description="worker runs each network once at process start")
@@ -112,6 +135,30 @@ class Settings(DeploymentSettings):
         default=1, ge=1, le=64, validation_alias=AliasChoices("WORKER_CONCURRENCY", "worker_concurrency"),
         description="worker processes",
     )
+
+    # NoDecode: the validator reads the JSON, so that an empty value (Compose's default) means none
+    dicomweb_servers: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="PACS name -> DICOMweb base URL; requests may name only these (never a URL of their own)",
+    )
+    dicomweb_timeout_s: float = Field(default=60.0, gt=0, description="connect / read timeout of DICOMweb calls")
+
+    @field_validator("dicomweb_servers", mode="before")
+    @classmethod
+    def _check_dicomweb_servers(cls, value: object) -> dict[str, str]:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError:
+                raise ValueError('must be JSON such as {"orthanc": "http://pacs:8042/dicom-web"}') from None
+        if not isinstance(value, dict):
+            raise ValueError('must be a JSON object such as {"orthanc": "http://pacs:8042/dicom-web"}')
+        for name, url in value.items():
+            if not _PACS_NAME.match(name):
+                raise ValueError(f"PACS names are 1-64 letters, digits and ._-, got {name[:80]!r}")
+            if not isinstance(url, str) or not _DICOMWEB_URL.match(url):
+                raise ValueError(f"the DICOMweb URL of PACS {name!r} must be http(s)://host[:port]/path")
+        return {name: url.rstrip("/") for name, url in value.items()}
 
     @field_validator("log_level")
     @classmethod
@@ -137,6 +184,10 @@ class Settings(DeploymentSettings):
             # a job longer than it would run twice at once.
             raise ValueError(f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed "
                              f"time_limit_s ({self.time_limit_s}), the longest a job can run")
+        if self.heartbeat_timeout_s < 2 * self.heartbeat_interval_s:
+            # one late heartbeat (a busy disk, a busy CPU) must not make a live worker look lost
+            raise ValueError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must be at least twice "
+                             f"heartbeat_interval_s ({self.heartbeat_interval_s})")
         return self
 
     @property

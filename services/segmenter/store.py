@@ -71,14 +71,16 @@ class JobStore(ABC):
       ``If-None-Match: *``, so that a job is visible only once its inputs are.
     - ``get``: ``GetObject <prefix>/<id>/job.json`` (S3 is strongly read-after-write consistent).
     - ``update`` / ``transition``: optimistic concurrency instead of a file lock: read ``job.json``
-      and its ETag, apply the change, ``PutObject`` with ``If-Match: <etag>``; on
-      ``412 Precondition Failed`` re-read and re-apply (a cancel is never overwritten by progress).
+      and its ETag, check ``expect_status`` / ``expect_fields``, apply the change, ``PutObject`` with
+      ``If-Match: <etag>``; on ``412 Precondition Failed`` re-read and re-check (a cancel is never
+      overwritten by progress, a superseded attempt never overwrites the one that took over).
     - ``path_for``: a path in a local working folder (the worker writes results there, the API
       downloads inputs there); ``commit_file`` uploads that file to ``<prefix>/<id>/<name>``, and
       the API would answer file downloads with a presigned-URL redirect instead of reading the path.
     - ``delete``: delete every object under the prefix (``job.json`` first, so the job vanishes at once).
     - ``expire``: a bucket lifecycle rule on ``expires_at`` does most of it; the sweep deletes
       the rest.
+    - ``unfinished``: list the ``job.json`` objects (one ``ListObjectsV2`` per 1,000 jobs).
     - ``ping``: ``HeadBucket``.
     """
 
@@ -92,13 +94,20 @@ class JobStore(ABC):
         """The job record."""
 
     @abstractmethod
-    def update(self, job_id: str, *, expect_status: Collection[str] | None = None, **fields: Any) -> dict[str, Any]:
-        """Set ``fields`` atomically; refuse (:class:`JobStateError`) unless the status is in ``expect_status``."""
+    def update(self, job_id: str, *, expect_status: Collection[str] | None = None,
+               expect_fields: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+        """Set ``fields`` atomically; refuse (:class:`JobStateError`) unless the status is in ``expect_status``
+        and each field of ``expect_fields`` holds that value (a compare-and-set)."""
 
     @abstractmethod
     def transition(self, job_id: str, status: str, *, expect_status: Collection[str] | None = None,
-                   **fields: Any) -> dict[str, Any]:
-        """Move the job to ``status`` (checked by :func:`~services.segmenter.jobs.check_transition`) and set ``fields``."""
+                   expect_fields: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+        """Move the job to ``status`` (checked by :func:`~services.segmenter.jobs.check_transition`) and set
+        ``fields``; ``expect_status`` and ``expect_fields`` as in :meth:`update`."""
+
+    @abstractmethod
+    def unfinished(self) -> list[dict[str, Any]]:
+        """The records of every queued or running job (what the reconciler checks)."""
 
     @abstractmethod
     def path_for(self, job_id: str, name: str) -> Path:
@@ -208,13 +217,16 @@ class LocalJobStore(JobStore):
         except FileNotFoundError:
             raise JobNotFoundError(f"no job {job_id!r}") from None
 
-    def update(self, job_id: str, *, expect_status: Collection[str] | None = None, **fields: Any) -> dict[str, Any]:
+    def update(self, job_id: str, *, expect_status: Collection[str] | None = None,
+               expect_fields: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
         """Set ``fields`` on the record under the job's lock.
 
         Args:
             job_id: the job.
             expect_status: if given, refuse unless the current status is one of these (the
                 worker's progress writes pass ``{"running"}`` so they never undo a cancel).
+            expect_fields: if given, refuse unless ``record[key] == value`` for each item (the worker
+                passes its ``attempt_id``, so an attempt another one took over writes nothing).
             **fields: record fields to set (``status`` is refused: use :meth:`transition`); a new
                 ``stage`` is appended to the record's ``history``.
 
@@ -223,24 +235,25 @@ class LocalJobStore(JobStore):
 
         Raises:
             JobNotFoundError: no such job (e.g. deleted meanwhile).
-            JobStateError: the status is not in ``expect_status``.
+            JobStateError: the status is not in ``expect_status``, or a field differs from ``expect_fields``.
         """
         if "status" in fields:
             raise ValueError("update() does not change the status; use transition()")
         with self._locked(job_id) as record:
-            _expect(record, expect_status)
+            _expect(record, expect_status, expect_fields)
             return apply_update(record, utc_now(), **fields)
 
     def transition(self, job_id: str, status: str, *, expect_status: Collection[str] | None = None,
-                   **fields: Any) -> dict[str, Any]:
+                   expect_fields: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
         """Move the job to ``status`` under the job's lock (see ``jobs.apply_transition``).
 
         Raises:
             JobNotFoundError: no such job.
-            JobStateError: the transition is not allowed, or the status is not in ``expect_status``.
+            JobStateError: the transition is not allowed, the status is not in ``expect_status`` or a
+                field differs from ``expect_fields``.
         """
         with self._locked(job_id) as record:
-            _expect(record, expect_status)
+            _expect(record, expect_status, expect_fields)
             return apply_transition(record, status, utc_now(), **fields)
 
     @contextlib.contextmanager
@@ -349,6 +362,23 @@ class LocalJobStore(JobStore):
         elif folder.name.startswith((".trash-", ".new-")) and _age_s(folder) > _DEBRIS_AGE_S:
             shutil.rmtree(folder, ignore_errors=True)
 
+    def unfinished(self) -> list[dict[str, Any]]:
+        """The records of every queued or running job, oldest folder name first (unreadable ones skipped)."""
+        records = []
+        for folder in sorted(self.root.iterdir()) if self.root.is_dir() else ():
+            if not JOB_ID_PATTERN.match(folder.name) or not folder.is_dir():
+                continue
+            try:
+                record = self.get(folder.name)
+            except JobNotFoundError:
+                continue  # deleted meanwhile
+            except (OSError, ValueError) as exc:  # an unreadable record: report, keep going
+                log.warning("cannot read job %s: %s", folder.name, exc)
+                continue
+            if record.get("status") in ("queued", "running"):
+                records.append(record)
+        return records
+
     def hash_legacy_owners(self) -> int:
         """Rewrite every record that still holds a raw ``owner`` (a session id or a key's owner id)
         to hold only its :func:`~services.segmenter.jobs.owner_digest`, under the job's lock.
@@ -385,10 +415,15 @@ class LocalJobStore(JobStore):
         probe.unlink()
 
 
-def _expect(record: dict[str, Any], expect_status: Collection[str] | None) -> None:
+def _expect(record: dict[str, Any], expect_status: Collection[str] | None,
+            expect_fields: Mapping[str, Any] | None = None) -> None:
     if expect_status is not None and record["status"] not in expect_status:
         raise JobStateError(f"job {record['id']} is {record['status']}, expected one of {sorted(expect_status)}",
                             status=record["status"])
+    for key, value in (expect_fields or {}).items():
+        if record.get(key) != value:
+            raise JobStateError(f"job {record['id']} has {key} {record.get(key)!r}, expected {value!r}",
+                                status=record["status"])
 
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:

@@ -7,10 +7,10 @@ With ``WORKER_METRICS_PORT`` set, the main process serves the pool's Prometheus 
 outcomes and durations, inference time) on that port: :mod:`services.segmenter.worker_metrics`.
 
 This module is TensorFlow-free at import, so the API can build its Celery app with
-:func:`make_celery` (and enqueue by name, ``send_task("segmenter.segment", [job_id])``) without
-loading TensorFlow. TensorFlow comes in with the models, which each pool process loads in
-``worker_process_init``, after the fork: a prefork worker hangs forever when a Keras model exists
-in the parent before forking.
+:func:`make_celery` (:mod:`services.segmenter.celery_app`, re-exported here; it enqueues by name,
+``send_task("segmenter.segment", [job_id])``) without loading TensorFlow. TensorFlow comes in
+with the models, which each pool process loads in ``worker_process_init``, after the fork: a
+prefork worker hangs forever when a Keras model exists in the parent before forking.
 
 Delivery guarantees (Redis broker):
 
@@ -20,40 +20,47 @@ Delivery guarantees (Redis broker):
   worker died ``max_attempts`` times fails with ``worker_lost`` instead of looping forever.
 - ``visibility_timeout`` (longer than the hard time limit): when the whole worker dies, kombu
   redelivers its unacknowledged job after this long; ``unacked_restore_interval`` sets how often
-  a worker looks for such jobs (``unacked_restore_throttle`` 1: every time).
+  a worker looks for such jobs (``unacked_restore_throttle`` 1: every time). The API's reconciler
+  (:mod:`services.segmenter.reconcile`) queues such a job again long before, once its heartbeat stops.
 - ``worker_prefetch_multiplier`` 1: a busy worker reserves no second job that another could run.
 - soft time limit: the job fails cleanly with ``time_limit``; the hard limit kills the process
   and :meth:`SegmentTask.on_failure` records the failure.
 - retries only for transient broker errors (Redis connection / timeout), at most
   ``max_attempts - 1`` times with back-off; a bad input or a bad bundle fails the job at once.
+- one run at a time: a process claims a job and beats a heartbeat into its record while it runs
+  (:mod:`services.segmenter.attempts`); a second delivery of a job that runs elsewhere is dropped,
+  a job whose pool process died reads "worker lost ..., retrying" at once (:class:`SegmentRequest`).
+- broker loss: the job store, not Redis, holds a job's status, progress and heartbeat, so a running
+  job finishes while Redis is down (progress in the result backend is best effort; no STARTED state
+  and no result are stored there), and the worker reconnects for ever (kombu retries every 2, 4, ...
+  at most 30 s) instead of exiting after 100 tries.
 
 Progress goes to ``job.json`` (``progress``, ``stage``, ``stage_detail`` "patch k of n", at most
-every ``progress_interval_s``) and to the result backend (``update_state(state="PROGRESS")``).
+every ``progress_interval_s``) and, best effort, to the result backend (``update_state(state="PROGRESS")``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from celery import Celery, Task
+from billiard.exceptions import WorkerLostError
+from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import worker_init, worker_process_init, worker_shutdown
-from kombu import Queue
+from celery.worker.request import Request
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from brainscan.errors import BrainscanError, BundleError
+from brainscan.errors import BrainscanError
 from brainscan.labels import BRATS2021, MODALITIES
 from brainscan.web import configure_logging
 from services.segmenter.jobs import (
-    FINAL,
     MASK_FILE,
     MODALITY_FILES,
     PREVIEW_FILES,
@@ -62,159 +69,35 @@ from services.segmenter.jobs import (
     TRANSFORMS_FILE,
     JobNotFoundError,
     JobStateError,
+    claim_refusal,
+    iso,
     parse_iso,
     result_labels,
     stage_progress,
     utc_now,
 )
-from services.segmenter.settings import QUEUE, TASK_NAME, Settings
+from services.segmenter.attempts import (
+    Heartbeat,
+    lost_reason,
+    process_alive,
+    record_worker_lost,
+    too_many_attempts,
+    worker_identity,
+)
 from services.segmenter import worker_metrics
+from services.segmenter.celery_app import celery_config, make_celery  # noqa: F401 - the API imports them here
+from services.segmenter.model_cache import LoadedSegmenter, ModelCache  # noqa: F401 - tests import them here
+from services.segmenter.settings import TASK_NAME, Settings
 from services.segmenter.store import JobStore, LocalJobStore
 
 log = logging.getLogger("services.segmenter.worker")
 
 #: errors worth another try: the broker or result backend was briefly unreachable
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, KombuOperationalError)
-SEGMENTATION = "segmentation"
-#: bundles a pool process keeps loaded (current versions plus those older jobs asked for)
-MODEL_CACHE_SIZE = 4
-
-
-def celery_config(settings: Settings) -> dict[str, Any]:
-    """The Celery configuration of the segmenter (API and worker share it)."""
-    transport = {
-        "visibility_timeout": int(settings.visibility_timeout_s),
-        "unacked_restore_interval": settings.unacked_restore_interval_s,
-        "unacked_restore_throttle": 1,
-        "socket_connect_timeout": settings.broker_timeout_s,
-    }
-    return {
-        "broker_url": settings.authenticated_broker_url,
-        "result_backend": settings.authenticated_backend_url,
-        "broker_transport_options": transport,
-        "result_backend_transport_options": {"socket_connect_timeout": settings.broker_timeout_s},
-        "broker_connection_timeout": settings.broker_timeout_s,
-        "broker_connection_retry_on_startup": True,
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
-        "worker_concurrency": settings.worker_concurrency,
-        "task_queues": (Queue(QUEUE, routing_key=QUEUE),),
-        "task_default_queue": QUEUE,
-        "task_routes": {TASK_NAME: {"queue": QUEUE, "routing_key": QUEUE}},
-        "task_time_limit": settings.time_limit_s,
-        "task_soft_time_limit": settings.soft_limit_s,
-        "task_track_started": True,
-        "task_serializer": "json",
-        "result_serializer": "json",
-        "accept_content": ["json"],
-        "result_expires": int(settings.job_ttl_s),
-        # importing TensorFlow and building the networks takes longer than the 4 s default
-        "worker_proc_alive_timeout": 180.0,
-        # a publish to a dead broker must fail fast (the API answers 503), not hang the request
-        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.5,
-                                      "interval_max": 1.0},
-        "worker_hijack_root_logger": False,
-        # the JSON log lines go to stderr as they are, not re-wrapped as WARNING records
-        "worker_redirect_stdouts": False,
-    }
-
-
-def make_celery(settings: Settings | None = None) -> Celery:
-    """A Celery app configured for the segmenter (no task code, no TensorFlow).
-
-    Args:
-        settings: the settings; ``None`` reads them from the environment.
-    """
-    settings = settings if settings is not None else Settings()
-    celery_app = Celery("segmenter", set_as_current=False)
-    celery_app.conf.update(celery_config(settings))
-    return celery_app
 
 
 class JobCancelledError(Exception):
     """Raised from the progress callback to stop inference of a job that was cancelled (or deleted)."""
-
-
-@dataclass
-class LoadedSegmenter:
-    """A bundle ready to serve: the bundle and its compiled ``predict_fn`` (one trace per process)."""
-
-    bundle: Any
-    predict_fn: Callable[[Any], Any]
-
-
-class ModelCache:
-    """The segmentation bundles of one pool process, keyed by ``(arch, version)``.
-
-    Args:
-        settings: where the model store is.
-        size: most bundles kept; the least recently used is dropped.
-    """
-
-    def __init__(self, settings: Settings, size: int = MODEL_CACHE_SIZE) -> None:
-        self.settings = settings
-        self.size = size
-        self._models: OrderedDict[tuple[str, str], LoadedSegmenter] = OrderedDict()
-
-    def load_current(self) -> dict[str, str]:
-        """Load the current version of every segmentation architecture in the store.
-
-        Returns:
-            architecture -> version loaded, or ``"error: <reason>"`` (logged; the others still load).
-        """
-        from brainscan.models.store import ModelStore
-
-        store = ModelStore(self.settings.store_root())
-        task_dir = store.root / SEGMENTATION
-        archs = sorted(d.name for d in task_dir.iterdir() if d.is_dir() and not d.name.startswith(".")) \
-            if task_dir.is_dir() else []
-        loaded: dict[str, str] = {}
-        for arch in archs:
-            try:
-                version = store.current_version(SEGMENTATION, arch)
-                self.get(arch, version)
-                loaded[arch] = version
-            except Exception as exc:  # noqa: BLE001 - one bad bundle must not stop the worker
-                loaded[arch] = f"error: {getattr(exc, 'message', exc)}"
-                log.error("cannot load segmentation model %s: %s", arch, exc, extra={"model": arch})
-        if not archs:
-            log.warning("no segmentation bundle in the model store %s", store.root)
-        return loaded
-
-    def get(self, arch: str, version: str) -> LoadedSegmenter:
-        """The bundle ``segmentation/<arch>/<version>``, loaded (and warmed up) on first use.
-
-        Raises:
-            BundleError: missing or invalid bundle, or not a segmentation bundle.
-        """
-        key = (arch, version)
-        if key in self._models:
-            self._models.move_to_end(key)
-            return self._models[key]
-        from brainscan.evaluation.segment import inference_settings
-        from brainscan.inference.sliding_window import keras_predict_fn
-        from brainscan.models.bundle import load_bundle
-        from brainscan.models.store import ModelStore
-
-        path = ModelStore(self.settings.store_root()).arch_dir(SEGMENTATION, arch) / version
-        started = time.perf_counter()
-        bundle = load_bundle(path)
-        if bundle.task != SEGMENTATION:
-            raise BundleError(f"bundle {path} is a {bundle.task} bundle, not a segmentation one")
-        settings = inference_settings(bundle)
-        predict_fn = keras_predict_fn(bundle.model, batch_size=settings["batch_size"])
-        if self.settings.warmup:
-            import numpy as np
-
-            channels = int(bundle.manifest["input"]["channels"])
-            predict_fn(np.zeros((1, *settings["patch_size"], channels), np.float32))  # traces the graph
-        self._models[key] = LoadedSegmenter(bundle, predict_fn)
-        while len(self._models) > self.size:
-            self._models.popitem(last=False)
-        log.info("loaded segmentation model %s version %s in %.1f s", arch, version, time.perf_counter() - started,
-                 extra={"model": arch, "version": version})
-        return self._models[key]
 
 
 class JobRunner:
@@ -254,53 +137,68 @@ class JobRunner:
         except JobNotFoundError:
             log.warning("job %s is gone (deleted or expired); nothing to do", job_id, extra={"job_id": job_id})
             return {"job_id": job_id, "status": "gone", "skipped": True}
-        if job["status"] in FINAL:
-            log.info("job %s is already %s; skipped", job_id, job["status"], extra={"job_id": job_id})
+        worker = worker_identity()
+        refusal = claim_refusal(job, utc_now(), stale_after_s=self.settings.heartbeat_timeout_s,
+                                is_alive=process_alive)
+        if refusal is not None:  # final, or a second delivery of a job that runs elsewhere
+            log.info("job %s not started: %s; this delivery is dropped", job_id, refusal, extra={"job_id": job_id})
             return {"job_id": job_id, "status": job["status"], "skipped": True}
         if job["attempts"] >= self.settings.max_attempts:
             # Redelivered again after its worker died each time (e.g. killed for memory): stop here.
-            return self._fail(job_id, "worker_lost", f"the job was started {job['attempts']} times and its "
-                              "worker died each time (out of memory?); try a smaller volume")
+            return self._fail(job_id, "worker_lost", too_many_attempts(job["attempts"]))
         queued_s = (utc_now() - parse_iso(job["created_at"])).total_seconds()
-        try:
-            self.store.transition(job_id, "running", expect_status={"queued", "running"}, stage="preprocessing",
+        attempt = {"attempt_id": uuid.uuid4().hex}
+        try:  # compare-and-set: exactly one of two racing deliveries gets the job
+            self.store.transition(job_id, "running", expect_status={job["status"]},
+                                  expect_fields={"attempt_id": job.get("attempt_id")}, stage="preprocessing",
                                   progress=0.0, stage_detail=None, error=None, result=None,
-                                  attempts=job["attempts"] + 1, timings={"queue_s": round(queued_s, 3)})
+                                  attempts=job["attempts"] + 1, timings={"queue_s": round(queued_s, 3)},
+                                  worker=worker, heartbeat_at=iso(utc_now()), **attempt)
         except (JobStateError, JobNotFoundError):
             return {"job_id": job_id, "status": "cancelled", "skipped": True}
         if job["status"] == "running":
-            log.warning("job %s restarts from scratch (attempt %d): its previous worker died", job_id,
-                        job["attempts"] + 1, extra={"job_id": job_id})
+            log.warning("job %s restarts from scratch (attempt %d): its previous worker %s died", job_id,
+                        job["attempts"] + 1, job.get("worker"), extra={"job_id": job_id})
         self._clear_outputs(job_id)
         try:
-            return self._segment(job_id, job, report)
+            with Heartbeat(self.store, job_id, attempt["attempt_id"], self.settings.heartbeat_interval_s):
+                return self._segment(job_id, job, report, attempt)
         except (JobCancelledError, JobNotFoundError):
-            log.info("job %s was cancelled or deleted during inference; stopped", job_id, extra={"job_id": job_id})
+            log.info("job %s was cancelled, deleted or taken over during inference; stopped", job_id,
+                     extra={"job_id": job_id})
             return {"job_id": job_id, "status": "cancelled"}
         except SoftTimeLimitExceeded:
             return self._fail(job_id, "time_limit", f"the job ran longer than {self.settings.soft_limit_s:g} s and "
-                              "was stopped; try a smaller volume or a faster machine")
+                              "was stopped; try a smaller volume or a faster machine", attempt)
         except BrainscanError as exc:
-            return self._fail(job_id, exc.code, exc.message)
+            return self._fail(job_id, exc.code, exc.message, attempt)
         except TRANSIENT_ERRORS as exc:
             if can_retry:
                 self._requeue(job_id, exc)
                 raise
-            return self._fail(job_id, "transient_error", f"the broker was unreachable: {exc}; submit the job again")
+            return self._fail(job_id, "transient_error", f"the broker was unreachable: {exc}; submit the job again",
+                              attempt)
         except MemoryError:
-            return self._fail(job_id, "out_of_memory", "the worker ran out of memory; try a smaller volume")
+            return self._fail(job_id, "out_of_memory", "the worker ran out of memory; try a smaller volume", attempt)
         except Exception as exc:
-            self._fail(job_id, "internal_error", f"{type(exc).__name__}: {exc}")
+            self._fail(job_id, "internal_error", f"{type(exc).__name__}: {exc}", attempt)
             raise
         finally:
             self._expire()
 
+    def worker_lost(self, job_id: str, worker: str, error: BaseException) -> dict[str, Any] | None:
+        """Record that ``worker`` (``host:pid``) died running ``job_id`` (see
+        :func:`services.segmenter.attempts.record_worker_lost`); the worker's main process calls it."""
+        return record_worker_lost(self.store, job_id, worker, lost_reason(error),
+                                  max_attempts=self.settings.max_attempts)
+
     # -- the pipeline ---------------------------------------------------------------------------
 
-    def _segment(self, job_id: str, job: dict[str, Any], report: Callable[[dict[str, Any]], None] | None
-                 ) -> dict[str, Any]:
+    def _segment(self, job_id: str, job: dict[str, Any], report: Callable[[dict[str, Any]], None] | None,
+                 attempt: dict[str, str]) -> dict[str, Any]:
+        """The pipeline of one attempt; every write expects ``attempt`` (its ``attempt_id``)."""
         from brainscan.data.brats import BratsCase, load_case
-        from brainscan.evaluation.segment import segment_case
+        from brainscan.inference.segmenter import segment_case
         from brainscan.io.nifti import save_like
         from brainscan.labels import to_convention
         from brainscan.metrics.segmentation import volumes_ml
@@ -310,21 +208,21 @@ class JobRunner:
         started = time.perf_counter()
         dicom = job["input"].get("source") == "dicom"
         if dicom:
-            case = self._load_study(job_id, job)
+            case = self._load_study(job_id, job, attempt)
         else:
             modalities = {m: self.store.path_for(job_id, input_file_name(m)) for m in MODALITIES}
             case = load_case(BratsCase(case_id=job_id, folder=modalities["flair"].parent, modalities=modalities),
                              with_seg=False)
         model = self.models.get(job["model"]["arch"], job["model"]["version"])
         loaded = time.perf_counter()
-        self._check_running(job_id)
-        self.store.update(job_id, expect_status={"running"}, stage="inference",
+        self._check_running(job_id, attempt)
+        self.store.update(job_id, expect_status={"running"}, expect_fields=attempt, stage="inference",
                           progress=stage_progress("inference"), stage_detail=None)
-        on_patch = self._progress_callback(job_id, report)
+        on_patch = self._progress_callback(job_id, report, attempt)
         mask = segment_case(model.bundle, case, progress=on_patch, predict_fn=model.predict_fn)
         inferred = time.perf_counter()
         worker_metrics.record_inference(inferred - loaded)
-        self.store.update(job_id, expect_status={"running"}, stage="writing results",
+        self.store.update(job_id, expect_status={"running"}, expect_fields=attempt, stage="writing results",
                           progress=stage_progress("writing results"), stage_detail=None)
         reference = case.reference
         # the mask speaks the labels of the upload's naming (enhancing tumour 3 for BraTS 2023-2024 names)
@@ -341,6 +239,7 @@ class JobRunner:
         for plane, name in PREVIEW_FILES.items():
             self.store.path_for(job_id, name).write_bytes(previews[plane])
             self.store.commit_file(job_id, name)
+        pacs = self._push_seg(job_id, job["input"]["pacs"], attempt) if job["input"].get("pacs") else None
         written = time.perf_counter()
         timings = {
             **self.store.get(job_id).get("timings", {}),
@@ -351,12 +250,15 @@ class JobRunner:
         }
         result = {**files, "files": list(files.values()), "volumes_ml": {k: round(v, 3) for k, v in volumes.items()},
                   "previews": dict(PREVIEW_FILES), "labels": result_labels(convention)}
-        self.store.transition(job_id, "succeeded", expect_status={"running"}, result=result, timings=timings)
+        if pacs is not None:
+            result["pacs"] = pacs
+        self.store.transition(job_id, "succeeded", expect_status={"running"}, expect_fields=attempt, result=result,
+                              timings=timings, heartbeat_at=None)
         log.info("job %s succeeded", job_id, extra={"job_id": job_id, "timings": timings,
                                                     "model": job["model"]["arch"], "volumes_ml": result["volumes_ml"]})
         return {"job_id": job_id, "status": "succeeded"}
 
-    def _load_study(self, job_id: str, job: dict[str, Any]) -> Any:
+    def _load_study(self, job_id: str, job: dict[str, Any], attempt: dict[str, str]) -> Any:
         """The job's DICOM study as a case on the t1ce grid (:func:`brainscan.dicom.load_dicom_case`, as
         the CLI loads it), from exactly the series the intake checked; records that grid in ``input``."""
         import nibabel as nib
@@ -367,8 +269,18 @@ class JobRunner:
         case = load_dicom_case(self.store.path_for(job_id, STUDY_FILE), mapping)
         grid = {"shape": list(case.reference.shape), "spacing_mm": [round(float(s), 6) for s in case.reference.spacing],
                 "orientation": "".join(nib.aff2axcodes(case.reference.affine))}
-        self.store.update(job_id, expect_status={"running"}, input={**job["input"], **grid})
+        self.store.update(job_id, expect_status={"running"}, expect_fields=attempt, input={**job["input"], **grid})
         return case
+
+    def _push_seg(self, job_id: str, pacs: dict[str, Any], attempt: dict[str, str]) -> dict[str, Any]:
+        """Store a PACS job's SEG back in its PACS (:func:`services.segmenter.dicom_intake.push_seg`); the
+        outcome goes into ``result.pacs``, and a failed push still leaves a succeeded job with its SEG."""
+        from services.segmenter.dicom_intake import push_seg
+
+        self.store.update(job_id, expect_status={"running"}, expect_fields=attempt,
+                          stage_detail=f"storing the SEG in PACS {pacs['server']}")
+        return push_seg(pacs, self.store.path_for(job_id, SEG_FILE), self.settings.dicomweb_servers,
+                        timeout_s=self.settings.dicomweb_timeout_s)
 
     def _write_dicom_results(self, job_id: str, case: Any, mask: Any, bundle: Any) -> dict[str, str]:
         """Write a DICOM job's outputs with :func:`brainscan.dicom.save_dicom_results` (the CLI's writer):
@@ -389,13 +301,13 @@ class JobRunner:
             self.store.commit_file(job_id, input_file_name(modality))
         return {"mask": MASK_FILE, "seg": SEG_FILE, "transforms": TRANSFORMS_FILE}
 
-    def _progress_callback(self, job_id: str, report: Callable[[dict[str, Any]], None] | None
-                           ) -> Callable[[int, int], None]:
+    def _progress_callback(self, job_id: str, report: Callable[[dict[str, Any]], None] | None,
+                           attempt: dict[str, str]) -> Callable[[int, int], None]:
         """``(done, total)`` after each network call: stop if cancelled; record progress, throttled."""
         last_write = [float("-inf")]
 
         def on_patch(done: int, total: int) -> None:
-            self._check_running(job_id)
+            self._check_running(job_id, attempt)
             now = time.monotonic()
             if done < total and now - last_write[0] < self.settings.progress_interval_s:
                 return
@@ -403,7 +315,7 @@ class JobRunner:
             fields = {"progress": stage_progress("inference", done / max(total, 1)),
                       "stage_detail": f"patch {done} of {total}"}
             try:
-                self.store.update(job_id, expect_status={"running"}, **fields)
+                self.store.update(job_id, expect_status={"running"}, expect_fields=attempt, **fields)
             except JobStateError as exc:
                 raise JobCancelledError(job_id) from exc
             if report is not None:
@@ -411,8 +323,10 @@ class JobRunner:
 
         return on_patch
 
-    def _check_running(self, job_id: str) -> None:
-        if self.store.get(job_id)["status"] != "running":
+    def _check_running(self, job_id: str, attempt: dict[str, str]) -> None:
+        """Stop (:class:`JobCancelledError`) unless the job still runs as this attempt."""
+        job = self.store.get(job_id)
+        if job["status"] != "running" or job.get("attempt_id") != attempt["attempt_id"]:
             raise JobCancelledError(job_id)
 
     # -- outcomes -------------------------------------------------------------------------------
@@ -425,11 +339,12 @@ class JobRunner:
         for name in outputs:
             self.store.path_for(job_id, name).unlink(missing_ok=True)
 
-    def _fail(self, job_id: str, code: str, detail: str) -> dict[str, Any]:
+    def _fail(self, job_id: str, code: str, detail: str, attempt: dict[str, str] | None = None) -> dict[str, Any]:
+        """Record the failure (only while the job runs as ``attempt``, when given)."""
         detail = self.settings.redact_paths(detail)  # the owner reads it in the job body
         try:
-            self.store.transition(job_id, "failed", expect_status={"queued", "running"},
-                                  error={"error": code, "detail": detail}, stage_detail=None)
+            self.store.transition(job_id, "failed", expect_status={"queued", "running"}, expect_fields=attempt,
+                                  error={"error": code, "detail": detail}, stage_detail=None, heartbeat_at=None)
         except (JobStateError, JobNotFoundError):
             return {"job_id": job_id, "status": "cancelled"}  # cancelled or deleted meanwhile: keep that
         log.warning("job %s failed: %s: %s", job_id, code, detail, extra={"job_id": job_id, "error": code})
@@ -437,7 +352,7 @@ class JobRunner:
 
     def _requeue(self, job_id: str, exc: BaseException) -> None:
         try:
-            self.store.transition(job_id, "queued", expect_status={"running"}, progress=0.0,
+            self.store.transition(job_id, "queued", expect_status={"running"}, progress=0.0, heartbeat_at=None,
                                   stage_detail=f"retrying after a transient error: {type(exc).__name__}")
         except (JobStateError, JobNotFoundError):
             pass
@@ -486,8 +401,27 @@ def _load_models(**_: Any) -> None:
     log.info("worker process ready", extra={"models": loaded})
 
 
+class SegmentRequest(Request):
+    """A delivery as the worker's main process handles it: when the pool process running it dies,
+    the job reads "worker lost ..., retrying" at once (:meth:`JobRunner.worker_lost`), before
+    Celery puts the message back in the queue (``reject_on_worker_lost``)."""
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        error = getattr(exc_info.exception, "exc", exc_info.exception)  # ExceptionWithTraceback wraps it
+        if isinstance(error, WorkerLostError) and self.args and self.worker_pid:
+            try:  # a runner of its own: the main process never loads models, and forks the pool from here
+                JobRunner(settings, LocalJobStore(settings.jobs_dir, ttl_s=settings.job_ttl_s), ModelCache(settings)
+                          ).worker_lost(str(self.args[0]), worker_identity(self.worker_pid), error)
+            except OSError as exc:  # the job store is unreachable: the heartbeat will tell the reconciler
+                log.warning("cannot record the lost worker of job %s: %s", self.args[0], exc)
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
 class SegmentTask(Task):
-    """Records a hard time limit (the process was killed, so the task itself could not) as a failed job."""
+    """Records a hard time limit (the process was killed, so the task itself could not) as a failed job;
+    its deliveries are :class:`SegmentRequest` (a lost pool process shows at once)."""
+
+    Request = SegmentRequest
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         if isinstance(exc, TimeLimitExceeded) and args:
@@ -500,9 +434,18 @@ class SegmentTask(Task):
 def segment(self: Task, job_id: str) -> dict[str, Any]:
     """Celery task ``segmenter.segment``: segment job ``job_id`` (see :class:`JobRunner`)."""
 
+    broker_lost = [False]
+
     def report(meta: dict[str, Any]) -> None:
-        if self.request.id:
+        if not self.request.id:
+            return
+        try:
             self.update_state(state="PROGRESS", meta=meta)
+        except TRANSIENT_ERRORS as exc:  # best effort: the job store has the progress the API serves
+            if not broker_lost[0]:
+                log.warning("job %s: progress not sent to the result backend (%s); the job goes on", job_id, exc,
+                            extra={"job_id": job_id})
+            broker_lost[0] = True
 
     started = time.perf_counter()
     outcome = "error"

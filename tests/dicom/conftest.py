@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.dicom.studies import StudyFiles, phantom_source, small_protocol, write_study
+from tests.orthanc_server import orthanc  # noqa: F401  (fixture: a real Orthanc PACS for the session)
 
 
 @pytest.fixture(scope="session")

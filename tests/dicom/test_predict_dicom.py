@@ -139,7 +139,7 @@ def clinical_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     if not (SHIPPED_SEGMENTER / "CURRENT").is_file():
         pytest.skip(f"no shipped segmentation model at {SHIPPED_SEGMENTER}")
     from brainscan.data.brats import find_case, load_case
-    from brainscan.evaluation.segment import segment_case
+    from brainscan.inference.segmenter import segment_case
     from brainscan.models.bundle import load_bundle
 
     root = tmp_path_factory.mktemp("clinical")

@@ -114,11 +114,12 @@ def celery_worker(env: dict[str, str], log_dir: Path) -> Iterator[tuple[subproce
 
 
 @contextlib.contextmanager
-def segmentation_stack(folder: Path) -> Iterator[SegmentationStack]:
+def segmentation_stack(folder: Path, env: dict[str, str] | None = None) -> Iterator[SegmentationStack]:
     """Redis, the segmenter API and one worker, serving a tiny seeded U-Net bundle; and a phantom case.
 
     Args:
         folder: working folder (model store, job store, phantom, logs).
+        env: more settings for the API and the worker (e.g. ``SEGMENTER_DICOMWEB_SERVERS``).
     """
     from brainscan.data.phantoms import write_brats_phantoms
     from tests.segmenter import make_segmenter_store
@@ -130,7 +131,7 @@ def segmentation_stack(folder: Path) -> Iterator[SegmentationStack]:
     with redis_server(folder / "redis") as redis:
         env = {"BRAINSCAN_MODELS": str(models), "SEGMENTER_BROKER_URL": redis.url,
                "SEGMENTER_JOBS_DIR": str(folder / "jobs"), "SEGMENTER_LOG_LEVEL": "WARNING",
-               "SEGMENTER_WARMUP": "false"}
+               "SEGMENTER_WARMUP": "false", **(env or {})}
         with celery_worker(env, folder) as (worker, worker_log), \
                 serve_uvicorn("services.segmenter.app:app", env=env, ready_path="/readyz", log_dir=folder) as api:
             yield SegmentationStack(api, worker, worker_log, case_files, redis, folder / "jobs", models)

@@ -4,7 +4,7 @@ workers (the production command) and the segmenter API (``TestClient`` on ``crea
 Covered:
 
 - load: 20 jobs submitted at once to a worker with two pool processes all succeed, and every
-  downloaded mask equals :func:`brainscan.evaluation.segment.segment_case` run here on the same
+  downloaded mask equals :func:`brainscan.inference.segmenter.segment_case` run here on the same
   upload with the same bundle; the worker's Prometheus exporter (``WORKER_METRICS_PORT``) counts
   them and the API's ``segmenter_queue_length`` drains to 0;
 - broker restart: jobs queued while no worker runs survive a graceful Redis restart (append-only
@@ -65,18 +65,21 @@ CRASH_LIMITS = {"SEGMENTER_TIME_LIMIT_S": "15", "SEGMENTER_SOFT_TIME_LIMIT_S": "
 # -- the pieces ---------------------------------------------------------------------------------
 
 
-def start_redis_on(folder: Path, port: int | None = None, timeout_s: float = 15.0) -> RedisServer:
-    """``redis-server`` with an fsync-always append-only file in ``folder``, on ``port`` (or a free one)."""
+def start_redis_on(folder: Path, port: int | None = None, timeout_s: float = 15.0,
+                   password: str | None = None) -> RedisServer:
+    """``redis-server`` with an fsync-always append-only file in ``folder``, on ``port`` (or a free one),
+    requiring ``password`` when given (given again, a restart keeps its clients' URL)."""
     folder.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log_path = folder / f"redis-{port}.log"
     command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-               "--appendfsync", "always", "--dir", str(folder), "--logfile", str(log_path), "--daemonize", "no"]
+               "--appendfsync", "always", "--dir", str(folder), "--logfile", str(log_path), "--daemonize", "no",
+               *(["--requirepass", password] if password else [])]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    server = RedisServer(port, process, folder, log_path)
+    server = RedisServer(port, process, folder, log_path, password)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
-        if _answers_ping(port):
+        if _answers_ping(port, password):
             return server
         time.sleep(0.05)
     server.stop()
@@ -164,7 +167,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
 def reference_segmenter(env: Env) -> Any:
     """``case folder -> mask`` computed in this process by the evaluation path, with the same bundle."""
     from brainscan.data.brats import find_case, load_case
-    from brainscan.evaluation.segment import segment_case
+    from brainscan.inference.segmenter import segment_case
     from brainscan.models.bundle import load_bundle
     from brainscan.models.store import ModelStore
 
