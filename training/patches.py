@@ -1,4 +1,4 @@
-"""Random 3D training patches from BraTS cases: foreground oversampling, flips, intensity jitter.
+"""Random 3D training patches from BraTS cases: foreground oversampling, augmentation (:mod:`training.augment`).
 
 Cases go through the serving path first (:func:`~brainscan.preprocess.volume3d.preprocess_case`
 for the four modalities, :func:`~brainscan.preprocess.volume3d.crop_like` for the label map), so
@@ -37,6 +37,7 @@ from brainscan.data.brats import BratsCase, load_case
 from brainscan.errors import DatasetLayoutError
 from brainscan.labels import BRATS_LABELS, brats_to_index
 from brainscan.preprocess.volume3d import CropInfo, VolumePreprocessConfig, crop_like, preprocess_case
+from training.augment import AugmentConfig, augment_patch, spatial_transform, transform_patch
 
 log = logging.getLogger(__name__)
 
@@ -177,147 +178,6 @@ def prepare_cases(cases: Sequence[BratsCase | PackedCase], config: VolumePreproc
         if number % 25 == 0 or number == len(cases):
             log.info("preprocessed %d/%d cases", number, len(cases))
     return prepared
-
-
-@dataclass
-class AugmentConfig:
-    """Random transforms of a training patch (nnU-Net-like ranges; all per patch).
-
-    Intensity transforms touch brain voxels only: background is exactly 0 after preprocessing and
-    in the sliding-window padding at serving, and the network may rely on that.
-
-    Attributes:
-        flip_probability: chance of mirroring along each spatial axis (image and labels together).
-        scale_range, shift_range: per-channel ``x * scale + shift`` on z-scored intensities.
-        intensity_probability: chance of applying the scale/shift.
-        gamma_probability, gamma_range: per-channel gamma on the patch's brain range.
-        noise_probability, noise_std_max: additive Gaussian noise, std uniform in ``[0, max]``.
-        rotation_probability, rotation_degrees: rotate the patch about its centre, by an angle
-            uniform in ``[-deg, deg]`` about each axis (nnU-Net: 0.2, 30).
-        scale_probability, zoom_range: zoom the patch about its centre (nnU-Net: 0.2, 0.7-1.4).
-            Spatial transforms resample from the whole case, so the corners hold real anatomy.
-    """
-
-    flip_probability: float = 0.5
-    intensity_probability: float = 0.5
-    scale_range: tuple[float, float] = (0.9, 1.1)
-    shift_range: tuple[float, float] = (-0.1, 0.1)
-    gamma_probability: float = 0.3
-    gamma_range: tuple[float, float] = (0.7, 1.5)
-    noise_probability: float = 0.15
-    noise_std_max: float = 0.1
-    rotation_probability: float = 0.2
-    rotation_degrees: float = 30.0
-    scale_probability: float = 0.2
-    zoom_range: tuple[float, float] = (0.7, 1.4)
-
-    def __post_init__(self) -> None:
-        if not (0.0 <= self.rotation_degrees <= 180.0 and 0.0 < self.zoom_range[0] <= self.zoom_range[1]):
-            raise ValueError(f"rotation_degrees must be in [0, 180] and zoom_range positive (low, high), got "
-                             f"{self.rotation_degrees}, {self.zoom_range}")
-        for name in ("flip_probability", "intensity_probability", "gamma_probability", "noise_probability",
-                     "rotation_probability", "scale_probability"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        for name in ("scale_range", "shift_range", "gamma_range"):
-            low, high = getattr(self, name)
-            if not low <= high:
-                raise ValueError(f"{name} must be (low, high) with low <= high, got {(low, high)}")
-        if self.scale_range[0] <= 0 or self.gamma_range[0] <= 0:
-            raise ValueError(f"scale and gamma ranges must be positive, got {self.scale_range}, {self.gamma_range}")
-        if self.noise_std_max < 0:
-            raise ValueError(f"noise_std_max must be >= 0, got {self.noise_std_max}")
-
-
-def augment_patch(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-                  config: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Flip image and labels together, then jitter the intensities of brain voxels.
-
-    Args:
-        image: float32 ``(P, P, P, C)``; modified copies are returned.
-        labels: ``(P, P, P)`` class indices.
-        rng: the patch's generator.
-        config: probabilities and ranges.
-
-    Returns:
-        ``(image, labels)`` with the input shapes and dtypes.
-    """
-    axes = tuple(a for a in range(3) if rng.random() < config.flip_probability)
-    if axes:
-        image, labels = np.flip(image, axes), np.flip(labels, axes)
-    image = np.array(image, dtype=np.float32)
-    brain = np.any(image != 0, axis=-1)
-    if not brain.any():
-        return image, np.ascontiguousarray(labels)
-    channels = image.shape[-1]
-    values = image[brain]  # (N, C)
-    if rng.random() < config.intensity_probability:
-        scale = rng.uniform(*config.scale_range, size=channels)
-        values = values * scale + rng.uniform(*config.shift_range, size=channels)
-    if rng.random() < config.gamma_probability:
-        low, high = values.min(axis=0), values.max(axis=0)
-        span = np.maximum(high - low, 1e-6)
-        gamma = rng.uniform(*config.gamma_range, size=channels)
-        values = ((values - low) / span) ** gamma * span + low
-    if rng.random() < config.noise_probability:
-        values = values + rng.normal(0.0, rng.uniform(0.0, config.noise_std_max), size=values.shape)
-    image[brain] = values
-    return image, np.ascontiguousarray(labels)
-
-
-def _rotation(angles: Sequence[float]) -> np.ndarray:
-    """3x3 rotation matrix: about axis 0, then 1, then 2, by ``angles`` radians."""
-    matrix = np.eye(3)
-    for axis, angle in enumerate(angles):
-        c, s = math.cos(angle), math.sin(angle)
-        i, j = [a for a in range(3) if a != axis]
-        r = np.eye(3)
-        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-        matrix = r @ matrix
-    return matrix
-
-
-def spatial_transform(rng: np.random.Generator, config: AugmentConfig) -> np.ndarray | None:
-    """A random output->source 3x3 matrix (rotation and zoom), or ``None`` for the identity."""
-    matrix = np.eye(3)
-    changed = False
-    if rng.random() < config.rotation_probability:
-        limit = math.radians(config.rotation_degrees)
-        matrix = _rotation(rng.uniform(-limit, limit, size=3)) @ matrix
-        changed = True
-    if rng.random() < config.scale_probability:
-        # A zoom of z shows the anatomy z times larger: each output step covers 1/z source voxels.
-        matrix = matrix / rng.uniform(*config.zoom_range)
-        changed = True
-    return matrix if changed else None
-
-
-def transform_patch(array: np.ndarray, matrix: np.ndarray, centre: Sequence[int], size: Sequence[int],
-                    *, order: int) -> np.ndarray:
-    """Sample a ``size`` patch whose centre voxel ``size // 2`` sits on ``centre`` of ``array``.
-
-    Output voxel ``o`` reads ``array`` at ``matrix @ (o - size // 2) + centre`` (zero outside).
-
-    Args:
-        array: ``(X, Y, Z[, C])``.
-        matrix: 3x3 output->source matrix from :func:`spatial_transform`.
-        centre: source voxel under the patch centre.
-        size: patch shape.
-        order: 1 trilinear (images), 0 nearest (labels).
-    """
-    from scipy import ndimage
-
-    out_centre = np.array([p // 2 for p in size], dtype=np.float64)
-    offset = np.asarray(centre, dtype=np.float64) - matrix @ out_centre
-    if array.ndim == 3:
-        return ndimage.affine_transform(np.asarray(array), matrix, offset=offset, output_shape=tuple(size),
-                                        order=order, mode="constant", cval=0)
-    out = np.empty((*size, array.shape[3]), dtype=array.dtype)
-    for k in range(array.shape[3]):
-        out[..., k] = ndimage.affine_transform(np.ascontiguousarray(array[..., k]), matrix, offset=offset,
-                                               output_shape=tuple(size), order=order, mode="constant", cval=0)
-    return out
 
 
 def extract_patch(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -517,6 +377,6 @@ def dataset_fingerprint(cases: Sequence[BratsCase | PackedCase]) -> str:
 
 
 __all__ = [
-    "AugmentConfig", "PackedCase", "PatchSampler", "PreparedCase", "fingerprint_lines", "read_truth", "augment_patch", "dataset_fingerprint", "extract_patch",
-    "prepare_arrays", "prepare_case", "prepare_cases", "spatial_transform", "transform_patch",
+    "PackedCase", "PatchSampler", "PreparedCase", "dataset_fingerprint", "extract_patch", "fingerprint_lines",
+    "prepare_arrays", "prepare_case", "prepare_cases", "read_truth",
 ]

@@ -3,7 +3,7 @@
 The pipeline, in order: find the labelled cases under ``--data`` (BraTS 2018-2021 layout), a seeded
 train/validation split by case, preprocessing with the serving function (cached as memory-mapped
 ``.npy`` in the work folder), a tf.data stream of random patches with tumour oversampling and
-augmentation (:mod:`training.patches`), AdamW with warm-up and cosine decay on soft Dice +
+augmentation (:mod:`training.patches`, :mod:`training.augment`), AdamW with warm-up and cosine decay on soft Dice +
 cross-entropy (:mod:`training.losses`), a checkpoint after every epoch (``--resume`` continues
 from it, patch stream included), TensorBoard logs, and every ``val_every`` epochs a validation on
 WHOLE validation volumes exactly as serving predicts them (load, preprocess, sliding window,
@@ -31,14 +31,14 @@ import numpy as np
 
 from brainscan.errors import DatasetLayoutError
 from brainscan.labels import BRATS_LABELS, REGIONS
-
 from training.segmenter_validation import (
-    finite_or_none,
     evaluate_cases,
+    finite_or_none,
     region_dice,
     select_mirroring,
     select_postprocessing,
 )
+from training.stages import initial_bundle_record, load_initial_weights, stage_record
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ def _build_and_compile(config: SegmenterTrainConfig, arch_args: dict[str, Any], 
 
     model = build_model(config.arch, arch_args)
     if config.init_from is not None:
-        _load_initial_weights(model, config.init_from)
+        load_initial_weights(model, config.init_from)
     steps = config.steps_per_epoch
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=config.learning_rate / 100 if config.warmup_epochs else config.learning_rate,
@@ -364,69 +364,6 @@ def _build_and_compile(config: SegmenterTrainConfig, arch_args: dict[str, Any], 
     return model
 
 
-def initial_bundle_record(bundle_path: Path, val_case_ids: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """What ``--init-from`` records: the source bundle, and the stages that made it.
-
-    Reads only the manifest (no TensorFlow). The stages are the source's own ``training.stages``
-    or, for a bundle trained in one go, one stage built from its training record.
-
-    Raises:
-        BundleError: not a segmentation bundle, or one trained on a case this run validates on (its
-            validation Dice would then be measured on a training case).
-    """
-    from brainscan.errors import BundleError
-    from brainscan.models.bundle import read_manifest
-
-    manifest = read_manifest(bundle_path)
-    if manifest.get("task") != "segmentation":
-        raise BundleError(f"--init-from {bundle_path}: a {manifest.get('task')} bundle cannot start a segmenter")
-    training = manifest.get("training") or {}
-    leaked = sorted(set(training.get("training_case_ids") or []) & set(val_case_ids))
-    if leaked:
-        raise BundleError(f"--init-from {bundle_path}: it was trained on {', '.join(leaked)}, which this run "
-                          "validates on; use the same cases, --seed and --val-cases as its run "
-                          f"(validation cases there: {', '.join(training.get('validation_case_ids') or []) or 'unknown'})")
-    if not training.get("training_case_ids"):
-        log.warning("--init-from %s records no training cases: this run's validation cases may have been "
-                    "among its training cases", bundle_path)
-    record = {"bundle": str(bundle_path), "name": manifest.get("name"), "version": manifest.get("version"),
-              "weights_sha256": (manifest.get("weights") or {}).get("sha256")}
-    stages = training.get("stages") or [stage_record(manifest.get("version"), training,
-                                                     (manifest.get("metrics") or {}).get("dice"))]
-    return record, list(stages)
-
-
-def stage_record(version: Any, training: dict[str, Any], dice: dict[str, float] | None) -> dict[str, Any]:
-    """One stage of a bundle's training history: its command, length and validation Dice."""
-    config = training.get("config") or {}
-    return {"version": version, "command": training.get("command"), "epochs_run": training.get("epochs_run"),
-            "steps_per_epoch": config.get("steps_per_epoch"), "learning_rate": config.get("learning_rate"),
-            "best_epoch": training.get("best_epoch"), "train_seconds": training.get("train_seconds_this_run"),
-            "init_from": (training.get("init_from") or {}).get("version"),
-            "validation_dice": dice}
-
-
-def _load_initial_weights(model: Any, bundle_path: Path) -> None:
-    """Copy a bundle's weights into ``model`` (same architecture and arguments), cast to its dtypes.
-
-    Raises:
-        BundleError: the bundle is not a segmenter, or its network differs from ``model``.
-    """
-    from brainscan.errors import BundleError
-    from brainscan.models.bundle import load_bundle
-
-    bundle = load_bundle(bundle_path)
-    if bundle.task != "segmentation":
-        raise BundleError(f"--init-from {bundle_path}: a {bundle.task} bundle cannot start a segmenter")
-    source = bundle.model.weights
-    if len(source) != len(model.weights) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(source, model.weights)):
-        raise BundleError(f"--init-from {bundle_path}: its network ({bundle.architecture}, "
-                          f"{bundle.manifest['architecture']['args']}) does not match this run's")
-    for target, weights in zip(model.weights, source):
-        target.assign(np.asarray(weights.numpy(), dtype=target.dtype))
-    log.info("initial weights from %s (%s %s)", bundle_path, bundle.architecture, bundle.version)
-
-
 def train_segmenter(config: SegmenterTrainConfig) -> Path:
     """Run a whole training and write the bundle; returns the bundle's path.
 
@@ -441,7 +378,8 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     from brainscan.models.bundle import save_bundle
     from brainscan.models.store import ModelStore
     from training.pack import is_pack
-    from training.patches import AugmentConfig, PatchSampler, dataset_fingerprint, prepare_cases
+    from training.augment import AugmentConfig
+    from training.patches import PatchSampler, dataset_fingerprint, prepare_cases
     from training.runtime import load_checkpoint, setup_runtime
 
     previous_policy = keras.mixed_precision.global_policy()

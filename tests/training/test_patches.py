@@ -9,11 +9,10 @@ from brainscan.data.brats import find_case, load_case
 from brainscan.data.phantoms import make_brats_phantom, write_brats_phantoms
 from brainscan.labels import brats_to_index
 from brainscan.preprocess.volume3d import VolumePreprocessConfig, crop_like, preprocess_case
+from training.augment import AugmentConfig, augment_patch
 from training.patches import (
-    AugmentConfig,
     PatchSampler,
     PreparedCase,
-    augment_patch,
     dataset_fingerprint,
     extract_patch,
     prepare_arrays,

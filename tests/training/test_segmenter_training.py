@@ -360,7 +360,7 @@ SHIPPED_UNET = Path(__file__).resolve().parents[2] / "models" / "segmentation" /
 def test_init_from_refuses_a_bundle_trained_on_a_validation_case():
     from brainscan.errors import BundleError
     from brainscan.models.bundle import read_manifest
-    from training.segmenter import initial_bundle_record
+    from training.stages import initial_bundle_record
 
     training = read_manifest(SHIPPED_UNET)["training"]
     record, stages = initial_bundle_record(SHIPPED_UNET, training["validation_case_ids"])
