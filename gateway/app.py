@@ -23,9 +23,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from brainscan import __version__
+from brainscan.api_models import Classification, ClassificationModels, GatewayReady, Health
 from brainscan.internal_auth import INTERNAL_TOKEN_HEADER
 from brainscan.web import ClientGoneError, error_response, http_error_code, unless_client_leaves
-from gateway.examples import CLASSIFIER_ERRORS, CLASSIFY_BODY, CLASSIFY_RESPONSES, MODELS_EXAMPLE
+from gateway.examples import CLASSIFY_BODY, CLASSIFY_RESPONSES, HEALTH_RESPONSES, MODELS_RESPONSES, READY_RESPONSES
 from gateway.metrics import GatewayMetrics, RequestContextMiddleware, configure_logging
 from gateway.ownership import BrowserSessionMiddleware
 from gateway.proxy import MODEL_NAME_PATTERN, GatewayError, Upstream, read_limited_body
@@ -88,20 +89,13 @@ async def probe_ready(client: httpx.AsyncClient, name: str, base_url: str, timeo
 def _build_api_router() -> APIRouter:
     router = APIRouter(prefix="/api")
 
-    @router.get("/health", tags=["probes"], summary="The gateway process is alive",
-                responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}})
+    @router.get("/health", tags=["probes"], summary="The gateway process is alive", response_model=Health,
+                responses=HEALTH_RESPONSES)
     async def health() -> dict[str, str]:
         return {"status": "ok", "service": "gateway", "version": __version__}
 
     @router.get("/ready", tags=["probes"], summary="All configured services are ready",
-                responses={200: {"content": {"application/json": {"example": {
-                    "status": "ready", "services": {"classifier": {"status": "ready", "detail": "The classifier is ready."},
-                                                    "segmenter": {"status": "not configured", "detail": "..."}}}}}},
-                           503: {"description": "At least one configured service is not ready",
-                                 "content": {"application/json": {"example": {
-                                     "status": "not ready", "error": "service_unavailable",
-                                     "detail": "Not ready: classifier.", "request_id": "3f2b9c0e8d7a4e1f",
-                                     "services": {"classifier": {"status": "unreachable", "detail": "..."}}}}}}})
+                response_model=GatewayReady, responses=READY_RESPONSES)
     async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
         client: httpx.AsyncClient = request.app.state.http
         names = ("classifier", "segmenter")
@@ -120,14 +114,13 @@ def _build_api_router() -> APIRouter:
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["classification"])
 
-    @v1.get("/models", summary="Classification models available", response_class=Response,
-            responses={200: {"description": "Models and the default one",
-                             "content": {"application/json": {"example": MODELS_EXAMPLE}}}, **CLASSIFIER_ERRORS})
+    @v1.get("/models", summary="Classification models available", response_model=ClassificationModels,
+            responses=MODELS_RESPONSES)
     async def list_models(request: Request, classifier: ClassifierDep) -> Response:
         response = await classifier.request("GET", "/v1/models", request_id=request.state.request_id)
         return passthrough(response)
 
-    @v1.post("/classifications", summary="Classify one 2D MRI slice", response_class=Response,
+    @v1.post("/classifications", summary="Classify one 2D MRI slice", response_model=Classification,
              responses=CLASSIFY_RESPONSES, openapi_extra=CLASSIFY_BODY,
              description="Upload one image as multipart/form-data field `file`. Answers the predicted "
                          "class, all four probabilities, a heatmap of the regions that drove the "

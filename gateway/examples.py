@@ -1,16 +1,61 @@
-"""OpenAPI examples of the gateway's answers (what ``/docs`` shows next to each route).
+"""OpenAPI ``responses=`` of the gateway's routes: the models of their answers, with examples.
 
 Kept apart from the routes so that the route modules stay readable; the examples follow the
-service contracts in ``docs/CONTRACTS.md``.
+service contracts in ``docs/CONTRACTS.md``. Every entry names the model of its body
+(:mod:`brainscan.api_models`), so that ``/openapi.json`` is generated from the models; the
+examples are what ``/docs`` shows next to each one.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, TypeAdapter
+
+from brainscan.api_models import (
+    BINARY_SCHEMA,
+    Classification,
+    ClassificationModels,
+    ClassificationUpload,
+    ErrorBody,
+    GatewayNotReady,
+    GatewayReady,
+    Health,
+    SegmentationJob,
+    SegmentationModels,
+    SegmentationUpload,
+    multipart_body,
+)
+
+_REQUEST_ID = "3f2b9c0e8d7a4e1f"
+
+
 def error_example(code: str, detail: str) -> dict[str, Any]:
     """OpenAPI ``content`` of an error answer with this code and detail."""
-    return {"application/json": {"example": {"error": code, "detail": detail, "request_id": "3f2b9c0e8d7a4e1f"}}}
+    return {"application/json": {"example": {"error": code, "detail": detail, "request_id": _REQUEST_ID}}}
+
+
+def error_doc(description: str, code: str, detail: str) -> dict[str, Any]:
+    """A ``responses=`` entry of an error: :class:`ErrorBody`, with an example of this code and detail."""
+    return {"model": ErrorBody, "description": description, "content": error_example(code, detail)}
+
+
+def body_doc(model: type[BaseModel], description: str, example: Any) -> dict[str, Any]:
+    """A ``responses=`` entry of a JSON answer: ``model``, with one example."""
+    return {"model": model, "description": description, "content": {"application/json": {"example": example}}}
+
+
+HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: body_doc(Health, "The gateway answers", {"status": "ok", "service": "gateway", "version": "1.0.0"}),
+}
+READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: body_doc(GatewayReady, "Every configured service is ready", {
+        "status": "ready", "services": {"classifier": {"status": "ready", "detail": "The classifier is ready."},
+                                        "segmenter": {"status": "not configured", "detail": "..."}}}),
+    503: body_doc(GatewayNotReady, "At least one configured service is not ready", {
+        "status": "not ready", "error": "service_unavailable", "detail": "Not ready: classifier.",
+        "request_id": _REQUEST_ID, "services": {"classifier": {"status": "unreachable", "detail": "..."}}}),
+}
 
 
 CLASSIFICATION_EXAMPLE = {
@@ -31,39 +76,37 @@ MODELS_EXAMPLE = {
                 "metrics": {"accuracy": 0.95, "macro_f1": 0.94}, "created_at": "2026-11-27T12:00:00Z",
                 "manifest": {}}],
 }
+_INVALID_REQUEST = error_doc("A parameter is not valid", "invalid_request",
+                             "The request is not valid (query.model: String should match pattern). "
+                             "See /docs for the expected parameters.")
 CLASSIFIER_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or wrong X-API-Key (only when the server has keys configured)",
-          "content": error_example("unauthorized", "This gateway needs an API key. Send it in the X-API-Key header.")},
-    502: {"description": "The service answered something unreadable",
-          "content": error_example("bad_gateway", "The connection to the classifier service broke. Try again.")},
-    503: {"description": "The service is not running, or the model asked for is not loaded (model_unavailable)",
-          "content": error_example("service_unavailable", "The classifier service is not reachable right now. "
-                                                           "Try again in a minute.")},
-    504: {"description": "The service did not answer in time",
-          "content": error_example("upstream_timeout", "The classifier service took too long to answer. Try again.")},
+    401: error_doc("Missing or wrong X-API-Key (only when the server has keys configured)",
+                   "unauthorized", "This gateway needs an API key. Send it in the X-API-Key header."),
+    422: _INVALID_REQUEST,
+    502: error_doc("The service answered something unreadable",
+                   "bad_gateway", "The connection to the classifier service broke. Try again."),
+    503: error_doc("The service is not running, or the model asked for is not loaded (model_unavailable)",
+                   "service_unavailable", "The classifier service is not reachable right now. Try again in a minute."),
+    504: error_doc("The service did not answer in time",
+                   "upstream_timeout", "The classifier service took too long to answer. Try again."),
 }
-CLASSIFY_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "Predicted class, probabilities, heatmap and timings",
-          "content": {"application/json": {"example": CLASSIFICATION_EXAMPLE}}},
-    400: {"description": "Empty upload", "content": error_example("empty_input", "The uploaded file is empty.")},
-    404: {"description": "Unknown model", "content": error_example("unknown_model", "No model named 'x'.")},
-    413: {"description": "Upload over the size limit",
-          "content": error_example("too_large", "The upload is larger than this server accepts (20.1 MB).")},
-    415: {"description": "Not an image (decided by content) or not multipart/form-data",
-          "content": error_example("unsupported_format", "The file is not a JPEG or PNG image.")},
-    422: {"description": "Corrupt image or absurd dimensions",
-          "content": error_example("corrupt_file", "The image is truncated or damaged.")},
+MODELS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: body_doc(ClassificationModels, "Models and the default one", MODELS_EXAMPLE),
     **CLASSIFIER_ERRORS,
 }
-CLASSIFY_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"multipart/form-data": {
-            "schema": {"type": "object", "required": ["file"],
-                       "properties": {"file": {"type": "string", "format": "binary",
-                                               "description": "One 2D MRI slice (JPEG or PNG)"}}}}},
-    }
+CLASSIFY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **CLASSIFIER_ERRORS,
+    200: body_doc(Classification, "Predicted class, probabilities, heatmap and timings", CLASSIFICATION_EXAMPLE),
+    400: error_doc("Empty upload", "empty_input", "The uploaded file is empty."),
+    404: error_doc("Unknown model", "unknown_model", "No model named 'x'."),
+    413: error_doc("Upload over the size limit",
+                   "too_large", "The upload is larger than this server accepts (20.1 MB)."),
+    415: error_doc("Not an image (decided by content) or not multipart/form-data",
+                   "unsupported_format", "The file is not a JPEG or PNG image."),
+    422: error_doc("Corrupt image or absurd dimensions, or a parameter that is not valid",
+                   "corrupt_file", "The image is truncated or damaged."),
 }
+CLASSIFY_BODY = multipart_body(ClassificationUpload)
 
 
 # ---------------------------------------------------------------- segmentation
@@ -89,36 +132,36 @@ SEGMENTATION_DONE_EXAMPLE = {
 }
 SEGMENTER_ERRORS: dict[int | str, dict[str, Any]] = {
     401: CLASSIFIER_ERRORS[401],
-    502: {"description": "The segmenter answered something unreadable",
-          "content": error_example("bad_gateway", "The connection to the segmenter service broke. Try again.")},
-    503: {"description": "The segmenter is not running or not configured, or its queue is unreachable",
-          "content": error_example("service_unavailable", "The segmenter service is not reachable right now. "
-                                                          "Try again in a minute.")},
-    504: {"description": "The segmenter did not answer in time",
-          "content": error_example("upstream_timeout", "The segmenter service took too long to answer. Try again.")},
+    422: _INVALID_REQUEST,
+    502: error_doc("The segmenter answered something unreadable",
+                   "bad_gateway", "The connection to the segmenter service broke. Try again."),
+    503: error_doc("The segmenter is not running or not configured, or its queue is unreachable",
+                   "service_unavailable", "The segmenter service is not reachable right now. Try again in a minute."),
+    504: error_doc("The segmenter did not answer in time",
+                   "upstream_timeout", "The segmenter service took too long to answer. Try again."),
 }
-_NOT_FOUND = {"description": "No such job for this owner (another session's or API key's jobs are invisible), "
-                             "or it expired",
-              "content": error_example("not_found", "No segmentation job with this id. It may have expired.")}
+_NOT_FOUND = error_doc("No such job for this owner (another session's or API key's jobs are invisible), or it expired",
+                       "not_found", "No segmentation job with this id. It may have expired.")
 CREATE_SEGMENTATION_RESPONSES: dict[int | str, dict[str, Any]] = {
-    202: {"description": "Accepted and queued; poll the `Location` (also `links.self`) until `status` is final",
-          "content": {"application/json": {"example": {**SEGMENTATION_JOB_EXAMPLE, "status": "queued",
-                                                       "progress": 0.0, "stage": "queued", "stage_detail": None,
-                                                       "started_at": None}}},
-          "headers": {"Location": {"description": "URL of the job", "schema": {"type": "string"}}}},
-    400: {"description": "Empty file or malformed form",
-          "content": error_example("empty_input", "The file for 't1' is empty.")},
-    404: {"description": "Unknown model", "content": error_example("unknown_model", "No model named 'x'.")},
-    413: {"description": "Upload over the gateway's or the segmenter's size limit",
-          "content": error_example("too_large", "The upload is larger than this server accepts (600.0 MB).")},
-    415: {"description": "Not multipart/form-data, or a file that is not NIfTI / zip (decided by content)",
-          "content": error_example("unsupported_format", "The file for 't1' is not a NIfTI image.")},
-    422: {"description": "A modality is missing, the volumes disagree (shape/affine), or a file is corrupt",
-          "content": error_example("missing_modality", "The case has no 'flair' scan. Upload t1, t1ce, t2 and flair.")},
     **SEGMENTER_ERRORS,
+    202: {**body_doc(SegmentationJob,
+                     "Accepted and queued; poll the `Location` (also `links.self`) until `status` is final",
+                     {**SEGMENTATION_JOB_EXAMPLE, "status": "queued", "progress": 0.0, "stage": "queued",
+                      "stage_detail": None, "started_at": None}),
+          "headers": {"Location": {"description": "URL of the job", "schema": TypeAdapter(str).json_schema()}}},
+    400: error_doc("Empty file or malformed form", "empty_input", "The file for 't1' is empty."),
+    404: error_doc("Unknown model", "unknown_model", "No model named 'x'."),
+    413: error_doc("Upload over the gateway's or the segmenter's size limit",
+                   "too_large", "The upload is larger than this server accepts (600.0 MB)."),
+    415: error_doc("Not multipart/form-data, or a file that is not NIfTI / zip (decided by content)",
+                   "unsupported_format", "The file for 't1' is not a NIfTI image."),
+    422: error_doc("A modality is missing, the volumes disagree (shape/affine), a file is corrupt, or a parameter "
+                   "is not valid", "missing_modality",
+                   "The case has no 'flair' scan. Upload t1, t1ce, t2 and flair."),
 }
 GET_SEGMENTATION_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The job: status, progress, and once succeeded the mask URL, volumes (mL) and previews",
+    200: {"model": SegmentationJob,
+          "description": "The job: status, progress, and once succeeded the mask URL, volumes (mL) and previews",
           "content": {"application/json": {"examples": {
               "running": {"value": SEGMENTATION_JOB_EXAMPLE}, "succeeded": {"value": SEGMENTATION_DONE_EXAMPLE},
               "failed": {"value": {**SEGMENTATION_JOB_EXAMPLE, "status": "failed", "stage": "inference",
@@ -130,54 +173,25 @@ GET_SEGMENTATION_RESPONSES: dict[int | str, dict[str, Any]] = {
 FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The file, streamed: `mask.nii.gz` (uint8 BraTS labels 0/1/2/4, the input's grid and "
                          "affine), `input_<modality>.nii.gz`, or `preview_<plane>.png`",
-          "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}},
-                      "image/png": {"schema": {"type": "string", "format": "binary"}}}},
-    404: {**_NOT_FOUND, "content": error_example("not_found", "This job has no file named 'x'.")},
+          "content": {"application/gzip": {"schema": BINARY_SCHEMA}, "image/png": {"schema": BINARY_SCHEMA}}},
+    404: error_doc(_NOT_FOUND["description"], "not_found", "This job has no file named 'x'."),
     **SEGMENTER_ERRORS,
 }
 DELETE_SEGMENTATION_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "A queued or running job was cancelled (its body, status `cancelled`)",
-          "content": {"application/json": {"example": {**SEGMENTATION_JOB_EXAMPLE, "status": "cancelled"}}}},
+    200: body_doc(SegmentationJob, "A queued or running job was cancelled (its body, status `cancelled`)",
+                  {**SEGMENTATION_JOB_EXAMPLE, "status": "cancelled"}),
     204: {"description": "A finished job and its files were deleted"},
     404: _NOT_FOUND,
     **SEGMENTER_ERRORS,
 }
-_NIFTI = {"type": "string", "format": "binary"}
-SEGMENTATION_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"multipart/form-data": {
-            "schema": {"type": "object", "description": "Send ONE of: the four files t1, t1ce, t2 and flair; "
-                                                        "or `case`; or `volume`; or `dicom` (with `series` "
-                                                        "if asked for it); or `pacs` and `study_uid`.",
-                       "properties": {
-                           "t1": {**_NIFTI, "description": "T1-weighted volume (.nii or .nii.gz)"},
-                           "t1ce": {**_NIFTI, "description": "Contrast-enhanced T1 volume"},
-                           "t2": {**_NIFTI, "description": "T2-weighted volume"},
-                           "flair": {**_NIFTI, "description": "FLAIR volume"},
-                           "case": {**_NIFTI, "description": "A zip of one BraTS case folder "
-                                                             "(<case>_{t1,t1ce,t2,flair}.nii[.gz])"},
-                           "volume": {**_NIFTI, "description": "One 4D NIfTI (X, Y, Z, 4), channels t1, t1ce, t2, flair"},
-                           "dicom": {**_NIFTI, "description": "A zip of one skull-stripped DICOM MR study (any "
-                                                              "folder layout) with t1, t1ce, t2 and flair series; "
-                                                              "the job also gives a DICOM SEG (seg.dcm) on the t1ce "
-                                                              "series"},
-                           "series": {"type": "string", "description": "With `dicom` only: JSON "
-                                      "{SeriesInstanceUID: modality} for series the headers do not make clear "
-                                      "(a 422 `series_unidentified` lists the series found)"},
-                           "pacs": {"type": "string", "description": "Instead of files: a PACS the operator "
-                                    "configured (its name, or exactly its DICOMweb URL); the server pulls the study "
-                                    "`study_uid` from it and stores the SEG back"},
-                           "study_uid": {"type": "string", "description": "With `pacs`: the StudyInstanceUID"},
-                       }}}},
-    }
-}
+SEGMENTATION_BODY = multipart_body(SegmentationUpload)
 SEGMENTATION_MODELS_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "Segmentation models (from their bundles' manifests) and the default one",
-          "content": {"application/json": {"example": {
-              "default": "unet3d",
-              "models": [{"name": "unet3d", "arch": "unet3d", "version": "1", "demo": False,
-                          "labels": {"1": "NCR", "2": "ED", "4": "ET"},
-                          "metrics": {"dice_WT": 0.88, "dice_TC": 0.81, "dice_ET": 0.76}}]}}}},
+    200: body_doc(SegmentationModels, "Segmentation models (from their bundles' manifests) and the default one", {
+        "default": "unet3d",
+        "models": [{"name": "unet3d", "arch": "unet3d", "version": "2", "demo": False, "versions": ["1", "2"],
+                    "label_map": {"0": 0, "1": 1, "2": 2, "3": 4},
+                    "label_names": {"0": "background", "1": "NCR", "2": "ED", "3": "ET"},
+                    "modalities": ["t1", "t1ce", "t2", "flair"],
+                    "metrics": {"dice": {"WT": 0.87, "TC": 0.90, "ET": 0.60}}}]}),
     **SEGMENTER_ERRORS,
 }

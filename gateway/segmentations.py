@@ -19,6 +19,7 @@ import httpx
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
+from brainscan.api_models import SegmentationJob, SegmentationModels
 from gateway.examples import (
     CREATE_SEGMENTATION_RESPONSES,
     DELETE_SEGMENTATION_RESPONSES,
@@ -140,7 +141,8 @@ def build_segmentation_router() -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["segmentation"])
 
     @router.post("/segmentations", status_code=202, summary="Start a 3D tumour segmentation of one case",
-                 response_class=Response, responses=CREATE_SEGMENTATION_RESPONSES, openapi_extra=SEGMENTATION_BODY,
+                 response_model=SegmentationJob, responses=CREATE_SEGMENTATION_RESPONSES,
+                 openapi_extra=SEGMENTATION_BODY,
                  description="Upload one case as multipart/form-data: the four scans as fields `t1`, `t1ce`, `t2`, "
                              "`flair` (NIfTI), or a zip as `case`, or one 4D NIfTI as `volume`, or a zip of a "
                              "DICOM study as `dicom` (plus, if the answer asks for it, a text field `series`: JSON "
@@ -178,7 +180,7 @@ def build_segmentation_router() -> APIRouter:
         return job_response(request, segmenter, response)
 
     @router.get("/segmentations/{job_id}", summary="Status, progress and result of a segmentation job",
-                response_class=Response, responses=GET_SEGMENTATION_RESPONSES)
+                response_model=SegmentationJob, responses=GET_SEGMENTATION_RESPONSES)
     async def get_segmentation(request: Request, job_id: str, owner: OwnerDep, segmenter: SegmenterDep) -> Response:
         _check_job_id(job_id)
         response = await segmenter.send("GET", f"/v1/jobs/{job_id}", request_id=request.state.request_id,
@@ -205,7 +207,7 @@ def build_segmentation_router() -> APIRouter:
         return StreamingResponse(_relay(response), status_code=200, headers=headers)
 
     @router.delete("/segmentations/{job_id}", summary="Cancel a running job, or delete a finished one and its files",
-                   response_class=Response, responses=DELETE_SEGMENTATION_RESPONSES)
+                   response_model=SegmentationJob, responses=DELETE_SEGMENTATION_RESPONSES)
     async def delete_segmentation(request: Request, job_id: str, owner: OwnerDep,
                                   segmenter: SegmenterDep) -> Response:
         _check_job_id(job_id)
@@ -213,8 +215,8 @@ def build_segmentation_router() -> APIRouter:
                                         headers={OWNER_HEADER: owner})
         return job_response(request, segmenter, response)
 
-    @router.get("/segmentation-models", summary="Segmentation models available", response_class=Response,
-                responses=SEGMENTATION_MODELS_RESPONSES)
+    @router.get("/segmentation-models", summary="Segmentation models available",
+                response_model=SegmentationModels, responses=SEGMENTATION_MODELS_RESPONSES)
     async def list_segmentation_models(request: Request, segmenter: SegmenterDep) -> Response:
         response = await segmenter.send("GET", "/v1/models", request_id=request.state.request_id)
         return job_response(request, segmenter, response)

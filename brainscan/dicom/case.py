@@ -139,6 +139,34 @@ def brain_mask(channels: np.ndarray, fraction: float = BRAIN_FRACTION) -> np.nda
     return labels == int(np.argmax(sizes))
 
 
+def strip_and_mask(channels: np.ndarray, affine: np.ndarray, *, skull_strip: str = "auto",
+                   brain_fraction: float | None = BRAIN_FRACTION) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Extract the brain (if the reference channel still has the skull on) and apply :func:`brain_mask`,
+    in place, to channels already on the reference (t1ce) grid.
+
+    Args:
+        channels: float32 ``(4, X, Y, Z)`` in MODALITIES order on the reference grid (changed in place).
+        affine: the reference grid's RAS affine.
+        skull_strip: ``"auto"``, ``"on"`` or ``"off"`` (:func:`~brainscan.dicom.skullstrip.extract_brain`).
+        brain_fraction: see :func:`brain_mask`; ``None`` keeps every non-zero voxel.
+
+    Returns:
+        ``(skull-strip record, brain-mask record)``, both JSON-able.
+    """
+    head_mask, strip_record = extract_brain(channels[MODALITIES.index(REFERENCE)], affine, mode=skull_strip,
+                                            modality=REFERENCE)
+    if head_mask is not None:
+        channels *= head_mask
+    if brain_fraction is None:
+        return strip_record, {"method": "none: every non-zero voxel"}
+    brain = brain_mask(channels, brain_fraction)
+    channels *= brain
+    spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return strip_record, {"method": "every channel above a fraction of its non-zero median; holes filled; largest "
+                                    "component", "fraction": brain_fraction, "voxels": int(brain.sum()),
+                          "volume_ml": round(float(brain.sum()) * float(np.prod(spacing)) / 1000, 2)}
+
+
 def check_study(path: str | Path | DicomStudy, series_map: Mapping[str, str] | None = None, *,
                 limits: StudyLimits | None = None) -> dict[str, dict[str, Any]]:
     """Check a study from its headers alone (no pixel decoding, no registration): what a service
@@ -200,18 +228,8 @@ def load_dicom_case(path: str | Path, series_map: Mapping[str, str] | None = Non
     volumes = {modality: series_volume(series) for modality, series in chosen.items()}
     channels, transforms = align_to_reference(volumes, method=method)
     reference_series = volumes[REFERENCE]
-    head_mask, strip_record = extract_brain(channels[MODALITIES.index(REFERENCE)], reference_series.affine,
-                                            mode=skull_strip, modality=REFERENCE)
-    if head_mask is not None:
-        channels *= head_mask
-    if brain_fraction is None:
-        brain_info: dict[str, Any] = {"method": "none: every non-zero voxel"}
-    else:
-        brain = brain_mask(channels, brain_fraction)
-        channels *= brain
-        brain_info = {"method": "every channel above a fraction of its non-zero median; holes filled; largest "
-                                "component", "fraction": brain_fraction, "voxels": int(brain.sum()),
-                      "volume_ml": round(float(brain.sum()) * float(np.prod(reference_series.spacing)) / 1000, 2)}
+    strip_record, brain_info = strip_and_mask(channels, reference_series.affine, skull_strip=skull_strip,
+                                              brain_fraction=brain_fraction)
     mapped = set((series_map or {}).keys())
     summaries = {m: {**describe(s, m), "mapped": s.uid in mapped} for m, s in chosen.items()}
     for modality in MODALITIES:
@@ -240,21 +258,31 @@ def save_dicom_results(case: DicomCase, mask: np.ndarray, out_dir: str | Path, *
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = {
-        "seg": str(write_dicom_seg(mask, case.reference_series, out / SEG_FILE, algorithm=algorithm)),
-        "mask": str(save_like(mask, case.reference, out / MASK_FILE)),
-    }
-    (out / TRANSFORMS_FILE).write_text(json.dumps({"reference": REFERENCE, "series": case.series,
-                                                   "transforms": case.transforms, "skull_strip": case.skull_strip,
-                                                   "brain_mask": case.brain},
-                                                  indent=2) + "\n")
+    seg = str(write_dicom_seg(mask, case.reference_series, out / SEG_FILE, algorithm=algorithm))
+    record = {"reference": REFERENCE, "series": case.series, "transforms": case.transforms,
+              "skull_strip": case.skull_strip, "brain_mask": case.brain}
+    return {"seg": seg, **write_aligned_outputs(case.reference, case.channels, mask, record, out,
+                                                save_volumes=save_volumes)}
+
+
+def write_aligned_outputs(reference: Volume, channels: np.ndarray, mask: np.ndarray, record: Mapping[str, Any],
+                          out_dir: str | Path, *, save_volumes: bool = False) -> dict[str, str]:
+    """Write a case aligned to the reference grid: ``mask.nii.gz`` on that grid, ``transforms.json``
+    (``record``) and, if asked, the channels as ``<modality>.nii.gz``.
+
+    Returns:
+        ``{"mask", "transforms", and each modality if saved}`` -> file path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"mask": str(save_like(mask, reference, out / MASK_FILE))}
+    (out / TRANSFORMS_FILE).write_text(json.dumps(dict(record), indent=2) + "\n")
     written["transforms"] = str(out / TRANSFORMS_FILE)
     if save_volumes:
         for index, modality in enumerate(MODALITIES):
-            written[modality] = str(save_like(case.channels[index], case.reference, out / f"{modality}.nii.gz",
-                                              dtype=np.float32))
+            written[modality] = str(save_like(channels[index], reference, out / f"{modality}.nii.gz", dtype=np.float32))
     return written
 
 
 __all__ = ["BRAIN_FRACTION", "MASK_FILE", "SEG_FILE", "TRANSFORMS_FILE", "DicomCase", "brain_mask", "check_study",
-           "is_dicom_input", "load_dicom_case", "save_dicom_results"]
+           "is_dicom_input", "load_dicom_case", "save_dicom_results", "strip_and_mask", "write_aligned_outputs"]

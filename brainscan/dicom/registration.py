@@ -14,6 +14,9 @@ for a shared frame of reference, the correction must stay within :data:`MAX_ROTA
 registration that went astray). Otherwise the geometry alone is used and the record says why.
 Either way every transform applied is returned as a JSON-able record.
 
+:func:`align_volumes` does this for plain ``(array, RAS affine)`` volumes (NIfTI uploads on different
+grids, :mod:`brainscan.preprocess.align`); :func:`align_to_reference` for DICOM series.
+
 Example:
     >>> channels, transforms = align_to_reference({"t1": v1, "t1ce": v1ce, "t2": v2, "flair": vf})
     >>> channels.shape                      # (4, *t1ce grid), MODALITIES order
@@ -178,22 +181,32 @@ def register_rigid(fixed: Any, moving: Any, *, same_frame: bool = True, sampling
     return chosen, record
 
 
-def align_to_reference(volumes: Mapping[str, SeriesVolume], *, method: str = "rigid",
-                       reference: str = REFERENCE) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Resample every modality onto the reference series' grid, registering it first if asked.
+def align_volumes(volumes: Mapping[str, tuple[np.ndarray, np.ndarray]], *, method: str = "rigid",
+                  reference: str = REFERENCE, same_frame: Mapping[str, bool] | bool = True,
+                  registration_spacing_mm: float | None = None,
+                  describe: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Resample every modality onto the reference volume's grid, registering it first if asked.
+
+    Each volume is a plain ``(data (X, Y, Z), RAS affine)`` pair on its own grid; the affines place
+    them in one world (scanner) frame, which is where registration starts from.
 
     Args:
-        volumes: ``{modality: SeriesVolume}`` for the four :data:`~brainscan.labels.MODALITIES`.
-        method: ``"rigid"`` (register, then resample) or ``"geometry"`` (resample by the DICOM
-            geometry alone).
+        volumes: ``{modality: (data, affine)}`` for the four :data:`~brainscan.labels.MODALITIES`.
+        method: ``"rigid"`` (register, then resample) or ``"geometry"`` (resample by the affines alone).
         reference: the modality whose grid the others are brought onto (t1ce).
+        same_frame: whether each modality shares the reference's world frame (one bool for all, or per
+            modality): see :func:`register_rigid`.
+        registration_spacing_mm: register on isotropic copies at this spacing (e.g. 2 mm: seconds,
+            not minutes, for 1 mm volumes); ``None`` registers the volumes as they are. The transform
+            found is physical, so resampling is always from the full-resolution volume.
+        describe: per modality, fields that open its record (e.g. the series' UID).
 
     Returns:
         ``(channels, transforms)``: float32 ``(4, X, Y, Z)`` in MODALITIES order on the reference
-        grid (0 where a series does not reach), and one record per modality with ``modality``,
-        ``series_instance_uid``, ``series_number``, ``method`` (``"reference"``, ``"rigid"`` or
-        ``"geometry"``), ``matrix_lps`` (4x4: reference LPS point -> that series' LPS point),
-        ``interpolation`` and, for a registration, its settings, metric values and outcome.
+        grid (0 where a volume does not reach), and one record per modality with ``modality``,
+        ``method`` (``"reference"``, ``"rigid"`` or ``"geometry"``), ``matrix_lps`` (4x4: reference
+        LPS point -> that volume's LPS point), ``interpolation`` and, for a registration, its
+        settings, metric values and outcome.
 
     Raises:
         ValueError: an unknown ``method`` or a missing modality.
@@ -205,23 +218,27 @@ def align_to_reference(volumes: Mapping[str, SeriesVolume], *, method: str = "ri
     missing = [m for m in MODALITIES if m not in volumes]
     if missing:
         raise ValueError(f"volumes lack {missing}")
-    fixed_volume = volumes[reference]
-    fixed = to_sitk(fixed_volume.data, fixed_volume.affine)
-    frame = str(fixed_volume.instances[0].get("FrameOfReferenceUID", "") or "")
+    fixed = to_sitk(*volumes[reference])
+    fixed_small = fixed
+    if registration_spacing_mm is not None and method == "rigid":
+        from brainscan.dicom.skullstrip import isotropic  # skullstrip imports this module
+
+        fixed_small = isotropic(fixed, registration_spacing_mm)
     channels, transforms = [], []
     for modality in MODALITIES:
-        volume = volumes[modality]
-        record: dict[str, Any] = {"modality": modality, "series_instance_uid": volume.series.uid,
-                                  "series_number": volume.series.number}
+        data, affine = volumes[modality]
+        record: dict[str, Any] = {"modality": modality, **dict((describe or {}).get(modality, {}))}
         if modality == reference:
-            channels.append(volume.data.astype(np.float32, copy=False))
+            channels.append(np.asarray(data, dtype=np.float32))
             transforms.append({**record, "method": "reference", "matrix_lps": np.eye(4).tolist(),
                                "interpolation": None})
             continue
-        moving = to_sitk(volume.data, volume.affine)
-        same_frame = bool(frame) and str(volume.instances[0].get("FrameOfReferenceUID", "") or "") == frame
+        moving = to_sitk(data, affine)
+        shared = same_frame if isinstance(same_frame, bool) else bool(same_frame.get(modality, False))
         if method == "rigid":
-            transform, found = register_rigid(fixed, moving, same_frame=same_frame)
+            moving_small = moving if fixed_small is fixed else isotropic(moving, registration_spacing_mm)
+            transform, found = register_rigid(fixed_small, moving_small, same_frame=shared)
+            found["registration"]["spacing_mm"] = registration_spacing_mm
         else:
             transform = sitk.Euler3DTransform()
             found = {"method": "geometry", "matrix_lps": np.eye(4).tolist()}
@@ -232,5 +249,34 @@ def align_to_reference(volumes: Mapping[str, SeriesVolume], *, method: str = "ri
     return np.stack(channels).astype(np.float32, copy=False), transforms
 
 
-__all__ = ["MAX_ROTATION_DEG", "MAX_TRANSLATION_MM", "METHODS", "align_to_reference", "from_sitk", "gradient_descent",
-           "mutual_information", "register_rigid", "to_sitk"]
+def align_to_reference(volumes: Mapping[str, SeriesVolume], *, method: str = "rigid",
+                       reference: str = REFERENCE) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Resample every DICOM series onto the reference series' grid (:func:`align_volumes`).
+
+    Series share the reference's frame when their FrameOfReferenceUID is the reference's; each
+    record opens with the series' ``series_instance_uid`` and ``series_number``.
+
+    Args:
+        volumes: ``{modality: SeriesVolume}`` for the four :data:`~brainscan.labels.MODALITIES`.
+        method: ``"rigid"`` or ``"geometry"`` (resample by the DICOM geometry alone).
+        reference: the modality whose grid the others are brought onto (t1ce).
+
+    Returns:
+        ``(channels, transforms)`` as :func:`align_volumes` returns them.
+
+    Raises:
+        ValueError: an unknown ``method`` or a missing modality.
+    """
+    missing = [m for m in MODALITIES if m not in volumes]
+    if missing:
+        raise ValueError(f"volumes lack {missing}")
+    frame = str(volumes[reference].instances[0].get("FrameOfReferenceUID", "") or "")
+    same_frame = {m: bool(frame) and str(v.instances[0].get("FrameOfReferenceUID", "") or "") == frame
+                  for m, v in volumes.items()}
+    describe = {m: {"series_instance_uid": v.series.uid, "series_number": v.series.number} for m, v in volumes.items()}
+    return align_volumes({m: (v.data, v.affine) for m, v in volumes.items()}, method=method, reference=reference,
+                         same_frame=same_frame, describe=describe)
+
+
+__all__ = ["MAX_ROTATION_DEG", "MAX_TRANSLATION_MM", "METHODS", "align_to_reference", "align_volumes", "from_sitk",
+           "gradient_descent", "mutual_information", "register_rigid", "to_sitk"]

@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from brainscan import web
+from brainscan.api_models import Classification, ClassificationModels, ClassifierReady, Health, error_responses
 from brainscan.errors import InputTooLargeError
 from brainscan.internal_auth import internal_auth_guard
 from brainscan.web import error_response, refuse_repeated_form_fields, unless_client_leaves
@@ -145,7 +146,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service="classifier"))
     web.add_request_context(app, log, observe=metrics.observe_request, guard=guard)
 
-    @app.post(CLASSIFY_PATH, summary="Classify one 2D MRI slice")
+    @app.post(CLASSIFY_PATH, summary="Classify one 2D MRI slice", response_model=Classification,
+              responses=error_responses(400, 401, 404, 413, 415, 422, 503))
     async def classify(
         request: Request,
         predictor: PredictorDep,
@@ -166,16 +168,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                              "timings": {k: round(v, 2) for k, v in body["timings"].items()}}
         return JSONResponse(body)
 
-    @app.get("/v1/models", summary="Loaded models and their manifests")
+    @app.get("/v1/models", summary="Loaded models and their manifests", response_model=ClassificationModels,
+             response_model_exclude_unset=True, responses=error_responses(401))
     async def list_models(predictor: PredictorDep, settings: SettingsDep) -> dict[str, Any]:
         return {"default": settings.default_model,
                 "models": [loaded.describe() for loaded in predictor.models.values()]}
 
-    @app.get("/healthz", summary="Liveness: the process answers")
+    @app.get("/healthz", summary="Liveness: the process answers", response_model=Health,
+             response_model_exclude_unset=True)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: at least one model is loaded")
+    @app.get("/readyz", summary="Readiness: at least one model is loaded", response_model=ClassifierReady,
+             responses=error_responses(503))
     async def readyz(request: Request, predictor: PredictorDep) -> JSONResponse:
         state = predictor.readiness()
         if state["ready"]:

@@ -53,6 +53,16 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from brainscan import web
+from brainscan.api_models import (
+    BINARY_SCHEMA,
+    Health,
+    SegmentationJob,
+    SegmentationModels,
+    SegmentationUpload,
+    SegmenterReady,
+    error_responses,
+    multipart_body,
+)
 from brainscan.errors import (
     BrainscanError,
     BundleError,
@@ -66,7 +76,6 @@ from brainscan.internal_auth import (
     internal_auth_guard,
     is_internal_caller,
 )
-from brainscan.labels import BRATS2023_MODALITIES, MODALITIES
 from brainscan.web import error_response
 from services.segmenter.dicom_intake import PACS_FIELD, accept_pacs
 from services.segmenter.intake import UPLOAD_FIELDS, IntakeLimits, UploadPart, accept_upload
@@ -87,43 +96,6 @@ JOBS_PATH = "/v1/jobs"
 SEGMENTATION = "segmentation"
 MEDIA_TYPES = {".png": "image/png", ".gz": "application/gzip", ".dcm": "application/dicom",
                ".json": "application/json", ".zip": "application/zip"}
-
-_UPLOAD_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {"multipart/form-data": {"schema": {
-            "type": "object",
-            "description": "exactly one of: the four modality files (t1, t1ce, t2, flair, or the BraTS 2023-2024 "
-                           "names t1n, t1c, t2w, t2f); 'case' (a zip of a BraTS case folder of either naming); "
-                           "'volume' (one 4D NIfTI, channels t1, t1ce, t2, flair); 'dicom' (a zip of a DICOM "
-                           "study, with an optional text field 'series'). An upload in the 2023-2024 "
-                           "naming gets a mask that numbers enhancing tumour 3, as that challenge does, not 4",
-            "properties": {
-                **{m: {"type": "string", "format": "binary", "description": f"{m} volume (.nii / .nii.gz)"}
-                   for m in MODALITIES},
-                **{name: {"type": "string", "format": "binary",
-                          "description": f"BraTS 2023-2024 name of the {m} volume (.nii / .nii.gz)"}
-                   for name, m in BRATS2023_MODALITIES.items()},
-                "case": {"type": "string", "format": "binary",
-                         "description": "zip of <case>_<modality>.nii[.gz], or of BraTS 2023-2024 "
-                                        "<case>-<t1n|t1c|t2w|t2f>.nii.gz"},
-                "volume": {"type": "string", "format": "binary", "description": "4D NIfTI (X, Y, Z, 4)"},
-                "dicom": {"type": "string", "format": "binary",
-                          "description": "zip of one skull-stripped DICOM MR study (any folder layout) holding a t1, "
-                                         "t1ce, t2 and flair series; the job adds seg.dcm (DICOM SEG) and "
-                                         "transforms.json, and its mask lies on the t1ce series' grid"},
-                "series": {"type": "string",
-                           "description": "with 'dicom' only: JSON {SeriesInstanceUID: modality} for series the "
-                                          "headers do not make clear (a 422 series_unidentified lists them)"},
-                "pacs": {"type": "string",
-                         "description": "instead of files: the name of a PACS configured in SEGMENTER_DICOMWEB_SERVERS "
-                                        "(or exactly its URL); the service pulls the study 'study_uid' from it "
-                                        "(QIDO-RS, WADO-RS) and stores the SEG back (STOW-RS)"},
-                "study_uid": {"type": "string", "description": "with 'pacs': the StudyInstanceUID to pull"},
-            },
-        }}},
-    }
-}
 
 
 class UnknownModelError(BrainscanError):
@@ -452,7 +424,10 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         service="segmenter", on_reject=metrics.uploads_rejected.labels(error=InputTooLargeError.code).inc))
     web.add_request_context(app, log, observe=metrics.observe_request, guard=guard)
 
-    @app.post(JOBS_PATH, status_code=202, summary="Submit a segmentation job", openapi_extra=_UPLOAD_SCHEMA)
+    # the upload is read as a stream (read_form bounds it), so its form is documented from a model
+    @app.post(JOBS_PATH, status_code=202, summary="Submit a segmentation job", response_model=SegmentationJob,
+              responses=error_responses(400, 401, 404, 413, 415, 422, 503),
+              openapi_extra=multipart_body(SegmentationUpload))
     async def submit_job(
         request: Request,
         store: StoreDep,
@@ -509,11 +484,16 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
             job_id = store.create(owner, model_info, result.meta, files=result.files)
         return job_id, result.meta["source"]
 
-    @app.get(JOBS_PATH + "/{job_id}", summary="A job's status, progress and result")
+    @app.get(JOBS_PATH + "/{job_id}", summary="A job's status, progress and result", response_model=SegmentationJob,
+             response_model_exclude_unset=True, responses=error_responses(400, 401, 404, 422))
     async def get_job(job_id: str, store: StoreDep, owner: OwnerDep) -> dict[str, Any]:
         return public_view(await run_in_threadpool(_owned_job, store, job_id, owner))
 
-    @app.get(JOBS_PATH + "/{job_id}/files/{name}", summary="An input, or the mask / a preview of a finished job")
+    @app.get(JOBS_PATH + "/{job_id}/files/{name}", summary="An input, or the mask / a preview of a finished job",
+             response_class=FileResponse, responses={
+                 200: {"description": "the file", "content": {media_type: {"schema": BINARY_SCHEMA}
+                                                              for media_type in sorted(set(MEDIA_TYPES.values()))}},
+                 **error_responses(400, 401, 404, 422)})
     async def get_job_file(job_id: str, name: str, store: StoreDep, owner: OwnerDep) -> FileResponse:
         job = await run_in_threadpool(_owned_job, store, job_id, owner)
         try:
@@ -525,7 +505,9 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"), filename=name)
 
     @app.delete(JOBS_PATH + "/{job_id}", summary="Cancel a queued or running job, or delete a finished one",
-                responses={200: {"description": "cancelled; the job body"}, 204: {"description": "deleted"}})
+                response_model=SegmentationJob, responses={200: {"description": "cancelled; the job body"},
+                                                           204: {"description": "deleted"},
+                                                           **error_responses(400, 401, 404, 422)})
     async def delete_job(job_id: str, store: StoreDep, owner: OwnerDep, metrics: MetricsDep) -> Response:
         job = await run_in_threadpool(_owned_job, store, job_id, owner)
         if job["status"] not in FINAL:
@@ -539,15 +521,18 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         await run_in_threadpool(store.delete, job_id)
         return Response(status_code=204)
 
-    @app.get("/v1/models", summary="Segmentation models in the store")
+    @app.get("/v1/models", summary="Segmentation models in the store", response_model=SegmentationModels,
+             response_model_exclude_unset=True, responses=error_responses(401))
     async def list_models(catalog: CatalogDep, settings: SettingsDep) -> dict[str, Any]:
         return {"default": settings.default_model, "models": await run_in_threadpool(catalog.describe)}
 
-    @app.get("/healthz", summary="Liveness: the process answers")
+    @app.get("/healthz", summary="Liveness: the process answers", response_model=Health,
+             response_model_exclude_unset=True)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: job store writable, broker reachable, a segmentation bundle present")
+    @app.get("/readyz", summary="Readiness: job store writable, broker reachable, a segmentation bundle present",
+             response_model=SegmenterReady, responses=error_responses(503))
     async def readyz(request: Request, store: StoreDep, queue: QueueDep, catalog: CatalogDep) -> JSONResponse:
         checks = await run_in_threadpool(_readiness, store, queue, catalog)
         if all(check == "ok" for check in checks.values()):

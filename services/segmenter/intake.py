@@ -12,8 +12,13 @@ checked in the order of what costs least:
    ``max_voxels`` voxels (413), an intensity data type (415), a plausible header size. The
    decompressed size is therefore known and capped from the header alone: a gzip bomb whose
    header claims 2000^3 voxels is refused without inflating a byte of it;
-3. across the case: same shape (422 ``volume_mismatch`` naming the shapes), affines within
-   ``AFFINE_ATOL_MM`` (422), every modality present (422 ``missing_modality`` naming it);
+3. across the case: every modality present (422 ``missing_modality`` naming it). Four volumes
+   on one grid (same shape, affines within ``AFFINE_ATOL_MM``) go on as they are, the mask on
+   their grid. Volumes on different grids (a converter's output: each series its own orientation,
+   slices and field of view) must overlap the t1ce's world extent
+   (:func:`brainscan.preprocess.align.check_overlap`, 422 ``no_overlap``); the job then records
+   ``meta["alignment"]`` and the t1ce grid as its ``shape``/``spacing_mm``/``orientation``, and the
+   worker aligns t1, t2 and flair to t1ce (the DICOM path's steps), the mask on the t1ce grid;
 4. the voxel data, one modality at a time: finite (422 ``non_finite``), then written normalised as
    ``input_<modality>.nii.gz`` (NIfTI-1, gzip, no intensity scaling) with the upload's affine and
    header geometry, through :func:`brainscan.io.nifti.save_nifti`.
@@ -66,9 +71,10 @@ from brainscan.errors import (
     MissingModalityError,
     NonFiniteError,
     UnsupportedFormatError,
-    VolumeMismatchError,
 )
 from brainscan.io.nifti import load_nifti, read_nifti_header, save_nifti
+from brainscan.preprocess.align import REFERENCE as ALIGN_REFERENCE
+from brainscan.preprocess.align import check_overlap, grid_summary, on_one_grid
 from services.segmenter.jobs import STUDY_FILE
 from brainscan.labels import (
     BRATS2021,
@@ -187,7 +193,9 @@ class IntakeResult:
     Attributes:
         files: ``input_<modality>.nii.gz`` -> normalised file in the staging folder.
         meta: ``{"shape", "spacing_mm", "source", "orientation", "filenames", "label_convention"}``
-            for the job (``filenames`` keyed by MODALITIES name, whatever the upload's naming).
+            for the job (``filenames`` keyed by MODALITIES name, whatever the upload's naming), and
+            ``alignment`` (``{"needed": True, "reference": "t1ce", "overlap", "grids"}``) for
+            modalities on different grids.
     """
 
     files: dict[str, Path]
@@ -686,16 +694,10 @@ def _accept_modalities(staged: Mapping[str, Path], names: Mapping[str, str], sta
         name = names[modality]
         check_modality_shape(inspect_header(staged[modality], name, limits), modality, name)
         geometry[modality] = _header_geometry(staged[modality], name, limits)
-    shapes = {m: g[0][:3] for m, g in geometry.items()}
-    if len(set(shapes.values())) > 1:
-        listed = ", ".join(f"{m} {shape}" for m, shape in shapes.items())
-        raise VolumeMismatchError(f"the modalities differ in shape: {listed}; all four must be on one grid")
-    reference = geometry["flair"][1]
-    for modality, (_, affine, _) in geometry.items():
-        diff = float(np.max(np.abs(affine - reference)))
-        if not diff <= AFFINE_ATOL_MM:
-            raise VolumeMismatchError(f"{modality} is on another grid than flair: affines differ by up to {diff:.4g} mm "
-                                      f"(tolerance {AFFINE_ATOL_MM} mm); resample it to the flair grid")
+    grids = {m: (g[0][:3], g[1]) for m, g in geometry.items()}
+    # not on one grid: t1, t2 and flair are aligned to t1ce by the worker, if they lie on its anatomy
+    aligned = not on_one_grid(grids, AFFINE_ATOL_MM)
+    overlap = check_overlap(grids, names) if aligned else None
     files = {}
     for modality in MODALITIES:
         volume = load_nifti(staged[modality], max_voxels=limits.max_voxels, name=names[modality])
@@ -704,8 +706,12 @@ def _accept_modalities(staged: Mapping[str, Path], names: Mapping[str, str], sta
                                                         names[modality], staging)
         del volume, data
         staged[modality].unlink()
-    shape, _, spacing = geometry["flair"]
-    return IntakeResult(files=files, meta=_meta(shape[:3], spacing, reference, source, dict(names), convention))
+    shape, affine, spacing = geometry[ALIGN_REFERENCE if aligned else "flair"]
+    meta = _meta(shape[:3], spacing, affine, source, dict(names), convention)
+    if aligned:  # shape, spacing_mm and orientation above are the t1ce grid's: the mask's
+        meta["alignment"] = {"needed": True, "reference": ALIGN_REFERENCE, "overlap": overlap,
+                             "grids": {m: grid_summary(*grids[m]) for m in MODALITIES}}
+    return IntakeResult(files=files, meta=meta)
 
 
 def _accept_4d(path: Path, name: str, staging: Path, limits: IntakeLimits) -> IntakeResult:

@@ -312,11 +312,13 @@ def public_view(job: dict[str, Any], prefix: str = "/v1/jobs") -> dict[str, Any]
         "volumes_ml": result["volumes_ml"],
         "previews": {plane: f"{base}/files/{name}" for plane, name in result["previews"].items()},
         "labels": result["labels"],
-        # every downloadable output by name; a DICOM job adds seg.dcm and transforms.json
+        # every downloadable output by name; a DICOM job adds seg.dcm and transforms.json, a NIfTI job
+        # aligned to t1ce transforms.json
         "files": {name: f"{base}/files/{name}" for name in result.get("files", [result["mask"]])},
     }
     if result is not None and "seg" in result:
         body["result"]["seg_url"] = f"{base}/files/{result['seg']}"
+    if result is not None and "transforms" in result:
         body["result"]["transforms_url"] = f"{base}/files/{result['transforms']}"
     if result is not None and "pacs" in result:  # a study pulled from a PACS: was its SEG stored back?
         body["result"]["pacs"] = result["pacs"]

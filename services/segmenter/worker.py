@@ -207,8 +207,11 @@ class JobRunner:
 
         started = time.perf_counter()
         dicom = job["input"].get("source") == "dicom"
+        aligned = bool(job["input"].get("alignment", {}).get("needed"))  # NIfTI modalities on different grids
         if dicom:
             case = self._load_study(job_id, job, attempt)
+        elif aligned:
+            case = self._load_aligned(job_id, job)
         else:
             modalities = {m: self.store.path_for(job_id, input_file_name(m)) for m in MODALITIES}
             case = load_case(BratsCase(case_id=job_id, folder=modalities["flair"].parent, modalities=modalities),
@@ -229,6 +232,11 @@ class JobRunner:
         convention = job["input"].get("label_convention", BRATS2021)
         if dicom:
             files = self._write_dicom_results(job_id, case, to_convention(mask, convention), model.bundle)
+        elif aligned:
+            from brainscan.preprocess.align import save_aligned_results
+
+            save_aligned_results(case, to_convention(mask, convention), self.store.path_for(job_id, MASK_FILE).parent)
+            files = {"mask": MASK_FILE, "transforms": TRANSFORMS_FILE}
         else:
             save_like(to_convention(mask, convention), reference, self.store.path_for(job_id, MASK_FILE))
             files = {"mask": MASK_FILE}
@@ -271,6 +279,17 @@ class JobRunner:
                 "orientation": "".join(nib.aff2axcodes(case.reference.affine))}
         self.store.update(job_id, expect_status={"running"}, expect_fields=attempt, input={**job["input"], **grid})
         return case
+
+    def _load_aligned(self, job_id: str, job: dict[str, Any]) -> Any:
+        """A NIfTI job whose modalities are on different grids, brought onto the t1ce grid
+        (:func:`brainscan.preprocess.align.align_nifti_case`: the DICOM path's registration and brain
+        extraction); its stored inputs stay as uploaded."""
+        from brainscan.io.nifti import load_nifti
+        from brainscan.preprocess.align import align_nifti_case
+        from services.segmenter.intake import input_file_name
+
+        volumes = {m: load_nifti(self.store.path_for(job_id, input_file_name(m))) for m in MODALITIES}
+        return align_nifti_case(volumes, case_id=job_id, names=job["input"].get("filenames"))
 
     def _push_seg(self, job_id: str, pacs: dict[str, Any], attempt: dict[str, str]) -> dict[str, Any]:
         """Store a PACS job's SEG back in its PACS (:func:`services.segmenter.dicom_intake.push_seg`); the

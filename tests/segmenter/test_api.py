@@ -160,7 +160,8 @@ def test_submit_stores_inputs_and_enqueues_by_id(app_parts: tuple[TestClient, Re
 
 BAD = {
     "not nifti": ({**GOOD, "t1": b"\x89PNG\r\n\x1a\n" + bytes(500)}, 415, "unsupported_format"),
-    "shapes differ": ({**GOOD, "flair": case_files((20, 18, 14))["flair"]}, 422, "volume_mismatch"),
+    # another grid is aligned by the worker, but a flair at the world origin lies nowhere near the others
+    "volumes apart": ({**GOOD, "flair": nifti_bytes(modality_volume("flair"), np.eye(4))}, 422, "no_overlap"),
     "missing modality": ({m: GOOD[m] for m in MODALITIES[:3]}, 422, "missing_modality"),
     "files and zip": ({**GOOD, "case": brats_zip(GOOD)}, 400, "ambiguous_upload"),
     "NaN": ({**GOOD, "t2": nifti_bytes(np.full(SMALL_SHAPE, np.nan, np.float32))}, 422, "non_finite"),
