@@ -1,9 +1,11 @@
-// The "Segmentation (3D)" tab: choose a case (four files, a case folder, a zip or a 4D NIfTI),
-// start a job, follow its progress (polling with backoff, cancel), then show the result: the
-// viewer (viewer.js), the legend, the volumes in mL, the model and the mask download.
+// The "Segmentation (3D)" tab: choose a case (four files, a case folder, a zip, a 4D NIfTI, or a
+// DICOM study as a zip or a folder that zip.js packs into one), start a job, follow its progress
+// (polling with backoff, cancel), then show the result: the viewer (viewer.js), the legend, the
+// volumes in mL, the model and the mask download.
 
 import { ApiError, ERROR_BY_STATUS, apiFetch, apiFetchBytes, storedApiKey, uploadForm } from "./api.js";
 import { MASK_LABELS, MODALITY_NAMES, SegmentationViewer } from "./viewer.js";
+import { ZipLimitError, chosenFolder, zipFolder } from "./zip.js";
 
 const MODALITIES = ["t1", "t1ce", "t2", "flair"];  // the segmenter's channel order
 
@@ -21,11 +23,13 @@ const ERROR_MESSAGES = {
   volume_mismatch: "The four scans do not line up: they must have the same size and position. Check that all four files come from the same examination.",
   unsupported_format: "A file is not a scan we can read. Upload NIfTI files (.nii or .nii.gz), a zip of the case folder, or one 4D NIfTI.",
   unsupported_media_type: "A file is not a scan we can read. Upload NIfTI files (.nii or .nii.gz), a zip of the case folder, or one 4D NIfTI.",
-  too_large: "The upload is too large for this server. Use compressed .nii.gz files or a zip of the case folder.",
+  too_large: "The upload is too large for this server. Use compressed .nii.gz files or a zip of the case folder; " +
+    "for a DICOM study, a compressed zip of it is smaller than the folder, and only its T1, T1ce, T2 and FLAIR series are needed.",
   corrupt_file: "One of the files is damaged or incomplete. Export it again and upload the new file.",
   empty_input: "One of the files is empty. Choose the files again.",
   bad_dimensions: "A scan has an unusual size or shape: each must be a 3D volume of a head. Check the files you chose.",
   non_finite: "A scan contains invalid numbers (not-a-number or infinity). Export it again and upload the new file.",
+  empty_folder: "The chosen folder holds no files to send. Choose the folder of the DICOM study itself.",
   dataset_layout: "The zip does not look like one case folder with four scans. Zip the folder of a single case.",
   service_unavailable: "The segmentation service is not running right now. Try again in a few minutes.",
   upstream_timeout: "The segmentation service took too long to answer. Try again in a minute.",
@@ -91,7 +95,7 @@ export function initSegmentation({ onUnauthorized }) {
     form: $("seg-form"), modelSelect: $("seg-model-select"), modelBadge: $("seg-model-badge"),
     modelInfo: $("seg-model-info"), submit: $("seg-submit"), cancel: $("seg-cancel"),
     selection: $("seg-selection"), folder: $("seg-folder"), zip: $("seg-file-zip"), fourD: $("seg-file-4d"),
-    dicom: $("seg-file-dicom"),
+    dicom: $("seg-file-dicom"), dicomFolder: $("seg-folder-dicom"),
     groups: { files: $("seg-files-group"), zip: $("seg-zip-group"), "4d": $("seg-4d-group"),
       dicom: $("seg-dicom-group") },
     progressBlock: $("seg-progress-block"), progress: $("seg-progress"), progressLabel: $("seg-progress-label"),
@@ -107,7 +111,7 @@ export function initSegmentation({ onUnauthorized }) {
     outputs: ["sagittal", "coronal", "axial"].map((p) => $(`seg-slice-${p}-value`)),
     previewImages: { axial: $("seg-preview-axial"), coronal: $("seg-preview-coronal"), sagittal: $("seg-preview-sagittal") },
   });
-  const state = { folderFiles: {}, run: null, job: null, models: new Map() };
+  const state = { folderFiles: {}, dicomFiles: null, run: null, job: null, models: new Map() };
 
   const source = () => el.form.querySelector("input[name=seg-source]:checked").value;
   const shownModality = () => document.querySelector("input[name=seg-show]:checked").value;
@@ -123,6 +127,12 @@ export function initSegmentation({ onUnauthorized }) {
   }
 
   function describeSelection() {
+    if (source() === "dicom" && state.dicomFiles) {
+      const { folder, files } = state.dicomFiles;
+      el.selection.textContent = files.length ? `Chosen: folder ${folder}, ${files.length} files.`
+        : `${folder ? `The folder ${folder}` : "That folder"} holds no files to send (.DS_Store and the like are left out).`;
+      return;
+    }
     if (source() !== "files") {
       const input = { zip: el.zip, "4d": el.fourD, dicom: el.dicom }[source()];
       el.selection.textContent = input.files[0] ? `Chosen: ${input.files[0].name}.` : "";
@@ -136,9 +146,19 @@ export function initSegmentation({ onUnauthorized }) {
       : "";
   }
 
-  /** The multipart form for the chosen source, or an ApiError saying what is missing. */
-  function buildForm() {
+  /** The multipart form for the chosen source (a DICOM folder packed into one zip), or an ApiError. */
+  async function buildForm() {
     const form = new FormData();
+    if (source() === "dicom" && state.dicomFiles) {
+      if (!state.dicomFiles.files.length) throw new ApiError(0, "empty_folder", "no files in the folder");
+      const onProgress = (done, total) => { el.status.textContent = `Packing the folder into a zip: ${done} of ${total} files…`; };
+      const archive = await zipFolder(state.dicomFiles, { onProgress }).catch((error) => {
+        if (error instanceof ZipLimitError) throw new ApiError(0, "too_large", error.message);
+        throw new ApiError(0, "corrupt_file", `a file of the folder could not be read: ${error.message}`);
+      });
+      form.append("dicom", archive, archive.name);
+      return form;
+    }
     const single = { zip: [el.zip, "case"], "4d": [el.fourD, "volume"], dicom: [el.dicom, "dicom"] }[source()];
     if (single) {
       const [input, field] = single;
@@ -272,11 +292,15 @@ export function initSegmentation({ onUnauthorized }) {
     if (state.run) return;
     renderError(null);
     let form;
+    el.submit.disabled = true;  // packing a DICOM folder takes a moment; no second start meanwhile
     try {
-      form = buildForm();
+      form = await buildForm();
     } catch (error) {
+      el.status.textContent = "";
       renderError(error);
       return;
+    } finally {
+      el.submit.disabled = false;
     }
     const run = new AbortController();
     state.run = run;
@@ -412,9 +436,19 @@ export function initSegmentation({ onUnauthorized }) {
       describeSelection();
     });
   }
-  for (const input of [...Object.values(fileInputs), el.zip, el.fourD, el.dicom]) {
+  for (const input of [...Object.values(fileInputs), el.zip, el.fourD]) {
     input.addEventListener("change", describeSelection);
   }
+  el.dicomFolder.addEventListener("change", () => {
+    state.dicomFiles = chosenFolder(el.dicomFolder.files);
+    el.dicom.value = "";
+    describeSelection();
+  });
+  el.dicom.addEventListener("change", () => {
+    state.dicomFiles = null;  // the zip replaces a folder chosen before
+    el.dicomFolder.value = "";
+    describeSelection();
+  });
   el.folder.addEventListener("change", () => {
     state.folderFiles = filesByModality(el.folder.files);
     for (const m of MODALITIES) if (state.folderFiles[m]) fileInputs[m].value = "";
