@@ -13,6 +13,7 @@ Plain U-Net only: the attention variant is not ported (bench/segment.py skips th
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -86,6 +87,19 @@ def load_keras_weights(model: UNet, weights: dict[str, np.ndarray]) -> None:
     model.head.bias.data = vector("logits/1")
 
 
+def mirrored(x: torch.Tensor, infer, mirror_axes: list[int]) -> torch.Tensor:
+    """The mean of ``infer`` over every subset of the spatial ``mirror_axes`` flipped (as brainscan's
+    mirroring TTA does: 2^k passes), each output flipped back."""
+    dims = [axis + 2 for axis in mirror_axes]  # (N, C, X, Y, Z)
+    subsets = [c for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)]
+    total = None
+    for flip in subsets:
+        out = infer(torch.flip(x, flip) if flip else x)
+        out = torch.flip(out, flip) if flip else out
+        total = out if total is None else total + out
+    return total / len(subsets)
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
@@ -104,8 +118,9 @@ def main() -> None:
             seconds = []
             for _ in range(spec["repeats"]):
                 started = time.perf_counter()
-                sliding_window_inference(x, patch, spec["sw_batch_size"], model, overlap=spec["overlap"],
-                                         mode="gaussian")
+                mirrored(x, lambda v: sliding_window_inference(v, patch, spec["sw_batch_size"], model,
+                                                               overlap=spec["overlap"], mode="gaussian"),
+                         spec.get("mirror_axes") or [])
                 seconds.append(time.perf_counter() - started)
             result[name] = {"seconds": seconds, "shape": list(volumes[name].shape[:3])}
     print(json.dumps(result))

@@ -11,8 +11,8 @@ Prints, for the CURRENT bundle of ``segmentation/<arch>`` in the model store:
   6. peak RSS (VmHWM) of the worker's pool process, which loads the model and segments the case;
   7. the MONAI peer: the same network ported to PyTorch (bench/monai_peer.py, weights copied and
      checked against Keras) through MONAI's ``sliding_window_inference`` (Gaussian blending) with
-     the bundle's window and overlap, at the bundle's resolution, on the whole volume (MONAI's usual
-     use) and on brainscan's brain crop; then one line ``MONAI ... N.Nx``: MONAI's whole-volume
+     the bundle's window, overlap and mirroring passes, at the bundle's resolution, on the whole
+     volume (MONAI's usual use) and on brainscan's brain crop; then one line ``MONAI ... N.Nx``: MONAI's whole-volume
      seconds over brainscan's end-to-end seconds through the gateway. Needs the virtualenv
      ``--monai-venv`` (default <repo>/.venv-monai); without it the row says so and is skipped.
 
@@ -187,6 +187,7 @@ def monai_peer(bundle_path: Path, case: Path, venv: Path, work: Path, repeats: i
             "base_filters": args.get("base_filters") or preset["base_filters"], "levels": args.get("levels") or
             preset["levels"], "output": args.get("output", "softmax"), "patch_size": list(patch),
             "overlap": segmenter.overlap, "sw_batch_size": segmenter.batch_size, "repeats": repeats,
+            "mirror_axes": list(segmenter.mirror_axes),  # the same mirroring passes as brainscan's run
             "run": ["whole", "crop"]}
     done = subprocess.run([str(python), str(REPO / "bench" / "monai_peer.py"), json.dumps(spec)], capture_output=True,
                           text=True, timeout=1800)
@@ -304,7 +305,8 @@ def main() -> None:
           f"(masks agree on {100 * figures['agree']:.3f} % of voxels)")
     print(f"ratio naive / compiled: {figures['naive_s'] / figures['compiled_s']:.2f}x")
 
-    print("\n== MONAI peer: the same network and window settings in PyTorch (median of %d) ==" % args.repeats)
+    print("\n== MONAI peer: the same network, window and mirroring settings in PyTorch (median of %d) =="
+          % args.repeats)
     peer = monai_peer(bundle_path, case, args.monai_venv.resolve(), work, args.repeats)
     if peer is not None:
         print(f"port check: PyTorch vs Keras on one window, max |difference| {peer['check_max_abs_diff']:.2e}")
