@@ -24,7 +24,7 @@ the gateway authenticated; anything else gets 401. Jobs store only a hash of the
 Outside development mode the API does not start without ``BRAINSCAN_INTERNAL_TOKEN`` and a Redis password.
 
 The API never imports TensorFlow: it validates uploads (``intake``), stores jobs (``store``) and
-enqueues them by task name with a Celery app from :func:`services.segmenter.worker.make_celery`.
+enqueues them by task name with a Celery app from :func:`services.segmenter.celery_app.make_celery`.
 Every error is JSON ``{"error", "detail", "request_id"}``; each request is logged as one JSON line.
 Expired jobs are swept by a background task every ``expire_interval_s``; another queues again the
 jobs that lost their worker or their queue message (:mod:`services.segmenter.reconcile`). While the
@@ -139,7 +139,7 @@ class JobQueue:
     """Enqueues jobs on the Celery broker by task name, and checks that the broker answers."""
 
     def __init__(self, settings: Settings) -> None:
-        from services.segmenter.worker import make_celery  # TF-free: the worker imports TF in its processes
+        from services.segmenter.celery_app import make_celery  # no task code, no TensorFlow, no import-time state
 
         self.settings = settings
         self.celery = make_celery(settings)

@@ -7,7 +7,7 @@ With ``WORKER_METRICS_PORT`` set, the main process serves the pool's Prometheus 
 outcomes and durations, inference time) on that port: :mod:`services.segmenter.worker_metrics`.
 
 This module is TensorFlow-free at import, so the API can build its Celery app with
-:func:`make_celery` (:mod:`services.segmenter.celery_app`, re-exported here; it enqueues by name,
+:func:`make_celery` (:mod:`services.segmenter.celery_app`; it enqueues by name,
 ``send_task("segmenter.segment", [job_id])``) without loading TensorFlow. TensorFlow comes in
 with the models, which each pool process loads in ``worker_process_init``, after the fork: a
 prefork worker hangs forever when a Keras model exists in the parent before forking.
@@ -85,8 +85,8 @@ from services.segmenter.attempts import (
     worker_identity,
 )
 from services.segmenter import worker_metrics
-from services.segmenter.celery_app import celery_config, make_celery  # noqa: F401 - the API imports them here
-from services.segmenter.model_cache import LoadedSegmenter, ModelCache  # noqa: F401 - tests import them here
+from services.segmenter.celery_app import make_celery
+from services.segmenter.model_cache import ModelCache
 from services.segmenter.settings import TASK_NAME, Settings
 from services.segmenter.store import JobStore, LocalJobStore
 

@@ -139,7 +139,7 @@ def test_process_alive_tells_dead_and_zombie_processes() -> None:
 @needs_redis
 def test_the_reconciler_resends_exactly_the_jobs_without_a_message_or_a_worker(store: LocalJobStore,
                                                                                 tmp_path: Path) -> None:
-    from services.segmenter.worker import make_celery
+    from services.segmenter.celery_app import make_celery
 
     with redis_server(tmp_path / "redis") as server:
         settings = Settings(broker_url=server.url, jobs_dir=store.root, reconcile_grace_s=0.0,

@@ -30,7 +30,8 @@ from services.segmenter.jobs import owner_digest
 from services.segmenter.previews import render_previews, tumour_centre
 from services.segmenter.settings import Settings
 from services.segmenter.store import LocalJobStore
-from services.segmenter.worker import JobRunner, LoadedSegmenter, ModelCache
+from services.segmenter.model_cache import LoadedSegmenter, ModelCache
+from services.segmenter.worker import JobRunner
 from tests.paths import REPO_ROOT
 from tests.segmenter import (
     BRATS_BYTES,
@@ -462,7 +463,7 @@ def test_production_mode_starts_with_both_secrets(models: Path, tmp_path: Path, 
 def test_the_redis_password_is_only_in_the_urls_the_clients_use() -> None:
     import redis
 
-    from services.segmenter.worker import celery_config
+    from services.segmenter.celery_app import celery_config
 
     settings = Settings(broker_url="redis://redis:6379/0", redis_password=REDIS_PASSWORD, internal_token=TOKEN)
     assert settings.broker_url == settings.backend_url == "redis://redis:6379/0"
@@ -807,7 +808,7 @@ def test_hard_time_limit_is_recorded_as_a_failed_job(app_parts: tuple[TestClient
 
 
 def test_celery_configuration_follows_the_delivery_guarantees(models: Path, tmp_path: Path) -> None:
-    from services.segmenter.worker import celery_config
+    from services.segmenter.celery_app import celery_config
 
     config = celery_config(settings_for(models, tmp_path, time_limit_s=600, visibility_timeout_s=900,
                                         unacked_restore_interval_s=2, worker_concurrency=3))
