@@ -85,7 +85,7 @@ def inspect_path(path: str | Path, *, read_data: bool = True) -> dict[str, Any]:
             "total": sum(sum(per_class.values()) for per_class in counts.values()),
             "problems": list(dataset.problems),
         }
-    from brainscan.data import brats
+    from brainscan.data import brats_inspect as brats
 
     if layout == BRATS_CASE:
         return {"layout": layout, "path": str(path), **brats.inspect_case(path, read_data=read_data)}

@@ -36,6 +36,15 @@ import numpy as np
 
 from brainscan.errors import BadDimensionsError, EmptyInputError, NonFiniteError
 from brainscan.labels import MODALITIES
+from brainscan.preprocess.grid import (
+    _reoriented_shape,
+    brain_bounding_box,
+    orientation_transform,
+    reorient,
+    resample,
+    resampled_shape,
+    undo_reorient,
+)
 
 # A brain region with (almost) constant intensity has no spread to divide by; dividing by 1 then
 # maps it to 0 instead of to +-inf.
@@ -215,96 +224,8 @@ class CropInfo:
             raise ValueError(f"not a CropInfo dict ({exc!r}): {d!r}") from exc
 
 
-def _reoriented_shape(shape: Sequence[int], transform: Sequence[Sequence[int]]) -> tuple[int, int, int]:
-    out = [0, 0, 0]
-    for axis, (target, _) in enumerate(transform):
-        out[int(target)] = int(shape[axis])
-    return tuple(out)  # type: ignore[return-value]
-
-
-def orientation_transform(affine: np.ndarray, orientation: str) -> tuple[tuple[int, int], ...]:
-    """The nibabel transform taking voxel axes of ``affine`` to the axis codes ``orientation``."""
-    from nibabel import orientations
-
-    transform = orientations.ornt_transform(orientations.io_orientation(np.asarray(affine)),
-                                            orientations.axcodes2ornt(tuple(orientation)))
-    return tuple((int(a), int(f)) for a, f in transform)
-
-
-def reorient(array: np.ndarray, transform: Sequence[Sequence[int]] | None) -> np.ndarray:
-    """Apply an orientation transform to the 3 leading (spatial) axes of ``array``."""
-    if transform is None:
-        return array
-    from nibabel import orientations
-
-    return orientations.apply_orientation(array, np.asarray(transform, dtype=np.float64))
-
-
-def undo_reorient(array: np.ndarray, transform: Sequence[Sequence[int]] | None) -> np.ndarray:
-    """Inverse of :func:`reorient` with the same ``transform``."""
-    if transform is None:
-        return array
-    from nibabel import orientations
-
-    # transform[i] = (j, flip): input axis i became axis j; so axis j goes back to i, flipped alike.
-    inverse = np.zeros((3, 2), dtype=np.float64)
-    for axis, (target, flip) in enumerate(transform):
-        inverse[int(target)] = (axis, flip)
-    return orientations.apply_orientation(array, inverse)
-
-
 def _channel_name(index: int, n_channels: int) -> str:
     return MODALITIES[index] if n_channels == len(MODALITIES) else f"channel {index}"
-
-
-def brain_bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[tuple[int, int], ...]:
-    """``(start, stop)`` per axis of the non-zero voxels of ``mask``, widened by ``margin``
-    and clamped to the array; the whole array if ``mask`` is empty."""
-    if not mask.any():
-        return tuple((0, int(s)) for s in mask.shape)
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        box.append((max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
-
-
-def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target_spacing: float) -> tuple[int, int, int]:
-    """Voxel counts of a ``shape`` grid of ``spacing`` mm voxels resampled to ``target_spacing`` mm."""
-    return tuple(max(1, int(round(n * s / target_spacing))) for n, s in zip(shape, spacing))  # type: ignore[return-value]
-
-
-def resample(array: np.ndarray, shape: Sequence[int], *, order: int) -> np.ndarray:
-    """Resample ``(X, Y, Z[, K])`` to spatial ``shape`` (voxel edges aligned: each voxel is a cell).
-
-    Args:
-        array: the volume; a channel axis, if any, is resampled channel by channel.
-        shape: target spatial shape.
-        order: 0 nearest (labels, keeps the dtype), 1 trilinear (intensities, probabilities: float32).
-
-    Returns:
-        ``(*shape[, K])``.
-    """
-    from scipy import ndimage
-
-    shape = tuple(int(n) for n in shape)
-    if tuple(array.shape[:3]) == shape:
-        return array if order == 0 else np.asarray(array, dtype=np.float32)
-    zoom = [n / o for n, o in zip(shape, array.shape[:3])]
-    if order == 0:
-        # Nearest neighbour by index: the cell centre of each output voxel, mapped to the input grid.
-        index = [np.minimum(((np.arange(n) + 0.5) / z).astype(np.int64), o - 1)
-                 for n, z, o in zip(shape, zoom, array.shape[:3])]
-        return array[np.ix_(*index)]
-    source = np.asarray(array, dtype=np.float32)
-    if source.ndim == 3:
-        return ndimage.zoom(source, zoom, order=1, mode="nearest", grid_mode=True)[tuple(slice(0, n) for n in shape)]
-    out = np.empty((*shape, source.shape[3]), dtype=np.float32)
-    for k in range(source.shape[3]):
-        out[..., k] = ndimage.zoom(source[..., k], zoom, order=1, mode="nearest", grid_mode=True)[
-            tuple(slice(0, n) for n in shape)]
-    return out
 
 
 def _pad_widths(shape: Sequence[int], divisor: int) -> tuple[tuple[int, int], ...]:

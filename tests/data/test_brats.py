@@ -13,11 +13,10 @@ import pytest
 from brainscan.data.brats import (
     find_case,
     find_cases,
-    inspect_case,
-    inspect_dataset,
     load_case,
     scan_dataset,
 )
+from brainscan.data.brats_inspect import inspect_case, inspect_dataset
 from brainscan.errors import (
     BadDimensionsError,
     CorruptFileError,
