@@ -9,7 +9,8 @@ early stopping on validation accuracy, a checkpoint after every epoch (``--resum
 it), optional initial weights from an earlier bundle (``--init-from``: fine-tuning, for example at a
 larger input size), optional weight averaging (``--ema``: validation and the bundle use an
 exponential moving average of the weights, and of the batch-norm statistics to match them), TensorBoard logs, and finally a model bundle whose manifest holds the validation metrics and
-the training data fingerprint.
+the training data fingerprint. The options live in :mod:`training.classifier_config` (also the
+command line), the data pipeline in :mod:`training.classifier_data`.
 
 Example:
     brainscan train classifier --data ../shared/data/brain-tumor-mri --arch resnet50 \\
@@ -22,74 +23,21 @@ import contextlib
 import json
 import logging
 import math
-import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from brainscan.errors import BundleError, DatasetLayoutError
+from brainscan.errors import BundleError
 from brainscan.labels import KAGGLE_CLASSES
+from training.classifier_config import ClassifierTrainConfig
+from training.classifier_data import class_weights, make_dataset, training_records
 
 log = logging.getLogger(__name__)
-
-ARCHITECTURES = ("resnet50", "vit_cnn")
-
-
-@dataclass
-class ClassifierTrainConfig:
-    """Every knob of a classifier training run; stored in the bundle manifest for reproduction."""
-
-    data: Path
-    arch: str
-    out: Path
-    input_size: int = 128
-    preset: str = "full"
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    val_fraction: float = 0.15
-    patience: int = 6
-    seed: int = 0
-    work_dir: Path | None = None
-    version: str | None = None
-    resume: bool = False
-    promote: bool = False
-    weights_dtype: str = "float16"
-    mixed_precision: str = "auto"
-    max_per_class: int | None = None
-    init_from: str | None = None
-    ema: float | None = None
-    command: str = field(default_factory=lambda: shlex.join(["brainscan", *sys.argv[1:]]))
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
-        if self.preset not in ("tiny", "full"):
-            raise ValueError(f"preset must be tiny or full, got {self.preset!r}")
-        if self.input_size < 32 or self.input_size % 16:
-            raise ValueError(f"input_size must be a multiple of 16 and at least 32, got {self.input_size}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
-        if self.ema is not None and not 0.0 < self.ema < 1.0:
-            raise ValueError(f"ema must be in (0, 1), got {self.ema}")
-        if self.weights_dtype not in ("float16", "float32"):
-            raise ValueError(f"weights_dtype must be float16 or float32, got {self.weights_dtype!r}")
-        self.data, self.out = Path(self.data), Path(self.out)
-        if self.work_dir is None:
-            self.work_dir = Path("runs") / f"classifier-{self.arch}-{self.preset}-{self.input_size}px-seed{self.seed}"
-        self.work_dir = Path(self.work_dir)
-        if self.version is None:
-            self.version = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
 
 
 def architecture_args(arch: str, input_size: int, preset: str, num_classes: int) -> dict[str, Any]:
@@ -102,76 +50,6 @@ def architecture_args(arch: str, input_size: int, preset: str, num_classes: int)
     if arch == "vit_cnn" and preset == "full" and input_size < 224:
         args["stem_filters"] = [32, 64, 128]
     return args
-
-
-def training_records(data: Path, max_per_class: int | None, seed: int) -> list[Any]:
-    """Records of the Training split of a Kaggle-layout folder (never Testing)."""
-    from brainscan.data.kaggle import read_kaggle_folder
-    from brainscan.data.kaggle import training_records as select
-
-    dataset = read_kaggle_folder(data)
-    for problem in dataset.problems:
-        log.warning("dataset: %s", problem)
-    return select(dataset, max_per_class=max_per_class, seed=seed)
-
-
-def make_dataset(records: list[Any], preprocess_config: Any, *, batch_size: int, training: bool, seed: int):
-    """tf.data pipeline: parallel decode + shared preprocessing, cache, (augment), batch, prefetch.
-
-    Returns:
-        A ``tf.data.Dataset`` of ``(images (B, S, S, C) float32, labels (B,) int32)``.
-    """
-    import tensorflow as tf
-
-    from brainscan.preprocess.image2d import preprocess_image
-
-    size, channels = preprocess_config.input_size, preprocess_config.channels
-
-    def load(path: bytes) -> np.ndarray:
-        return preprocess_image(Path(path.decode()).read_bytes(), preprocess_config).astype(np.float32)
-
-    def decode(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        image = tf.numpy_function(load, [path], tf.float32, stateful=False)
-        image.set_shape((size, size, channels))
-        return image, label
-
-    paths = [str(r.path) for r in records]
-    labels = np.asarray([r.label_index for r in records], dtype=np.int32)
-    dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
-    dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache()
-    if training:
-        dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-        augment = build_augmentation(seed, preprocess_config.normalization)
-        dataset = dataset.batch(batch_size).map(
-            lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
-        )
-    else:
-        dataset = dataset.batch(batch_size)
-    return dataset.prefetch(tf.data.AUTOTUNE)
-
-
-def build_augmentation(seed: int, normalization: str):
-    """Flips, small rotations (+-10 degrees) and zoom (+-10 %), brightness and contrast jitter."""
-    import keras
-
-    layers = [
-        keras.layers.RandomFlip("horizontal", seed=seed),
-        keras.layers.RandomRotation(10 / 360, fill_mode="constant", seed=seed + 1),
-        keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 2),
-        keras.layers.RandomContrast(0.2, seed=seed + 3),
-    ]
-    if normalization == "zero_one":
-        layers.append(keras.layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed + 4))
-    return keras.Sequential(layers, name="augmentation")
-
-
-def class_weights(records: list[Any], num_classes: int) -> dict[int, float]:
-    """Balanced class weights ``n / (K * n_k)`` from the training records."""
-    counts = np.bincount([r.label_index for r in records], minlength=num_classes).astype(np.float64)
-    if np.any(counts == 0):
-        missing = [KAGGLE_CLASSES[i] for i in np.flatnonzero(counts == 0)]
-        raise DatasetLayoutError(f"the training split has no images of class(es) {missing}")
-    return {i: float(counts.sum() / (num_classes * c)) for i, c in enumerate(counts)}
 
 
 def load_initial_weights(model: Any, spec: str, config: ClassifierTrainConfig, records: list[Any]) -> dict[str, Any]:

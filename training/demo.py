@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from brainscan.errors import BundleError
-from training.segmenter import ARCHITECTURES
+from training.segmenter_config import ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ DEMO_STEPS_PER_EPOCH = 50
 
 
 def demo_config(data: Path, arch: str, out: Path, work_dir: Path, *, progress: bool = True):
-    """The :class:`~training.segmenter.SegmenterTrainConfig` of a demo bundle (a few minutes on 2 cores)."""
-    from training.segmenter import SegmenterTrainConfig
+    """The :class:`~training.segmenter_config.SegmenterTrainConfig` of a demo bundle (a few minutes on 2 cores)."""
+    from training.segmenter_config import SegmenterTrainConfig
 
     return SegmenterTrainConfig(
         data=data, arch=arch, out=out, preset="tiny", patch_size=32, batch_size=2, epochs=DEMO_EPOCHS,

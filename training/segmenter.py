@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import numpy as np
 
 from brainscan.errors import DatasetLayoutError
 from brainscan.labels import BRATS_LABELS, REGIONS
+from training.segmenter_config import SegmenterTrainConfig
 from training.segmenter_validation import (
     evaluate_cases,
     finite_or_none,
@@ -42,164 +42,8 @@ from training.stages import initial_bundle_record, load_initial_weights, stage_r
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("unet3d", "attention_unet3d")
 #: Processes cutting patches under a Keras backend without tf.data (JAX); default: cores - 1, at most 8.
 DATA_WORKERS_ENV = "BRAINSCAN_DATA_WORKERS"
-#: per preset: patch side, steps per epoch, epochs, peak learning rate. The tiny network (4-32
-#: filters) needs a 10x larger AdamW step to leave the all-background solution within minutes.
-PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "full": {"patch_size": 128, "steps_per_epoch": 250, "epochs": 100, "learning_rate": 1e-3},
-    "small": {"patch_size": 48, "steps_per_epoch": 100, "epochs": 15, "learning_rate": 2e-3},
-    "tiny": {"patch_size": 32, "steps_per_epoch": 25, "epochs": 8, "learning_rate": 1e-2},
-}
-
-
-@dataclass
-class SegmenterTrainConfig:
-    """Every knob of a segmenter training run; stored in the bundle manifest for reproduction.
-
-    ``None`` for ``patch_size``, ``steps_per_epoch``, ``epochs`` or ``learning_rate`` takes the preset's default
-    (:data:`PRESET_DEFAULTS`). ``val_cases`` (a count) overrides ``val_fraction``.
-    """
-
-    data: Path
-    arch: str
-    out: Path = Path("models")
-    preset: str = "full"
-    patch_size: int | None = None
-    batch_size: int = 2
-    epochs: int | None = None
-    steps_per_epoch: int | None = None
-    learning_rate: float | None = None
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 1
-    val_fraction: float = 0.15
-    val_cases: int | None = None
-    folds: int | None = None
-    fold: int | None = None
-    val_every: int = 5
-    patience: int = 30
-    max_cases: int | None = None
-    seed: int = 0
-    work_dir: Path | None = None
-    version: str | None = None
-    resume: bool = False
-    promote: bool = False
-    overwrite: bool = False
-    weights_dtype: str = "float16"
-    mixed_precision: str = "auto"
-    foreground_fraction: float = 1 / 3
-    augment: bool = True
-    overlap: float = 0.5
-    mirror_tta: bool = False
-    select_tta: bool = False
-    one_pass: bool = False
-    target_spacing: float | None = None
-    outputs: str = "classes"
-    init_from: Path | None = None
-    demo: bool = False
-    progress: str = "keras"
-    command: str = field(default_factory=lambda: shlex.join(["brainscan", *sys.argv[1:]]))
-
-    def __post_init__(self) -> None:
-        from brainscan.models.unet3d import PRESETS, spatial_divisor
-
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
-        if self.preset not in PRESET_DEFAULTS:
-            raise ValueError(f"preset must be one of {tuple(PRESET_DEFAULTS)}, got {self.preset!r}")
-        for name, value in PRESET_DEFAULTS[self.preset].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        divisor = spatial_divisor(PRESETS[self.preset]["levels"])
-        if self.patch_size < divisor or self.patch_size % divisor:
-            raise ValueError(f"patch_size must be a positive multiple of {divisor} (the U-Net's downsampling), "
-                             f"got {self.patch_size}")
-        for name in ("epochs", "batch_size", "steps_per_epoch", "val_every", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.val_cases is not None and self.val_cases < 1:
-            raise ValueError(f"val_cases must be at least 1, got {self.val_cases}")
-        if (self.folds is None) != (self.fold is None):
-            raise ValueError("folds and fold go together: --folds K --fold I trains on all but the I-th of K folds")
-        if self.folds is not None:
-            if self.folds < 2 or not 0 <= self.fold < self.folds:
-                raise ValueError(f"folds must be >= 2 and fold in [0, folds), got folds {self.folds}, fold {self.fold}")
-            if self.val_cases is not None:
-                raise ValueError("val_cases and folds both choose the validation cases: give one of them")
-        if self.max_cases is not None and self.max_cases < 2:
-            raise ValueError(f"max_cases must be at least 2 (one to train, one to validate), got {self.max_cases}")
-        if not 0.0 <= self.foreground_fraction <= 1.0:
-            raise ValueError(f"foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
-        if not 0.0 <= self.overlap < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
-        if not (self.learning_rate > 0 and self.weight_decay >= 0):
-            raise ValueError(f"learning_rate must be > 0 and weight_decay >= 0, got {self.learning_rate}, "
-                             f"{self.weight_decay}")
-        if self.weights_dtype not in ("float16", "float32"):
-            raise ValueError(f"weights_dtype must be float16 or float32, got {self.weights_dtype!r}")
-        from brainscan.inference.segmenter import OUTPUT_KINDS
-
-        if self.outputs not in OUTPUT_KINDS:
-            raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {self.outputs!r}")
-        if self.mirror_tta and self.select_tta:
-            raise ValueError("mirror_tta serves with mirroring always; select_tta lets validation choose: give one")
-        if self.target_spacing is not None and not self.target_spacing > 0:
-            raise ValueError(f"target_spacing must be > 0 mm, got {self.target_spacing}")
-        if self.init_from is not None:
-            self.init_from = Path(self.init_from)
-        if self.progress not in ("keras", "tqdm", "none"):
-            raise ValueError(f"progress must be keras, tqdm or none, got {self.progress!r}")
-        self.data, self.out = Path(self.data), Path(self.out)
-        if self.work_dir is None:
-            fold = f"-fold{self.fold}of{self.folds}" if self.folds is not None else ""
-            self.work_dir = Path("runs") / f"segmenter-{self.arch}-{self.preset}-{self.patch_size}px-seed{self.seed}{fold}"
-        self.work_dir = Path(self.work_dir)
-        if self.version is None:
-            self.version = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-
-    @property
-    def divisor(self) -> int:
-        """Every preprocessed size is a multiple of this (the U-Net's total downsampling)."""
-        from brainscan.models.unet3d import PRESETS, spatial_divisor
-
-        return spatial_divisor(PRESETS[self.preset]["levels"])
-
-    @property
-    def mirror_axes(self) -> tuple[int, ...]:
-        return (0, 1, 2) if self.mirror_tta else ()
-
-    def inference(self) -> dict[str, Any]:
-        """The bundle's sliding-window settings."""
-        return {"patch_size": [self.patch_size] * 3, "overlap": self.overlap, "batch_size": self.batch_size,
-                "mirror_axes": list(self.mirror_axes)}
-
-    def preprocess_config(self) -> Any:
-        from brainscan.preprocess.volume3d import VolumePreprocessConfig
-
-        # Every BraTS case is stored in LPS voxel order; serving brings other orientations to it.
-        return VolumePreprocessConfig(divisor=self.divisor, target_spacing=self.target_spacing, orientation="LPS")
-
-    def arch_args(self) -> dict[str, Any]:
-        """The registered builder's arguments (recorded in the manifest)."""
-        if self.outputs == "regions":
-            from brainscan.labels import REGION_ORDER
-
-            return {"num_classes": len(REGION_ORDER), "in_channels": 4, "preset": self.preset, "output": "sigmoid"}
-        return {"num_classes": len(BRATS_LABELS), "in_channels": 4, "preset": self.preset}
-
-    def segmenter(self, model: Any, predict_fn: Any = None) -> Any:
-        """The :class:`~brainscan.inference.segmenter.Segmenter` the bundle will serve, around ``model``."""
-        from brainscan.inference.segmenter import Segmenter
-
-        return Segmenter(model, self.preprocess_config(), patch_size=(self.patch_size,) * 3, overlap=self.overlap,
-                         batch_size=self.batch_size, mirror_axes=self.mirror_axes, one_pass=self.one_pass,
-                         outputs=self.outputs,
-                         predict_fn=predict_fn)
 
 
 def split_cases(cases: list[Any], *, val_fraction: float, val_cases: int | None, seed: int,

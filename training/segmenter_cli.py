@@ -1,8 +1,11 @@
-"""``brainscan train segmenter``: argument parsing for :func:`training.segmenter.train_segmenter`.
+"""``brainscan train segmenter``, ``pack`` and ``cv-summary``: the commands around
+:func:`training.segmenter.train_segmenter`.
 
-Kept apart from ``brainscan/cli/train.py`` so that the command's options live next to the
-training code; the ``train`` area registers it with :func:`add_segmenter_parser`. Nothing here
-imports TensorFlow, so ``--help`` stays fast.
+The segmenter's options are the fields of :class:`~training.segmenter_config.SegmenterTrainConfig`
+(help texts included), turned into a parser by :mod:`training.options` exactly as the classifier's
+(:mod:`training.classifier_cli`); this module adds the command's description and examples. The
+``train`` area registers it with :func:`add_segmenter_parser`. Nothing here imports TensorFlow, so
+``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from training.runtime import MIXED_PRECISION_CHOICES
-from training.segmenter import ARCHITECTURES, PRESET_DEFAULTS
+from training import options
+from training.options import LOG_FORMAT, add_trainer_parser, run_trainer
+from training.segmenter_config import PRESET_DEFAULTS, SegmenterTrainConfig
 
 _DESCRIPTION = """\
 Train a 3D brain-tumour segmenter from scratch on BraTS cases (BraTS 2020 is the target dataset;
@@ -59,90 +63,15 @@ Watch training with: tensorboard --logdir runs/
 
 
 def add_segmenter_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``segmenter`` to the ``brainscan train`` subcommands; returns its parser."""
-    full, tiny = PRESET_DEFAULTS["full"], PRESET_DEFAULTS["tiny"]
-    parser = commands.add_parser(
-        "segmenter", help="train a 3D U-Net or Attention U-Net on BraTS volumes (needs a GPU for real models)",
+    """Add ``segmenter`` to the ``brainscan train`` subcommands; returns its parser.
+
+    Its options are :class:`~training.segmenter_config.SegmenterTrainConfig`'s fields (:mod:`training.options`).
+    """
+    return add_trainer_parser(
+        commands, "segmenter", SegmenterTrainConfig, run_segmenter,
+        help="train a 3D U-Net or Attention U-Net on BraTS volumes (needs a GPU for real models)",
         description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", type=Path, required=True,
-                        help="BraTS dataset folder holding one folder per case (cases without a seg are skipped), "
-                             "or a pack file written by `brainscan train pack` (trains without the NIfTI files)")
-    parser.add_argument("--arch", choices=ARCHITECTURES, required=True,
-                        help="unet3d (3D U-Net) or attention_unet3d (attention-gated skips)")
-    parser.add_argument("--out", type=Path, default=Path("models"), help="model store folder (default: models)")
-    parser.add_argument("--preset", choices=tuple(PRESET_DEFAULTS), default="full",
-                        help="network size: full for real use, tiny for tests and CPU smoke runs (default full)")
-    parser.add_argument("--patch-size", type=int, default=None,
-                        help=f"training patch side in voxels, a multiple of 8 (default {full['patch_size']}; "
-                             f"tiny {tiny['patch_size']}); also the served sliding-window size")
-    parser.add_argument("--batch-size", type=int, default=2, help="patches per device and step (default 2)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help=f"default {full['epochs']} (tiny {tiny['epochs']})")
-    parser.add_argument("--steps-per-epoch", type=int, default=None,
-                        help=f"batches per epoch (default {full['steps_per_epoch']}; tiny {tiny['steps_per_epoch']})")
-    parser.add_argument("--learning-rate", type=float, default=None,
-                        help=f"peak AdamW learning rate "
-                             f"(default {full['learning_rate']:g}; tiny {tiny['learning_rate']:g})")
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--warmup-epochs", type=int, default=1)
-    split = parser.add_mutually_exclusive_group()
-    split.add_argument("--val-fraction", type=float, default=0.15,
-                       help="share of the cases held out for validation (default 0.15)")
-    split.add_argument("--val-cases", type=int, default=None, help="number of validation cases instead")
-    split.add_argument("--folds", type=int, default=None, metavar="K",
-                       help="cross-validation: cut the cases (shuffled with --seed) into K folds and validate on "
-                            "fold --fold; the K runs validate on every case once (summarise them with "
-                            "`brainscan train cv-summary`)")
-    parser.add_argument("--fold", type=int, default=None, metavar="I",
-                        help="with --folds K: the fold this run validates on, 0..K-1")
-    parser.add_argument("--val-every", type=int, default=5,
-                        help="validate on whole volumes every N epochs, and after the last (default 5)")
-    parser.add_argument("--patience", type=int, default=30,
-                        help="stop when the validation Dice has not improved for N epochs (default 30)")
-    parser.add_argument("--max-cases", type=int, default=None, help="use at most N cases (smoke runs)")
-    parser.add_argument("--foreground-fraction", type=float, default=1 / 3,
-                        help="share of patches centred on a tumour voxel (default 1/3)")
-    parser.add_argument("--no-augment", dest="augment", action="store_false",
-                        help="train on raw patches (no flips, no intensity jitter)")
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
-    parser.add_argument("--one-pass", action="store_true",
-                        help="serve (and validate) by running the whole brain crop in one network call instead "
-                             "of sliding windows: faster when the crop is small, as at 2 mm")
-    tta = parser.add_mutually_exclusive_group()
-    tta.add_argument("--mirror-tta", action="store_true",
-                     help="serve with test-time mirroring on the 3 axes (8x slower inference)")
-    tta.add_argument("--select-tta", action="store_true",
-                     help="let the validation cases choose the served mirroring (none, left-right, 3 axes): a "
-                          "costlier one only when it gains 0.005 mean Dice; every candidate's Dice and seconds "
-                          "go into the manifest")
-    parser.add_argument("--target-spacing", type=float, default=None, metavar="MM",
-                        help="resample cases to this isotropic voxel size before the network, e.g. 2 "
-                             "(8x fewer voxels than BraTS' 1 mm; masks come back at 1 mm). Default: keep the grid")
-    parser.add_argument("--outputs", choices=("classes", "regions"), default="classes",
-                        help="classes: softmax over background/NCR/ED/ET; regions: sigmoids for the nested "
-                             "whole tumour / tumour core / enhancing tumour (nnU-Net's BraTS setup)")
-    parser.add_argument("--init-from", type=Path, default=None, metavar="BUNDLE",
-                        help="start from a segmentation bundle's weights (same --arch, --preset and --outputs), "
-                             "to continue training in stages")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work-dir", type=Path, default=None,
-                        help="checkpoints, preprocessed cache and TensorBoard logs "
-                             "(default runs/segmenter-ARCH-PRESET-PATCHpx-seedS)")
-    parser.add_argument("--version", default=None, help="bundle version (default: a UTC timestamp)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the checkpoint in --work-dir (same options; the learning-rate "
-                             "schedule and patch stream continue where they stopped)")
-    parser.add_argument("--promote", action="store_true", help="make the new bundle the current version")
-    parser.add_argument("--overwrite", action="store_true", help="replace a bundle of the same version")
-    parser.add_argument("--weights-dtype", choices=("float16", "float32"), default="float16",
-                        help="dtype of the stored weights (float16 halves the bundle size)")
-    parser.add_argument("--mixed-precision", choices=MIXED_PRECISION_CHOICES, default="auto",
-                        help="auto: float16 compute on GPUs only; bf16: bfloat16 compute (fast on CPUs "
-                             "with avx512_bf16 or AMX)")
-    parser.add_argument("--demo", action="store_true", help="mark the bundle as a demo (not for real use)")
-    parser.set_defaults(func=run_segmenter)
-    return parser
 
 
 _PACK_DESCRIPTION = """\
@@ -221,9 +150,9 @@ def run_cv_summary(args: argparse.Namespace) -> int:
 
 def run_pack(args: argparse.Namespace) -> int:
     from training.pack import write_pack
-    from training.segmenter import SegmenterTrainConfig, labelled_cases
+    from training.segmenter import labelled_cases
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         # The preprocessing a training run with these options records (one definition of it).
         run = SegmenterTrainConfig(data=args.data, arch="unet3d", preset=args.preset,
@@ -236,39 +165,16 @@ def run_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def config_from_args(args: argparse.Namespace):
-    """Build the :class:`~training.segmenter.SegmenterTrainConfig` of parsed arguments.
+def config_from_args(args: argparse.Namespace) -> SegmenterTrainConfig:
+    """Build the :class:`~training.segmenter_config.SegmenterTrainConfig` of parsed arguments.
 
     Raises:
         ValueError: a value the config rejects (the message names it).
     """
-    from training.segmenter import SegmenterTrainConfig
-
-    return SegmenterTrainConfig(
-        data=args.data, arch=args.arch, out=args.out, preset=args.preset, patch_size=args.patch_size,
-        batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-        learning_rate=args.learning_rate, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-        val_fraction=args.val_fraction, val_cases=args.val_cases, folds=args.folds, fold=args.fold,
-        val_every=args.val_every, patience=args.patience,
-        max_cases=args.max_cases, seed=args.seed, work_dir=args.work_dir, version=args.version, resume=args.resume,
-        promote=args.promote, overwrite=args.overwrite, weights_dtype=args.weights_dtype,
-        mixed_precision=args.mixed_precision, foreground_fraction=args.foreground_fraction, augment=args.augment,
-        overlap=args.overlap, mirror_tta=args.mirror_tta, select_tta=args.select_tta, one_pass=args.one_pass,
-        demo=args.demo,
-        target_spacing=args.target_spacing,
-        outputs=args.outputs, init_from=args.init_from,
-        **({"command": args.command_line} if getattr(args, "command_line", None) else {}),
-    )
+    return options.config_from_args(SegmenterTrainConfig, args)
 
 
 def run_segmenter(args: argparse.Namespace) -> int:
     from training.segmenter import train_segmenter
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        raise SystemExit(f"brainscan train segmenter: {exc}") from exc
-    bundle = train_segmenter(config)
-    print(f"bundle written: {bundle}")
-    return 0
+    return run_trainer(args, SegmenterTrainConfig, train_segmenter, "segmenter")

@@ -285,7 +285,8 @@ def test_cors_allow_list(classifier, origins, origin, allowed):
     ("GET", "/v1/models"), ("POST", "/v1/classify"), ("GET", "/metrics"), ("GET", "/openapi.json"),
     ("GET", "/docs"), ("GET", "/no-such-path"),
 ])
-@pytest.mark.parametrize("token", [None, "", "a-wrong-token-of-decent-length", INTERNAL_TOKEN[:-1]])
+@pytest.mark.parametrize("token", [None, "", "a-wrong-token-of-decent-length", INTERNAL_TOKEN[:-1]],
+                         ids=["none", "empty", "wrong", "one-char-short"])  # the token is random: not in the id
 def test_classifier_answers_401_without_the_internal_token(classifier, method, path, token):
     headers = {} if token is None else {INTERNAL_TOKEN_HEADER: token}
     files = {"file": ("slice.png", slice_png(), "image/png")} if method == "POST" else None
