@@ -75,6 +75,23 @@ def split_cases(cases: list[Any], *, val_fraction: float, val_cases: int | None,
     return train, val
 
 
+def fewer_training_cases(train: list[Any], n: int | None, seed: int) -> list[Any]:
+    """``n`` of the training cases ``train`` (all if ``n`` is None), sorted by case id.
+
+    The choice is the first ``n`` of one seeded shuffle, so the runs of a learning curve nest (the 5
+    cases of one run are among the 10 of the next), and the validation cases stay untouched.
+
+    Raises:
+        DatasetLayoutError: ``n`` is more than the training cases there are.
+    """
+    if n is None:
+        return train
+    if n > len(train):
+        raise DatasetLayoutError(f"--train-cases {n}: the split leaves only {len(train)} training cases")
+    order = np.random.default_rng(seed).permutation(len(train))[:n]
+    return sorted((train[i] for i in order), key=lambda c: c.case_id)
+
+
 def labelled_cases(data: Path, max_cases: int | None, seed: int) -> list[Any]:
     """The cases under ``data`` that have a segmentation (at most ``max_cases``, a seeded choice).
 
@@ -235,6 +252,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         cases = labelled_cases(config.data, config.max_cases, config.seed)
         train, val = split_cases(cases, val_fraction=config.val_fraction, val_cases=config.val_cases, seed=config.seed,
                                  folds=config.folds, fold=config.fold)
+        train = fewer_training_cases(train, config.train_cases, config.seed)
         log.info("training cases: %d, validation cases: %d (whole volumes)", len(train), len(val))
         preprocess_config = config.preprocess_config()
         prepared = prepare_cases(train, preprocess_config, cache_dir=work / "cache")

@@ -61,6 +61,9 @@ class SegmenterTrainConfig:
     val_every: int = option(5, help="validate on whole volumes every N epochs, and after the last (default 5)")
     patience: int = option(30, help="stop when the validation Dice has not improved for N epochs (default 30)")
     max_cases: int | None = option(None, help="use at most N cases (smoke runs)")
+    train_cases: int | None = option(None, help="train on N of the split's training cases (a seeded choice; runs "
+                                                "of one --seed nest: 5 are among the 10), validating on the same "
+                                                "cases as without it: for Dice against the number of training cases")
     foreground_fraction: float = option(1 / 3, help="share of patches centred on a tumour voxel (default 1/3)")
     augment: bool = option(True, flag="--no-augment", help="train on raw patches (no flips, no intensity jitter)")
     overlap: float = option(0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
@@ -127,6 +130,8 @@ class SegmenterTrainConfig:
                 raise ValueError(f"folds must be >= 2 and fold in [0, folds), got folds {self.folds}, fold {self.fold}")
             if self.val_cases is not None:
                 raise ValueError("val_cases and folds both choose the validation cases: give one of them")
+        if self.train_cases is not None and self.train_cases < 1:
+            raise ValueError(f"train_cases must be at least 1, got {self.train_cases}")
         if self.max_cases is not None and self.max_cases < 2:
             raise ValueError(f"max_cases must be at least 2 (one to train, one to validate), got {self.max_cases}")
         if not 0.0 <= self.foreground_fraction <= 1.0:

@@ -19,7 +19,7 @@ from brainscan.io.nifti import load_nifti, save_like  # noqa: E402
 from brainscan.labels import index_to_brats, region_mask  # noqa: E402
 from brainscan.metrics.segmentation import dice  # noqa: E402
 from training.patches import dataset_fingerprint  # noqa: E402
-from training.segmenter import SegmenterTrainConfig, split_cases, train_segmenter  # noqa: E402
+from training.segmenter import SegmenterTrainConfig, fewer_training_cases, split_cases, train_segmenter  # noqa: E402
 
 PHANTOM_SHAPE = (64, 64, 48)
 TRAIN_EPOCHS, TRAIN_STEPS = 8, 25
@@ -368,6 +368,23 @@ def test_init_from_refuses_a_bundle_trained_on_a_validation_case():
     assert stages[0]["version"] == "1" and stages[0]["command"] == training["command"]
     with pytest.raises(BundleError, match=f"trained on {training['training_case_ids'][0]}"):
         initial_bundle_record(SHIPPED_UNET, [training["training_case_ids"][0]])
+
+
+def test_fewer_training_cases_nest_and_leave_validation_alone():
+    """The learning-curve option: seeded, nested subsets of the training cases; validation untouched."""
+    cases = [argparse.Namespace(case_id=f"case{i:02d}") for i in range(19)]
+    train, val = split_cases(cases, val_fraction=0.15, val_cases=4, seed=5)
+    five, ten = (fewer_training_cases(train, n, seed=5) for n in (5, 10))
+    assert len(five) == 5 and len(ten) == 10
+    assert {c.case_id for c in five} < {c.case_id for c in ten} < {c.case_id for c in train}
+    assert [c.case_id for c in five] == sorted(c.case_id for c in five)
+    assert not {c.case_id for c in ten} & {c.case_id for c in val}
+    assert fewer_training_cases(train, None, seed=5) is train
+    assert [c.case_id for c in fewer_training_cases(train, 5, seed=6)] != [c.case_id for c in five]
+    with pytest.raises(DatasetLayoutError, match="only 15 training cases"):
+        fewer_training_cases(train, 16, seed=5)
+    with pytest.raises(ValueError, match="train_cases must be at least 1"):
+        SegmenterTrainConfig(data=Path("x"), arch="unet3d", train_cases=0)
 
 
 def test_folds_validate_on_every_case_once():
