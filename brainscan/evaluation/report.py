@@ -84,10 +84,10 @@ def _check_limit(limit: int | None) -> None:
 
 
 def _bundle_section(bundle: Any) -> dict[str, Any]:
-    training = bundle.manifest.get("training", {})
+    training = bundle.spec.training
     return {
         "name": bundle.name, "version": bundle.version, "architecture": bundle.architecture,
-        "demo": bundle.demo, "path": str(bundle.path), "created_at": bundle.manifest.get("created_at"),
+        "demo": bundle.demo, "path": str(bundle.path), "created_at": bundle.spec.created_at,
         "training_data": {"fingerprint": training.get("data_fingerprint"),
                           "description": training.get("data_description")},
     }
@@ -96,7 +96,7 @@ def _bundle_section(bundle: Any) -> dict[str, Any]:
 def _training_overlap_warnings(bundle: Any, split: str, records: list[Any]) -> list[str]:
     from brainscan.data.kaggle import dataset_fingerprint
 
-    if bundle.manifest.get("training", {}).get("data_fingerprint") == dataset_fingerprint(records):
+    if bundle.spec.training.get("data_fingerprint") == dataset_fingerprint(records):
         return [f"the bundle was trained on exactly the images of split {split!r} (its training data "
                 "fingerprint matches): these numbers measure fit, not generalisation"]
     if split.lower() == "training":
@@ -124,7 +124,7 @@ def bundle_validation_records(bundle: Any, dataset: Any) -> list[Any]:
 
     from brainscan.data.kaggle import dataset_fingerprint, split_train_validation, training_records
 
-    training = bundle.manifest.get("training", {})
+    training = bundle.spec.training
     config = training.get("config") or {}
     if "val_fraction" not in config or "seed" not in config:
         raise DatasetLayoutError(f"bundle {bundle.name} records no training split (manifest training.config lacks "
@@ -260,13 +260,13 @@ def evaluate(
         BundleError: the bundle cannot be loaded.
         ValueError: a bad ``limit`` or ``batch_size``.
     """
-    from brainscan.models.bundle import load_bundle, read_manifest
+    from brainscan.models.bundle import load_bundle, read_spec
 
     _check_limit(limit)
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if isinstance(bundle, (str, Path)):
-        layout = check_layout(read_manifest(bundle)["task"], data_dir)
+        layout = check_layout(read_spec(bundle).task, data_dir)
         bundle = load_bundle(bundle)
     else:
         layout = check_layout(bundle.task, data_dir)

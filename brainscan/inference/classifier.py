@@ -161,12 +161,12 @@ class Classifier:
         if bundle.task != "classification":
             raise BundleError(f"bundle {bundle.name} ({bundle.path}) is a {bundle.task} model; "
                               "a classification bundle is needed")
-        section = {**bundle.inference, **(overrides or {})}
+        spec, given = bundle.spec.inference, overrides or {}
         try:
             return cls(bundle.model, bundle.preprocess, bundle.classes,
-                       batch_size=int(batch_size or section.get("batch_size") or 32),
-                       tta=tuple(section.get("tta") or ()), temperature=float(section.get("temperature", 1.0)),
-                       predict_fn=predict_fn)
+                       batch_size=int(batch_size or given.get("batch_size", spec.batch_size) or DEFAULT_BATCH_SIZE),
+                       tta=tuple(given.get("tta", spec.tta) or ()),
+                       temperature=float(given.get("temperature", spec.temperature)), predict_fn=predict_fn)
         except (TypeError, ValueError) as exc:
             raise BundleError(f"bundle {bundle.path}: inference section: {exc}") from exc
 
@@ -229,7 +229,7 @@ def resolve_batch_size(bundle: Any, batch_size: int | None) -> int:
         ValueError: ``batch_size`` is not a positive integer.
     """
     if batch_size is None:
-        batch_size = bundle.inference.get("batch_size") or DEFAULT_BATCH_SIZE
+        batch_size = bundle.spec.inference.batch_size or DEFAULT_BATCH_SIZE
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     return int(batch_size)

@@ -86,12 +86,12 @@ class Segmenter:
         """
         _check_segmenter(bundle)
         settings = inference_settings(bundle, overrides)
-        section = bundle.inference
+        spec = bundle.spec.inference
         try:
-            postprocessing = PostprocessConfig.from_dict(section.get("postprocessing"))
+            postprocessing = PostprocessConfig.from_dict(spec.postprocessing)
         except (TypeError, ValueError) as exc:
             raise BundleError(f"bundle {bundle.path}: {exc}") from exc
-        return cls(bundle.model, bundle.preprocess_config, **settings, outputs=section.get("outputs", "classes"),
+        return cls(bundle.model, bundle.preprocess_config, **settings, outputs=spec.outputs,
                    label_map=bundle.label_map, postprocessing=postprocessing, predict_fn=predict_fn)
 
     @property
@@ -194,21 +194,22 @@ def inference_settings(bundle: Any, overrides: dict[str, Any] | None = None) -> 
     unknown = sorted(set(overrides or {}) - set(_INFERENCE_KEYS))
     if unknown:
         raise ValueError(f"unknown inference settings {unknown}; known: {list(_INFERENCE_KEYS)}")
-    merged = {**bundle.inference, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    if merged.get("patch_size") is None:
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    merged = {key: given.get(key, getattr(bundle.spec.inference, key)) for key in _INFERENCE_KEYS}
+    if merged["patch_size"] is None:
         raise BundleError(f"bundle {bundle.path}: manifest inference section has no patch_size")
     return {
         "patch_size": tuple(int(p) for p in merged["patch_size"]),
-        "overlap": float(merged.get("overlap", 0.5)),
-        "batch_size": int(merged.get("batch_size") or 1),
-        "mirror_axes": tuple(int(a) for a in (merged.get("mirror_axes") or ())),
-        "one_pass": bool(merged.get("one_pass", False)),
+        "overlap": float(merged["overlap"]),
+        "batch_size": int(merged["batch_size"] or 1),
+        "mirror_axes": tuple(int(a) for a in (merged["mirror_axes"] or ())),
+        "one_pass": bool(merged["one_pass"]),
     }
 
 
 def _select_modalities(bundle: Any, channels: np.ndarray) -> np.ndarray:
     """The channels the network expects, in its order, from ``(4, X, Y, Z)`` in MODALITIES order."""
-    wanted = list(bundle.manifest["input"].get("modalities") or MODALITIES)
+    wanted = list(bundle.spec.input.modalities or MODALITIES)
     if wanted == list(MODALITIES):
         return channels
     missing = [m for m in wanted if m not in MODALITIES]

@@ -35,7 +35,8 @@ from typing import Any
 
 import brainscan
 from brainscan.errors import BundleError
-from brainscan.models.bundle import VERSION_PATTERN, read_manifest, verify_weights
+from brainscan.models.bundle import read_spec, verify_weights
+from brainscan.models.manifest import VERSION_PATTERN, Manifest
 from brainscan.models.registry import TASKS
 
 __all__ = ["CURRENT_FILE", "ENV_VAR", "ModelStore", "StoreEntry", "default_root", "format_table", "resolve_bundle"]
@@ -153,9 +154,9 @@ class ModelStore:
             BundleError: the version is not in the store, or its manifest or weights are invalid.
         """
         path = self.arch_dir(task, arch) / _check_name(version, "version")
-        manifest = read_manifest(path)
-        _check_place(manifest, task, arch, version, path)
-        verify_weights(path, manifest)
+        spec = read_spec(path)
+        _check_place(spec, task, arch, version, path)
+        verify_weights(path, spec)
         current_file = path.parent / CURRENT_FILE
         tmp = path.parent / f".{CURRENT_FILE}.{uuid.uuid4().hex[:8]}.tmp"
         try:
@@ -188,9 +189,9 @@ class ModelStore:
             FileExistsError: that version is already in the store and ``overwrite`` is false.
         """
         source = Path(bundle_path)
-        manifest = read_manifest(source)
-        verify_weights(source, manifest)
-        task, arch, version = manifest["task"], manifest["architecture"]["name"], manifest["version"]
+        spec = read_spec(source)
+        verify_weights(source, spec)
+        task, arch, version = spec.task, spec.architecture.name, spec.version
         dest = self.arch_dir(task, arch) / _check_name(version, "version")
         if not (dest.exists() and dest.resolve() == source.resolve()):
             if dest.exists() and not overwrite:
@@ -208,13 +209,12 @@ class ModelStore:
         for path in _subdirs(self.arch_dir(task, arch)):
             entry = StoreEntry(task=task, arch=arch, version=path.name, path=path)
             try:
-                manifest = read_manifest(path)
-                _check_place(manifest, task, arch, path.name, path)
+                spec = read_spec(path)
+                _check_place(spec, task, arch, path.name, path)
             except BundleError as exc:
                 entries.append(replace(entry, error=exc.message))
                 continue
-            entries.append(replace(entry, demo=manifest["demo"], metrics=manifest["metrics"],
-                                   created_at=manifest["created_at"]))
+            entries.append(replace(entry, demo=spec.demo, metrics=spec.metrics, created_at=spec.created_at))
         return sorted(entries, key=lambda e: (_created(e.created_at), e.version))
 
     def _resolve_current(self, task: str, arch: str, entries: list[StoreEntry]) -> str:
@@ -274,9 +274,9 @@ def resolve_bundle(spec: str, *, task: str | None = None, models_root: Path | No
         if len(found) > 1:
             raise BundleError(f"{spec!r} names bundles of several tasks; write TASK/ARCH, e.g. {found[0][0]}/{spec}")
         path = store.current(*found[0])
-    manifest = read_manifest(path)
-    if task is not None and manifest["task"] != task:
-        raise BundleError(f"bundle {manifest['name']} ({path}) is a {manifest['task']} model; this command needs "
+    spec = read_spec(path)
+    if task is not None and spec.task != task:
+        raise BundleError(f"bundle {spec.name} ({path}) is a {spec.task} model; this command needs "
                           f"a {task} bundle")
     return path
 
@@ -297,8 +297,8 @@ def _created(created_at: str | None) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def _check_place(manifest: dict[str, Any], task: str, arch: str, version: str, path: Path) -> None:
-    found = (manifest["task"], manifest["architecture"]["name"], manifest["version"])
+def _check_place(spec: Manifest, task: str, arch: str, version: str, path: Path) -> None:
+    found = (spec.task, spec.architecture.name, spec.version)
     if found != (task, arch, version):
         raise BundleError(f"bundle {path} is {'/'.join(found)} by its manifest but sits at {task}/{arch}/{version}")
 

@@ -55,7 +55,7 @@ class LoadedModel:
 
     def describe(self) -> dict[str, Any]:
         """The model's entry in ``GET /v1/models``."""
-        manifest = self.bundle.manifest
+        spec = self.bundle.spec
         return {
             "name": self.name,
             "arch": self.bundle.architecture,
@@ -63,9 +63,9 @@ class LoadedModel:
             "demo": self.bundle.demo,
             "classes": list(self.bundle.classes),
             "input_size": self.bundle.preprocess_config.input_size,
-            "metrics": manifest.get("metrics", {}),
-            "created_at": manifest.get("created_at"),
-            "manifest": manifest,
+            "metrics": spec.metrics,
+            "created_at": spec.created_at,
+            "manifest": self.bundle.manifest,
         }
 
 

@@ -141,7 +141,7 @@ def test_classification_manifest_holds_every_field(classifier_bundle, models):
     assert manifest["input"] == {"shape": [32, 32, 3], "dtype": "float32", "channels": 3}
     assert manifest["classes"] == list(KAGGLE_CLASSES)
     assert "label_map" not in manifest
-    assert manifest["preprocessing"] == {"kind": "image2d", "params": IMAGE_CONFIG.to_dict()}
+    assert manifest["preprocessing"] == {"kind": "image2d", "params": IMAGE_CONFIG.to_dict(), "algorithm_version": 1}
     assert manifest["metrics"] == {"val_accuracy": 0.5}
     assert manifest["training"]["optimizer"] == "adam"
     assert {"data_fingerprint", "data_description", "command", "epochs", "seed"} <= set(manifest["training"])
@@ -158,7 +158,7 @@ def test_segmentation_manifest_holds_label_map_and_inference(segmenter_bundle):
     assert "classes" not in manifest
     assert manifest["input"]["modalities"] == list(MODALITIES)
     assert manifest["input"]["channels"] == len(MODALITIES)
-    assert manifest["preprocessing"] == {"kind": "volume3d", "params": VOLUME_CONFIG.to_dict()}
+    assert manifest["preprocessing"] == {"kind": "volume3d", "params": VOLUME_CONFIG.to_dict(), "algorithm_version": 1}
     assert manifest["inference"] == {"patch_size": [16, 16, 16], "overlap": 0.25, "batch_size": 1,
                                      "mirror_axes": [0, 1]}
 
@@ -172,6 +172,9 @@ def test_bundle_properties(classifier_bundle, segmenter_bundle):
     assert classifier.path == classifier_bundle and classifier.architecture == "resnet50"
     assert segmenter.label_map == dict(enumerate(BRATS_LABELS)) and segmenter.classes is None
     assert segmenter.inference["overlap"] == 0.25
+    assert segmenter.spec.inference.overlap == 0.25 and segmenter.spec.inference.mirror_axes == (0, 1)
+    assert classifier.spec.preprocessing.version_recorded and classifier.spec.preprocessing.algorithm_version == 1
+    assert classifier.spec.to_dict() == classifier.manifest == read_manifest(classifier_bundle)
 
 
 def _synthetic_head_png() -> bytes:
