@@ -21,6 +21,7 @@ RUN case "$BRAINSCAN_EXTRAS" in cpu,serve|gpu,serve) ;; \
  && rm -rf brainscan build ./*.egg-info
 
 COPY brainscan/ ./brainscan/
+COPY serving/ ./serving/
 COPY services/__init__.py ./services/__init__.py
 COPY services/classifier/ ./services/classifier/
 

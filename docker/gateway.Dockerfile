@@ -28,6 +28,7 @@ RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))
 
 # The gateway imports its own package and brainscan's light modules (version, errors, web plumbing).
 COPY brainscan/ ./brainscan/
+COPY serving/ ./serving/
 COPY gateway/ ./gateway/
 COPY frontend/ ./frontend/
 COPY --from=frontend /frontend/vendor/niivue.js ./frontend/vendor/niivue.js

@@ -18,6 +18,7 @@ RUN mkdir brainscan && touch brainscan/__init__.py \
  && rm -rf brainscan build ./*.egg-info
 
 COPY brainscan/ ./brainscan/
+COPY serving/ ./serving/
 COPY services/__init__.py ./services/__init__.py
 COPY services/segmenter/ ./services/segmenter/
 

@@ -24,8 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from brainscan import __version__
 from brainscan.api_models import Classification, ClassificationModels, GatewayReady, Health
-from brainscan.internal_auth import INTERNAL_TOKEN_HEADER
-from brainscan.web import ClientGoneError, error_response, http_error_code, unless_client_leaves
+from serving.internal_auth import INTERNAL_TOKEN_HEADER
+from serving.web import ClientGoneError, error_response, http_error_code, unless_client_leaves
 from gateway.examples import CLASSIFY_BODY, CLASSIFY_RESPONSES, HEALTH_RESPONSES, MODELS_RESPONSES, READY_RESPONSES
 from gateway.metrics import GatewayMetrics, RequestContextMiddleware, configure_logging
 from gateway.ownership import BrowserSessionMiddleware

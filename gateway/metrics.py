@@ -16,8 +16,8 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from brainscan import web
-from brainscan.web import clean_request_id
+from serving import web
+from serving.web import clean_request_id
 
 LOGGER_NAME = "brainscan.gateway"
 

@@ -21,7 +21,7 @@ import httpx
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
-from brainscan.web import REQUEST_ID_HEADER
+from serving.web import REQUEST_ID_HEADER
 from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("brainscan.gateway")

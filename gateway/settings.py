@@ -4,7 +4,7 @@ The gateway is the only public entry point: it holds the upload limit, the API k
 allow-list and the addresses of the internal services. Secrets have no default: with no
 ``GATEWAY_API_KEYS`` the API is open, which is meant for a single user on ``localhost`` only. The
 internal services need ``BRAINSCAN_INTERNAL_TOKEN``, which the gateway sends on every upstream call
-(:class:`~brainscan.internal_auth.DeploymentSettings`; required outside ``BRAINSCAN_ENV=development``).
+(:class:`~serving.internal_auth.DeploymentSettings`; required outside ``BRAINSCAN_ENV=development``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from brainscan.internal_auth import DeploymentSettings
+from serving.internal_auth import DeploymentSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

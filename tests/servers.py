@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from brainscan.internal_auth import INTERNAL_TOKEN_HEADER, TOKEN_VARIABLE
+from serving.internal_auth import INTERNAL_TOKEN_HEADER, TOKEN_VARIABLE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: the internal token of every server this session starts (random: no test may depend on its value)

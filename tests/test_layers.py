@@ -3,8 +3,9 @@
 Layers, bottom to top:
 - the core, ``brainscan`` without ``brainscan.cli``: imports no other first-party package;
 - ``training``: the core only;
-- ``services`` and ``gateway``: the core only (never ``training``, never ``brainscan.cli``), and
-  never each other: the gateway reaches the services over HTTP;
+- ``serving`` (FastAPI plumbing and the internal trust boundary): the core only;
+- ``services`` and ``gateway``: the core and ``serving`` (never ``training``, never ``brainscan.cli``),
+  and never each other: the gateway reaches the services over HTTP;
 - ``brainscan.cli``: the one top layer, free to import any of them.
 
 Every import statement counts, including the ones inside functions (lazy imports are still
@@ -25,15 +26,16 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
-FIRST_PARTY = ("brainscan", "training", "services", "gateway")
+FIRST_PARTY = ("brainscan", "serving", "training", "services", "gateway")
 
 #: layer -> first-party layers it may import (itself always allowed).
 ALLOWED: dict[str, set[str]] = {
     "core": set(),
+    "serving": {"core"},
     "training": {"core"},
-    "services": {"core"},
-    "gateway": {"core"},
-    "cli": {"core", "training", "services", "gateway"},
+    "services": {"core", "serving"},
+    "gateway": {"core", "serving"},
+    "cli": {"core", "serving", "training", "services", "gateway"},
 }
 
 #: Entry-point shims whose one job is to call the CLI.
@@ -107,6 +109,12 @@ def test_layer_check_catches_a_violation(tmp_path: Path) -> None:
     problems = violations([bad], root=tmp_path)
     assert len(problems) == 3, problems  # brainscan.cli.predict, its .main, and services.segmenter.app
     assert all("the core layer imports" in p for p in problems)
+    serving = tmp_path / "serving" / "probe.py"
+    serving.parent.mkdir()
+    serving.write_text("import fastapi\nfrom brainscan.errors import BrainscanError\nimport gateway.app\n")
+    assert violations([serving], root=tmp_path) == ["serving/probe.py:3: the serving layer imports gateway.app (gateway layer)"]
+    # and the core may not import the serving layer
+    assert layer_of_module("serving.web") == "serving"
 
 
 def extra_closure(extra: str) -> set[str]:
@@ -136,7 +144,7 @@ def extra_closure(extra: str) -> set[str]:
 #: import the gateway and answer a request, as its image (the `gateway` extra only) would.
 GATEWAY_ONLY = """
 import importlib.abc, json, sys
-allowed = set(json.loads(sys.argv[1])) | set(sys.stdlib_module_names) | {"brainscan", "gateway"}
+allowed = set(json.loads(sys.argv[1])) | set(sys.stdlib_module_names) | {"brainscan", "serving", "gateway"}
 class Uninstalled(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         top = name.partition(".")[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import struct
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +44,11 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _RAS = np.array([[0, 1], [1, 1], [2, 1]])
 _SIZEOF_HDR = {n.to_bytes(4, order) for n in (348, 540) for order in ("little", "big")}
 _NIFTI2_MAGICS = (b"n+2\x00", b"ni2\x00")
+#: NIfTI data types that hold intensities (complex, RGB and 128-bit types are refused)
+INTENSITY_DTYPES = {2: "uint8", 4: "int16", 8: "int32", 16: "float32", 64: "float64", 256: "int8",
+                    512: "uint16", 768: "uint32", 1024: "int64", 1280: "uint64"}
+#: bytes a stored NIfTI may hold past what its header announces (trailing padding, gzip framing)
+NIFTI_SLACK = 64 * 1024
 
 
 @dataclass
@@ -77,20 +83,122 @@ class Volume:
         return float(np.prod(self.spacing)) / 1000.0
 
 
+@dataclass(frozen=True)
+class HeaderInfo:
+    """What the first bytes of a NIfTI file announce (:func:`peek_header`), before nibabel reads it."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    vox_offset: int
+    gzipped: bool
+
+    @property
+    def data_bytes(self) -> int:
+        """Decompressed size of the voxel data the header announces."""
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    @property
+    def file_bytes(self) -> int:
+        """Size of the (uncompressed) file the header announces: header, extensions, voxel data."""
+        return self.vox_offset + self.data_bytes
+
+    @property
+    def max_stored_bytes(self) -> int:
+        """Most bytes the file can take as stored (gzip may add a little): beyond that it is not this header's."""
+        framing = self.file_bytes // 256 if self.gzipped else 0
+        return self.file_bytes + framing + NIFTI_SLACK
+
+
+def _inflate_head(raw: bytes, name: str, max_bytes: int) -> tuple[bytes, zlib._Decompress | None]:
+    """The first ``max_bytes`` of ``raw``, inflated when it is gzip (by content), and the inflater
+    (None for plain bytes).
+
+    Raises:
+        EmptyInputError: (400) no bytes. CorruptFileError: (422) gzip data that cannot be inflated.
+    """
+    if not raw:
+        raise EmptyInputError(f"{name} is empty (0 bytes)")
+    if raw[:2] != _GZIP_MAGIC:
+        return raw, None
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        return inflater.decompress(raw, max_bytes), inflater
+    except zlib.error as exc:
+        raise CorruptFileError(f"{name} is gzip data that cannot be decompressed: {exc}") from exc
+
+
+def peek_header(raw: bytes, name: str) -> HeaderInfo:
+    """Decode the NIfTI-1 or NIfTI-2 header at the start of ``raw`` (``.nii`` or ``.nii.gz``, by content),
+    inflating at most one header: sizeof_hdr, magic, dim, datatype, bitpix and vox_offset.
+
+    The one binary header reader: the segmenter's intake checks what it announces against its
+    limits before a byte of voxel data is inflated (a gzip bomb is refused from its header).
+
+    Args:
+        raw: the first bytes of the file (a few KB are plenty, gzipped or not).
+        name: the file's name in messages.
+
+    Returns:
+        the announced shape (1 to 7 axes), intensity data type, data offset and compression.
+
+    Raises:
+        EmptyInputError: (400) no bytes. UnsupportedFormatError: (415) not NIfTI, a ``.hdr/.img``
+            pair, or a non-intensity data type. CorruptFileError: (422) truncated or inconsistent.
+    """
+    head, inflater = _inflate_head(raw, name, 540)  # at most one NIfTI-2 header, whatever the ratio
+    if inflater is not None and len(head) < 348:
+        raise CorruptFileError(f"{name} is a truncated gzip file: it ends before the NIfTI header does")
+    not_nifti = UnsupportedFormatError(f"{name} is not a NIfTI file (.nii or .nii.gz); upload NIfTI volumes, "
+                                       "not DICOM, images or archives")
+    if len(head) < 4:
+        raise not_nifti
+    for order in ("<", ">"):
+        size = struct.unpack(order + "i", head[:4])[0]
+        if size in (348, 540):
+            break
+    else:
+        raise not_nifti
+    if len(head) < size:
+        raise CorruptFileError(f"{name} is too short to hold a NIfTI header ({len(head)} of {size} bytes)")
+    if size == 348:
+        magic = head[344:348]
+        dims = struct.unpack(order + "8h", head[40:56])
+        datatype, bitpix = struct.unpack(order + "2h", head[70:74])
+        vox_offset = struct.unpack(order + "f", head[108:112])[0]
+        pair, single = b"ni1\x00", b"n+1\x00"
+    else:
+        magic = head[4:8]
+        datatype, bitpix = struct.unpack(order + "2h", head[12:16])
+        dims = struct.unpack(order + "8q", head[16:80])
+        vox_offset = struct.unpack(order + "q", head[168:176])[0]
+        pair, single = b"ni2\x00", b"n+2\x00"
+    if magic == pair:
+        raise UnsupportedFormatError(f"{name} is the header of a .hdr/.img pair; convert it to a single .nii file")
+    if magic != single:
+        raise not_nifti
+    ndim = dims[0]
+    if not 1 <= ndim <= 7:
+        raise CorruptFileError(f"{name} has an invalid dimension count {ndim} in its header")
+    if datatype not in INTENSITY_DTYPES:
+        raise UnsupportedFormatError(f"{name} stores voxels as NIfTI data type {datatype} (complex, RGB or "
+                                     f"unknown); upload intensities as integers or floats", code="unsupported_dtype")
+    dtype = INTENSITY_DTYPES[datatype]
+    if bitpix != np.dtype(dtype).itemsize * 8:
+        raise CorruptFileError(f"{name} header is inconsistent: data type {dtype} with bitpix {bitpix}")
+    if not np.isfinite(vox_offset) or vox_offset < 0:
+        raise CorruptFileError(f"{name} header has an invalid data offset {vox_offset}")
+    # nibabel reads the data at vox_offset, but never inside the header itself
+    offset = max(int(vox_offset), size + 4 if size == 348 else size)
+    return HeaderInfo(shape=tuple(int(d) for d in dims[1:ndim + 1]), dtype=dtype, vox_offset=offset,
+                      gzipped=inflater is not None)
+
+
 def _sniff(raw_head: bytes, name: str) -> None:
     """Reject content that is not NIfTI-1/2 (optionally gzipped) before nibabel sees it."""
-    if not raw_head:
-        raise EmptyInputError(f"{name} is empty (0 bytes)")
-    head = raw_head
-    if raw_head[:2] == _GZIP_MAGIC:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            head = inflater.decompress(raw_head, 600)
-        except zlib.error as exc:
-            raise CorruptFileError(f"{name} is gzip data that cannot be decompressed: {exc}") from exc
-        if len(head) < 348 and not inflater.eof and len(raw_head) < 4096:
-            # The whole input was given and the gzip stream stops before its end.
-            raise CorruptFileError(f"{name} is a truncated gzip file (too short to hold a NIfTI header)")
+    head, inflater = _inflate_head(raw_head, name, 600)
+    if inflater is not None and len(head) < 348 and not inflater.eof and len(raw_head) < 4096:
+        # The whole input was given and the gzip stream stops before its end.
+        raise CorruptFileError(f"{name} is a truncated gzip file (too short to hold a NIfTI header)")
     if len(head) < 348:
         # Short content is only "truncated NIfTI" if it starts like a NIfTI header (sizeof_hdr
         # 348 or 540 in either byte order); anything else is simply another format.

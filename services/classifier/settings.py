@@ -21,7 +21,7 @@ environment variable                    default                    meaning
 ``CLASSIFIER_WARMUP``                   true                       trace the networks at start-up
 ``CLASSIFIER_LOG_LEVEL``                ``INFO``                   level of the JSON request log
 ``BRAINSCAN_INTERNAL_TOKEN``            none (required outside     every route but the probes needs
-                                        development)               it (``brainscan.internal_auth``)
+                                        development)               it (``serving.internal_auth``)
 ``BRAINSCAN_ENV``                       ``production``             ``development``: may run without
                                                                    the token (authentication off)
 ======================================  =========================  ================================
@@ -34,7 +34,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from brainscan.internal_auth import DeploymentSettings
+from serving.internal_auth import DeploymentSettings
 from brainscan.preprocess.image2d import DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -25,8 +25,8 @@ import socket
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
+from services.segmenter.job_record import Job, JobStatus
 from services.segmenter.jobs import JobNotFoundError, JobStateError, iso, utc_now
 from services.segmenter.store import JobStore
 
@@ -88,8 +88,8 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                self.store.update(self.job_id, expect_status={"running"}, expect_fields={"attempt_id": self.attempt_id},
-                                  heartbeat_at=iso(utc_now()))
+                self.store.update(self.job_id, expect_status={JobStatus.RUNNING},
+                                  expect_fields={"attempt_id": self.attempt_id}, heartbeat_at=iso(utc_now()))
                 self.beats += 1
             except (JobStateError, JobNotFoundError):
                 return  # no longer this attempt's job: the attempt notices at its next write
@@ -120,7 +120,7 @@ def too_many_attempts(attempts: int) -> str:
 
 
 def record_worker_lost(store: JobStore, job_id: str, worker: str, reason: str, *,
-                       max_attempts: int) -> dict[str, Any] | None:
+                       max_attempts: int) -> Job | None:
     """Record that the attempt of ``worker`` on ``job_id`` is lost: back to ``queued`` ("worker lost,
     retrying"), or ``failed`` with ``worker_lost`` after ``max_attempts`` attempts.
 
@@ -132,17 +132,17 @@ def record_worker_lost(store: JobStore, job_id: str, worker: str, reason: str, *
     """
     try:
         job = store.get(job_id)
-        if job["status"] != "running" or job.get("worker") != worker:
+        if job.status is not JobStatus.RUNNING or job.worker != worker:
             return None
-        mine = {"attempt_id": job.get("attempt_id")}
-        attempts = int(job.get("attempts", 0))
+        mine = {"attempt_id": job.attempt_id}
+        attempts = int(job.attempts or 0)
         if attempts >= max_attempts:
-            record = store.transition(job_id, "failed", expect_status={"running"}, expect_fields=mine,
+            record = store.transition(job_id, JobStatus.FAILED, expect_status={JobStatus.RUNNING}, expect_fields=mine,
                                       stage_detail=None, error={"error": "worker_lost",
                                                                 "detail": too_many_attempts(attempts)})
         else:
-            record = store.transition(job_id, "queued", expect_status={"running"}, expect_fields=mine, progress=0.0,
-                                      heartbeat_at=None, stage_detail=f"worker lost ({reason}); retrying "
+            record = store.transition(job_id, JobStatus.QUEUED, expect_status={JobStatus.RUNNING}, expect_fields=mine,
+                                      progress=0.0, heartbeat_at=None, stage_detail=f"worker lost ({reason}); retrying "
                                       f"(attempt {attempts + 1} of {max_attempts})")
     except (JobStateError, JobNotFoundError):
         return None  # cancelled, deleted or taken over meanwhile

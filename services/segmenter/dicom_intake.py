@@ -36,7 +36,7 @@ from typing import Any
 
 from brainscan.errors import BadDimensionsError, BrainscanError, InputTooLargeError, InvalidInputError
 from brainscan.labels import BRATS2021, MODALITIES
-from services.segmenter.intake import DICOM_FIELD, SERIES_FIELD, IntakeLimits, IntakeResult, UploadPart
+from services.segmenter.upload import DICOM_FIELD, SERIES_FIELD, IntakeLimits, IntakeResult, UploadPart
 from services.segmenter.jobs import STUDY_FILE, iso, utc_now
 
 log = logging.getLogger("services.segmenter")
@@ -84,7 +84,7 @@ def accept_dicom(path: Path, name: str, series: str | None, limits: IntakeLimits
 
     Args:
         path: the staged zip (``staging/input_study.zip``).
-        name: the client's file name, made safe (:func:`~services.segmenter.intake.display_name`).
+        name: the client's file name, made safe (:func:`~services.segmenter.upload.display_name`).
         series: the ``series`` form field (JSON ``{SeriesInstanceUID: modality}``), or ``None``.
         limits: the caps.
 

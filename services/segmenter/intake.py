@@ -29,12 +29,16 @@ naming ``<case>_<modality>.nii[.gz]``, or BraTS 2023-2024 ``<case>-{t1n,t1c,t2w,
 modality. A zip bomb is refused before it is inflated: the sizes the zip declares must fit a 3D
 volume within the limits, all four together ``max_upload_bytes``, and the NIfTI header at the start
 of each member must announce the size its zip header declares; inflation then stops at that size,
-so a zip header that lies cannot put more into staging (:func:`_stage_zip`).
+so a zip header that lies cannot put more into staging (:func:`services.segmenter.archive.stage_zip`).
 
 The naming of the upload decides the label convention of the job's mask, recorded as
 ``meta["label_convention"]``: ``"brats2023"`` (enhancing tumour 3) for 2023-2024 field or member
 names, ``"brats2021"`` (enhancing tumour 4) otherwise, 4D volumes included. Stored inputs are
 always ``input_<modality>.nii.gz`` with the :data:`~brainscan.labels.MODALITIES` names.
+
+Layout: the form's vocabulary and caps are :mod:`services.segmenter.upload`; header checks
+:mod:`~services.segmenter.headers` (over :func:`brainscan.io.nifti.peek_header`); bounded staging and
+zips :mod:`~services.segmenter.archive`; this module decides the upload's shape and writes the inputs.
 
 Example:
     >>> limits = IntakeLimits(max_upload_bytes=512 << 20, max_voxels=2**25)
@@ -45,175 +49,49 @@ Example:
 
 from __future__ import annotations
 
-import copy
-import re
-import struct
-import zipfile
-import zlib
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from brainscan.data.brats import AFFINE_ATOL_MM, match_case_file
+from brainscan.data.brats import AFFINE_ATOL_MM
 from brainscan.errors import (
     BadDimensionsError,
     BrainscanError,
-    CorruptFileError,
-    DatasetLayoutError,
     EmptyInputError,
-    InputTooLargeError,
     InvalidInputError,
     MissingModalityError,
     NonFiniteError,
-    UnsupportedFormatError,
 )
-from brainscan.io.nifti import load_nifti, read_nifti_header, save_nifti
+from brainscan.io.nifti import HeaderInfo, load_nifti, read_nifti_header, save_nifti
+from brainscan.labels import BRATS2021, BRATS2023_MODALITIES, CONVENTION_NAMES, MODALITIES
 from brainscan.preprocess.align import REFERENCE as ALIGN_REFERENCE
 from brainscan.preprocess.align import check_overlap, grid_summary, on_one_grid
+from services.segmenter.archive import stage_bounded_zip, stage_stream, stage_zip
+from services.segmenter.headers import check_modality_shape, header_from_bytes, inspect_header
 from services.segmenter.jobs import STUDY_FILE
-from brainscan.labels import (
-    BRATS2021,
-    BRATS2023,
-    BRATS2023_MODALITIES,
-    CONVENTION_FILE_NAMES,
-    CONVENTION_NAMES,
-    MODALITIES,
+from services.segmenter.upload import (
+    CASE_FIELD,
+    DICOM_FIELD,
+    MODALITY_FIELDS,
+    SERIES_FIELD,
+    SOURCES,
+    UPLOAD_FIELDS,
+    VOLUME_FIELD,
+    IntakeLimits,
+    IntakeResult,
+    UploadPart,
+    display_name,
+    input_file_name,
 )
 
-SOURCES = ("files", "zip", "4d", "dicom")
-CASE_FIELD = "case"
-VOLUME_FIELD = "volume"
-DICOM_FIELD = "dicom"
-#: the one text field: ``{SeriesInstanceUID: modality}`` as JSON, with ``dicom`` only
-SERIES_FIELD = "series"
-
-#: label convention -> {form field: modality} of the four-files upload; the BraTS 2023-2024 field
-#: names make the job's mask use that convention (enhancing tumour 3)
-MODALITY_FIELDS: dict[str, dict[str, str]] = {BRATS2021: {m: m for m in MODALITIES},
-                                              BRATS2023: dict(BRATS2023_MODALITIES)}
-UPLOAD_FIELDS = (*MODALITIES, *BRATS2023_MODALITIES, CASE_FIELD, VOLUME_FIELD, DICOM_FIELD)
-#: NIfTI data types that hold intensities (complex, RGB and 128-bit types are refused)
-INTENSITY_DTYPES = {2: "uint8", 4: "int16", 8: "int32", 16: "float32", 64: "float64", 256: "int8",
-                    512: "uint16", 768: "uint32", 1024: "int64", 1280: "uint64"}
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-_COPY_CHUNK = 1 << 20
-#: bytes read from the start of a file (or zip member) to decode its NIfTI header
-_HEADER_PEEK = 64 * 1024
-#: bytes a stored NIfTI may hold past what its header announces (trailing padding, gzip framing)
-_NIFTI_SLACK = 64 * 1024
-#: central-directory bytes allowed per zip entry: fixed part, name and extra fields of any real archiver
-_MAX_DIRECTORY_ENTRY_BYTES = 4096
-_EOCD = struct.Struct("<4s4H2LH")
-_ZIP64_LOCATOR = struct.Struct("<4sLQL")
-_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
-_BRATS2023_NAMES = {modality: name for name, modality in BRATS2023_MODALITIES.items()}
-_PRINTABLE = re.compile(r"[^\w .()+,-]")
-
-
-@dataclass(frozen=True)
-class IntakeLimits:
-    """Caps applied to one upload.
-
-    Attributes:
-        max_upload_bytes: largest request body; also caps each staged file, and what the four
-            volumes of a case zip may unpack to, together.
-        max_voxels: most voxels in one 3D volume (413 above).
-        max_dim: longest axis (422 above).
-        max_header_bytes: largest NIfTI header plus extensions (``vox_offset``); real files need
-            a few KB, and nibabel reads extensions whole, so a lying header must not get further.
-        max_zip_members: most entries in a case zip.
-        max_study_files: most entries in a DICOM study zip (one file per slice).
-    """
-
-    max_upload_bytes: int
-    max_voxels: int
-    max_dim: int = 512
-    max_header_bytes: int = 4 << 20
-    max_zip_members: int = 64
-    max_study_files: int = 4096
-
-    def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_voxels", "max_dim", "max_header_bytes", "max_zip_members",
-                     "max_study_files"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-    @property
-    def max_volume_bytes(self) -> int:
-        """Largest plausible decompressed 3D NIfTI: header, then one float64 volume at the voxel cap."""
-        return self.max_header_bytes + self.max_voxels * 8
-
-
-@dataclass(frozen=True)
-class UploadPart:
-    """One file field of the multipart form: its field name, client file name and content."""
-
-    field: str
-    filename: str
-    file: IO[bytes]
-
-
-@dataclass(frozen=True)
-class HeaderInfo:
-    """What the first bytes of a NIfTI file say, checked against the limits."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    vox_offset: int
-    gzipped: bool
-
-    @property
-    def data_bytes(self) -> int:
-        """Decompressed size of the voxel data the header announces."""
-        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
-
-    @property
-    def file_bytes(self) -> int:
-        """Size of the (uncompressed) file the header announces: header, extensions, voxel data."""
-        return self.vox_offset + self.data_bytes
-
-    @property
-    def max_stored_bytes(self) -> int:
-        """Most bytes the file can take as stored (gzip may add a little): beyond that it is not this header's."""
-        framing = self.file_bytes // 256 if self.gzipped else 0
-        return self.file_bytes + framing + _NIFTI_SLACK
-
-
-@dataclass
-class IntakeResult:
-    """A validated upload.
-
-    Attributes:
-        files: ``input_<modality>.nii.gz`` -> normalised file in the staging folder.
-        meta: ``{"shape", "spacing_mm", "source", "orientation", "filenames", "label_convention"}``
-            for the job (``filenames`` keyed by MODALITIES name, whatever the upload's naming), and
-            ``alignment`` (``{"needed": True, "reference": "t1ce", "overlap", "grids"}``) for
-            modalities on different grids.
-    """
-
-    files: dict[str, Path]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def input_file_name(modality: str) -> str:
-    """``input_<modality>.nii.gz``, the job file of one modality."""
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-    return f"input_{modality}.nii.gz"
-
-
-def display_name(filename: str | None, fallback: str) -> str:
-    """A client file name made safe for messages and JSON (base name, printable, at most 100 chars)."""
-    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
-    cleaned = _PRINTABLE.sub("_", base)[:100]
-    return cleaned or fallback
+#: what this module offered before it was split into upload, headers and archive (callers import them here)
+__all__ = ["CASE_FIELD", "DICOM_FIELD", "MODALITY_FIELDS", "SERIES_FIELD", "SOURCES", "UPLOAD_FIELDS", "VOLUME_FIELD",
+           "HeaderInfo", "IntakeLimits", "IntakeResult", "UploadPart", "accept_upload", "check_modality_shape",
+           "display_name", "files_convention", "header_from_bytes", "inspect_header", "input_file_name",
+           "select_source"]
 
 
 # -- the form -----------------------------------------------------------------------------------
@@ -316,368 +194,27 @@ def accept_upload(parts: Sequence[UploadPart], staging: Path, limits: IntakeLimi
     if source == "files":
         convention = files_convention(set(by_field))
         field_of = {modality: name for name, modality in MODALITY_FIELDS[convention].items()}
-        staged = {m: _stage_stream(by_field[field_of[m]].file, staging / f"{m}.upload", limits, field_of[m])
+        staged = {m: stage_stream(by_field[field_of[m]].file, staging / f"{m}.upload", limits, field_of[m])
                   for m in MODALITIES}
         names = {m: display_name(by_field[field_of[m]].filename, field_of[m]) for m in MODALITIES}
     elif source == "zip":
-        staged, names, convention = _stage_zip(by_field[CASE_FIELD], staging, limits)
+        staged, names, convention = stage_zip(by_field[CASE_FIELD], staging, limits)
     elif source == "dicom":
         from services.segmenter.dicom_intake import accept_dicom
 
         series = texts.get(SERIES_FIELD) if isinstance(texts, Mapping) else None
-        path = _stage_bounded_zip(by_field[DICOM_FIELD], staging / STUDY_FILE, limits, DICOM_FIELD,
+        path = stage_bounded_zip(by_field[DICOM_FIELD], staging / STUDY_FILE, limits, DICOM_FIELD,
                                   limits.max_study_files, "a DICOM study zip")
         return accept_dicom(path, display_name(by_field[DICOM_FIELD].filename, DICOM_FIELD), series, limits)
     else:
         part = by_field[VOLUME_FIELD]
-        path = _stage_stream(part.file, staging / "volume.upload", limits, VOLUME_FIELD)
+        path = stage_stream(part.file, staging / "volume.upload", limits, VOLUME_FIELD)
         return _accept_4d(path, display_name(part.filename, VOLUME_FIELD), staging, limits)
     return _accept_modalities(staged, names, staging, limits, source, convention)
 
 
-# -- staging ------------------------------------------------------------------------------------
-
-
-def _stage_stream(stream: IO[bytes], dest: Path, limits: IntakeLimits, what: str, cap: int | None = None,
-                  overflow: BrainscanError | None = None) -> Path:
-    """Copy ``stream`` to ``dest``, never writing more than ``cap`` bytes (default ``max_upload_bytes``).
-
-    Raises:
-        ``overflow`` (default :class:`InputTooLargeError`, 413): the stream runs past ``cap``.
-        EmptyInputError: (400) the stream is empty.
-    """
-    cap = limits.max_upload_bytes if cap is None else cap
-    written = 0
-    with dest.open("wb") as out:
-        while chunk := stream.read(_COPY_CHUNK):
-            written += len(chunk)
-            if written > cap:
-                raise overflow or InputTooLargeError(f"{what} is larger than the limit of {cap} bytes")
-            out.write(chunk)
-    if written == 0:
-        raise EmptyInputError(f"{what} is empty (0 bytes)")
-    return dest
-
-
-def _stage_zip(part: UploadPart, staging: Path, limits: IntakeLimits
-               ) -> tuple[dict[str, Path], dict[str, str], str]:
-    """Copy the four modality members of a case zip to ``staging/<modality>.upload``.
-
-    Bounded before and while unpacking: what the zip declares is checked before a byte is inflated
-    (entry count and directory size from its last bytes, before :mod:`zipfile` parses the
-    directory; then each chosen member's size against a 3D volume at the limits, and the four
-    together against ``max_upload_bytes``). Next, the first bytes of each member must be a NIfTI
-    header within the limits that announces the size the zip declares. Only then is each member
-    inflated, and the copy stops at its declared size: a zip that lies about a member's size
-    cannot put more than that into staging.
-
-    Returns:
-        ``(staged files, display names, label convention of the member names)``, the first two
-        keyed by MODALITIES name.
-
-    Raises:
-        UnsupportedFormatError: (415) not a zip, or a member that is not NIfTI. CorruptFileError:
-            (422) a damaged or encrypted zip, or a member whose header, declared size and content
-            disagree. InputTooLargeError: (413) too many members, or members larger than volumes
-            within the limits. MissingModalityError: (422) a modality missing or present twice.
-            DatasetLayoutError: (422) files of several cases, or of both BraTS namings. The header
-            checks of :func:`inspect_header` apply to each member.
-    """
-    _check_zip(part.file, limits, CASE_FIELD, limits.max_zip_members, "a case zip",
-               f"zip the case folder ({CONVENTION_FILE_NAMES[BRATS2021]} or {CONVENTION_FILE_NAMES[BRATS2023]}) "
-               "or send the four files")
-    try:
-        archive = zipfile.ZipFile(part.file)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:  # ValueError: e.g. a name not in UTF-8
-        raise CorruptFileError(f"{CASE_FIELD} is a damaged zip file: {exc}") from exc
-    except NotImplementedError as exc:
-        raise UnsupportedFormatError(f"{CASE_FIELD} uses a zip feature this service cannot read ({exc}); "
-                                     "zip the folder again with deflate, without encryption") from exc
-    with archive:
-        members = archive.infolist()
-        if len(members) > limits.max_zip_members:
-            raise InputTooLargeError(f"{CASE_FIELD} holds {len(members)} entries; a case zip holds at most "
-                                     f"{limits.max_zip_members}")
-        found: dict[str, list[zipfile.ZipInfo]] = {}
-        cases: dict[str, str] = {}
-        conventions: dict[str, list[str]] = {}
-        for info in members:
-            parts_of_name = info.filename.replace("\\", "/").split("/")
-            base = parts_of_name[-1]
-            if not base or base.startswith(".") or "__MACOSX" in parts_of_name:  # a folder: its name ends in "/"
-                continue
-            case_file = match_case_file(base)
-            if case_file is None or case_file.kind == "seg":
-                continue  # the segmentation and unrelated files are not inputs
-            found.setdefault(case_file.kind, []).append(info)
-            cases[case_file.kind] = case_file.case_id
-            conventions.setdefault(case_file.label_convention, []).append(display_name(base, "?"))
-        if len(conventions) > 1:
-            listed = " and ".join(f"{CONVENTION_NAMES[c]} names {names[:4]}" for c, names in conventions.items())
-            raise DatasetLayoutError(f"the {CASE_FIELD} zip mixes {listed}; zip one case folder whose files are "
-                                     f"all named {CONVENTION_FILE_NAMES[BRATS2021]} or all "
-                                     f"{CONVENTION_FILE_NAMES[BRATS2023]}")
-        convention = next(iter(conventions), BRATS2021)
-        missing = [m for m in MODALITIES if m not in found]
-        if missing:
-            seen = [display_name(i.filename, "?") for i in members if not i.filename.endswith("/")][:8]
-            if conventions:
-                wanted = [f"{_BRATS2023_NAMES[m]} ({m})" if convention == BRATS2023 else m for m in missing]
-                expected = CONVENTION_FILE_NAMES[convention]
-            else:
-                wanted, expected = missing, f"{CONVENTION_FILE_NAMES[BRATS2021]} or {CONVENTION_FILE_NAMES[BRATS2023]}"
-            raise MissingModalityError(f"the {CASE_FIELD} zip has no {', '.join(wanted)} volume (files must be named "
-                                       f"{expected}); found {seen}")
-        twice = {m: [display_name(i.filename, "?") for i in infos] for m, infos in found.items() if len(infos) > 1}
-        if twice:
-            raise MissingModalityError(f"{CASE_FIELD} holds several files for {sorted(twice)}: {twice}; keep one each")
-        if len({cases[m] for m in MODALITIES}) > 1:
-            raise DatasetLayoutError(f"{CASE_FIELD} mixes files of several cases {sorted(set(cases.values()))}; "
-                                     "zip one case folder")
-        chosen = {m: found[m][0] for m in MODALITIES}
-        names = {m: display_name(info.filename, m) for m, info in chosen.items()}
-        _check_declared_sizes(chosen, names, limits)
-        for modality, info in chosen.items():
-            _check_member_header(archive, info, modality, names[modality], limits)
-        staged = {m: _unpack_member(archive, info, staging / f"{m}.upload", names[m], limits)
-                  for m, info in chosen.items()}
-    return staged, names, convention
-
-
-def _check_zip(stream: IO[bytes], limits: IntakeLimits, what: str, max_members: int, kind: str, hint: str) -> None:
-    """Refuse an empty stream (400), one that is not a zip (415, with ``hint``), and a zip that
-    declares more than ``max_members`` entries (413, :func:`_check_directory_size`)."""
-    head = stream.read(4)
-    stream.seek(0)
-    if not head:
-        raise EmptyInputError(f"{what} is empty (0 bytes)")
-    if head not in _ZIP_MAGICS:
-        raise UnsupportedFormatError(f"{what} is not a zip file; {hint}")
-    _check_directory_size(stream, what, max_members, kind)
-
-
-def _stage_bounded_zip(part: UploadPart, dest: Path, limits: IntakeLimits, what: str, max_members: int,
-                       kind: str) -> Path:
-    """Copy an uploaded zip to ``dest`` (at most ``max_upload_bytes``) after the checks of :func:`_check_zip`;
-    its members are inflated later, each within the limits of whoever reads them."""
-    _check_zip(part.file, limits, what, max_members, kind,
-               "zip the study folder (any layout inside) and upload the zip")
-    return _stage_stream(part.file, dest, limits, what)
-
-
-def _check_directory_size(stream: IO[bytes], what: str, max_members: int, kind: str) -> None:
-    """Refuse (413) a zip whose end-of-central-directory record (zip64 too) declares more entries,
-    or a larger directory, than ``max_members`` entries of ``kind`` can have; :mod:`zipfile` would
-    otherwise parse them all (about 10 us an entry, and millions fit in an upload) before a count
-    could be checked."""
-    stream.seek(0, 2)
-    size = stream.tell()
-    stream.seek(max(0, size - _EOCD.size - 0xFFFF - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size))
-    tail = stream.read()
-    stream.seek(0)
-    at = tail.rfind(b"PK\x05\x06")  # the record zipfile uses: the last one, before a comment of <= 64 KB
-    if at < 0 or len(tail) < at + _EOCD.size:
-        return  # no record: zipfile says the zip is damaged
-    entries, directory_bytes = _EOCD.unpack_from(tail, at)[4:6]
-    locator = at - _ZIP64_LOCATOR.size
-    record = locator - _ZIP64_EOCD.size
-    if record >= 0 and tail[locator:locator + 4] == b"PK\x06\x07" and tail[record:record + 4] == b"PK\x06\x06":
-        entries, directory_bytes = _ZIP64_EOCD.unpack_from(tail, record)[7:9]
-    if entries > max_members or directory_bytes > max_members * _MAX_DIRECTORY_ENTRY_BYTES:
-        raise InputTooLargeError(f"{what} declares {entries} entries in {directory_bytes} bytes of zip "
-                                 f"directory; {kind} holds at most {max_members}")
-
-
-def _check_declared_sizes(chosen: Mapping[str, zipfile.ZipInfo], names: Mapping[str, str], limits: IntakeLimits
-                          ) -> None:
-    """Refuse (413), from the zip directory alone, members larger than a 3D volume within the limits,
-    and four that together unpack to more than ``max_upload_bytes``."""
-    for modality, info in chosen.items():
-        if info.file_size > limits.max_volume_bytes:
-            raise InputTooLargeError(f"{CASE_FIELD} member {names[modality]} unpacks to {info.file_size} bytes, more "
-                                     f"than a volume within the limits can take ({limits.max_volume_bytes})")
-    total = sum(info.file_size for info in chosen.values())
-    if total > limits.max_upload_bytes:
-        raise InputTooLargeError(f"the four volumes in {CASE_FIELD} unpack to {total} bytes, more than the limit of "
-                                 f"{limits.max_upload_bytes}; zip .nii.gz files, or send them as four files")
-
-
-@contextmanager
-def _open_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> Iterator[IO[bytes]]:
-    """``archive.open(info)``, with zip failures as 415 / 422 naming the member by ``name``."""
-    if info.flag_bits & 0x1:
-        raise CorruptFileError(f"{CASE_FIELD} member {name} is encrypted; zip without a password")
-    try:
-        with archive.open(info) as member:
-            yield member
-    except BrainscanError:
-        raise  # the caller's own verdict on the content
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:  # ValueError: e.g. a negative offset
-        raise CorruptFileError(f"{CASE_FIELD} member {name} is damaged: {exc}") from exc
-    except NotImplementedError as exc:
-        raise UnsupportedFormatError(f"{CASE_FIELD} member {name} uses an unsupported compression: "
-                                     f"{exc}; use deflate") from exc
-
-
-def _check_member_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, modality: str, name: str,
-                         limits: IntakeLimits) -> None:
-    """Decode a member's NIfTI header from its first inflated bytes: within the limits, a 3D volume,
-    and announcing the size the zip declares (422 otherwise)."""
-    with _open_member(archive, info, name) as member:
-        head = member.read(_HEADER_PEEK)
-    header = header_from_bytes(head, name, limits, size=info.file_size)
-    check_modality_shape(header, modality, name)
-    if info.file_size > header.max_stored_bytes:
-        raise CorruptFileError(f"{CASE_FIELD} member {name} unpacks to {info.file_size} bytes, but its NIfTI header "
-                               f"announces {header.file_bytes}; the zip or the header is wrong")
-
-
-def _unpack_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, name: str,
-                   limits: IntakeLimits) -> Path:
-    """Inflate a member into ``dest``, writing at most the size its zip header declares (422 past it)."""
-    # zipfile stops silently at the declared size; one byte more shows a member that goes on
-    probe = copy.copy(info)
-    probe.file_size = info.file_size + 1
-    overflow = CorruptFileError(f"{CASE_FIELD} member {name} unpacks to more than the {info.file_size} bytes "
-                                "its zip header declares")
-    with _open_member(archive, probe, name) as member:
-        return _stage_stream(member, dest, limits, name, cap=info.file_size, overflow=overflow)
-
-
-# -- headers ------------------------------------------------------------------------------------
-
-
-def inspect_header(path: Path, name: str, limits: IntakeLimits) -> HeaderInfo:
-    """Read what a NIfTI file's header announces, inflating at most a few KB.
-
-    Args:
-        path: the staged file (``.nii`` or ``.nii.gz``, decided by content).
-        name: the file's name in messages.
-        limits: the caps.
-
-    Returns:
-        the announced shape (1 to 7 axes), data type, data offset and compression.
-
-    Raises:
-        the errors of :func:`header_from_bytes`.
-    """
-    with path.open("rb") as handle:
-        raw = handle.read(_HEADER_PEEK)
-    return header_from_bytes(raw, name, limits, size=path.stat().st_size)
-
-
-def header_from_bytes(raw: bytes, name: str, limits: IntakeLimits, size: int | None = None) -> HeaderInfo:
-    """What the first bytes of a NIfTI file (``.nii`` or ``.nii.gz``, by content) announce, checked
-    against the limits; at most one header is inflated from gzip.
-
-    Args:
-        raw: the first bytes of the file (a few KB are plenty, gzipped or not).
-        name: the file's name in messages.
-        limits: the caps.
-        size: the whole file's size, when known: an uncompressed file shorter than its header
-            announces is refused.
-
-    Returns:
-        the announced shape (1 to 7 axes), data type, data offset and compression.
-
-    Raises:
-        EmptyInputError: (400) no bytes. UnsupportedFormatError: (415) not NIfTI, a ``.hdr/.img``
-            pair, or a non-intensity data type. CorruptFileError: (422) truncated or inconsistent.
-        BadDimensionsError: (422) fewer than 3 or more than 4 axes, an empty or absurd axis.
-        InputTooLargeError: (413) more voxels than ``limits.max_voxels``.
-    """
-    if not raw:
-        raise EmptyInputError(f"{name} is empty (0 bytes)")
-    gzipped = raw[:2] == _GZIP_MAGIC
-    head = raw
-    if gzipped:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            head = inflater.decompress(raw, 540)  # at most one NIfTI-2 header, whatever the ratio
-        except zlib.error as exc:
-            raise CorruptFileError(f"{name} is gzip data that cannot be decompressed: {exc}") from exc
-        if len(head) < 348:
-            raise CorruptFileError(f"{name} is a truncated gzip file: it ends before the NIfTI header does")
-    info = replace(_parse_header_prefix(head, name), gzipped=gzipped)
-    shape = info.shape
-    if len(shape) < 3:
-        raise BadDimensionsError(f"{name} is {len(shape)}D {shape}; upload 3D volumes (one per modality)")
-    if len(shape) > 4:
-        raise BadDimensionsError(f"{name} is {len(shape)}D {shape}; upload 3D volumes, or one 4D volume "
-                                 f"(X, Y, Z, {len(MODALITIES)})")
-    if min(shape) < 1:
-        raise BadDimensionsError(f"{name} has an empty axis {shape}")
-    if max(shape[:3]) > limits.max_dim:
-        raise BadDimensionsError(f"{name} has shape {shape}; axes longer than {limits.max_dim} voxels are not "
-                                 "brain MRI this service can segment")
-    voxels = int(np.prod(shape[:3]))
-    if voxels > limits.max_voxels:
-        raise InputTooLargeError(f"{name} has {voxels} voxels {shape}, more than the limit of {limits.max_voxels}")
-    if info.vox_offset > limits.max_header_bytes:
-        raise CorruptFileError(f"{name} claims its voxel data starts at byte {info.vox_offset}; a NIfTI header "
-                               f"with extensions is at most {limits.max_header_bytes} bytes here")
-    if not gzipped and size is not None and size < info.file_bytes:
-        raise CorruptFileError(f"{name} is truncated: {size} bytes, but its header announces {info.file_bytes}")
-    return info
-
-
-def check_modality_shape(info: HeaderInfo, modality: str, name: str) -> None:
-    """Refuse (422) a modality file that is not one 3D volume (a trailing axis of 1 is allowed)."""
-    if len(info.shape) == 4 and info.shape[3] != 1:
-        raise BadDimensionsError(f"{modality} ({name}) is 4D {info.shape}; each modality must be a 3D volume "
-                                 f"(send a 4D (X, Y, Z, {len(MODALITIES)}) stack as '{VOLUME_FIELD}')")
-
-
-def _parse_header_prefix(head: bytes, name: str) -> HeaderInfo:
-    """Decode sizeof_hdr, magic, dim, datatype, bitpix and vox_offset of NIfTI-1 or NIfTI-2 bytes."""
-    not_nifti = UnsupportedFormatError(f"{name} is not a NIfTI file (.nii or .nii.gz); upload NIfTI volumes, "
-                                       "not DICOM, images or archives")
-    if len(head) < 4:
-        raise not_nifti
-    for order in ("<", ">"):
-        size = struct.unpack(order + "i", head[:4])[0]
-        if size in (348, 540):
-            break
-    else:
-        raise not_nifti
-    if len(head) < size:
-        raise CorruptFileError(f"{name} is too short to hold a NIfTI header ({len(head)} of {size} bytes)")
-    if size == 348:
-        magic = head[344:348]
-        dims = struct.unpack(order + "8h", head[40:56])
-        datatype, bitpix = struct.unpack(order + "2h", head[70:74])
-        vox_offset = struct.unpack(order + "f", head[108:112])[0]
-        pair, single = b"ni1\x00", b"n+1\x00"
-    else:
-        magic = head[4:8]
-        datatype, bitpix = struct.unpack(order + "2h", head[12:16])
-        dims = struct.unpack(order + "8q", head[16:80])
-        vox_offset = struct.unpack(order + "q", head[168:176])[0]
-        pair, single = b"ni2\x00", b"n+2\x00"
-    if magic == pair:
-        raise UnsupportedFormatError(f"{name} is the header of a .hdr/.img pair; convert it to a single .nii file")
-    if magic != single:
-        raise not_nifti
-    ndim = dims[0]
-    if not 1 <= ndim <= 7:
-        raise CorruptFileError(f"{name} has an invalid dimension count {ndim} in its header")
-    if datatype not in INTENSITY_DTYPES:
-        raise UnsupportedFormatError(f"{name} stores voxels as NIfTI data type {datatype} (complex, RGB or "
-                                     f"unknown); upload intensities as integers or floats", code="unsupported_dtype")
-    dtype = INTENSITY_DTYPES[datatype]
-    if bitpix != np.dtype(dtype).itemsize * 8:
-        raise CorruptFileError(f"{name} header is inconsistent: data type {dtype} with bitpix {bitpix}")
-    if not np.isfinite(vox_offset) or vox_offset < 0:
-        raise CorruptFileError(f"{name} header has an invalid data offset {vox_offset}")
-    # nibabel reads the data at vox_offset, but never inside the header itself
-    offset = max(int(vox_offset), size + 4 if size == 348 else size)
-    return HeaderInfo(shape=tuple(int(d) for d in dims[1:ndim + 1]), dtype=dtype, vox_offset=offset, gzipped=False)
-
-
-# -- the case -----------------------------------------------------------------------------------
-
-
-def _header_geometry(path: Path, name: str, limits: IntakeLimits) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...]]:
+def _header_geometry(path: Path, name: str, limits: IntakeLimits
+                     ) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...]]:
     """Shape, affine and spacing from nibabel's header parse (after :func:`inspect_header`)."""
     header = read_nifti_header(path, max_voxels=limits.max_voxels, name=name)
     shape = tuple(int(s) for s in header.get_data_shape())
@@ -754,4 +291,3 @@ def _meta(shape: Sequence[int], spacing: Sequence[float], affine: np.ndarray, so
         "filenames": filenames,
         "label_convention": convention,
     }
-

@@ -1,6 +1,8 @@
 """The segmentation job: its record, its states and the transitions between them.
 
-A job record is the JSON object the job store keeps as ``job.json``; :func:`public_view` turns it
+A job record is the JSON object the job store keeps as ``job.json``, read as a typed
+:class:`~services.segmenter.job_record.Job` (its status a :class:`~services.segmenter.job_record.JobStatus`);
+the transitions below apply to the JSON object under the store's lock. :func:`public_view` turns it
 into the response body of ``GET /v1/jobs/{id}`` (``docs/CONTRACTS.md``, "Segmenter contract").
 
 States::
@@ -37,23 +39,25 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from brainscan.errors import BrainscanError
 from brainscan.labels import BRATS2021, BRATS_LABEL_NAMES, BRATS_LABELS, convention_label_names
+from services.segmenter.job_record import JobStatus
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINAL = frozenset({"succeeded", "failed", "cancelled"})
+STATUSES = tuple(status.value for status in JobStatus)
+FINAL = frozenset(status for status in JobStatus if status.is_final)
 STAGES = ("queued", "preprocessing", "inference", "writing results", "done")
 #: the allowed next statuses of each status (see the module docstring)
-TRANSITIONS: dict[str, frozenset[str]] = {
-    "queued": frozenset({"running", "cancelled", "failed"}),
-    "running": frozenset({"running", "queued", "succeeded", "failed", "cancelled"}),
-    "succeeded": frozenset(),
-    "failed": frozenset(),
-    "cancelled": frozenset(),
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
+    JobStatus.RUNNING: frozenset({JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                  JobStatus.CANCELLED}),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
 }
 #: ``progress`` at the start and end of each stage
 STAGE_PROGRESS: dict[str, tuple[float, float]] = {
@@ -127,7 +131,7 @@ def owner_digest(owner: str) -> str:
     return hashlib.sha256(OWNER_HASH_PREFIX + owner.encode()).hexdigest()
 
 
-def is_owned_by(job: dict[str, Any], owner: str) -> bool:
+def is_owned_by(job: Mapping[str, Any], owner: str) -> bool:
     """Whether ``owner`` owns ``job`` (compared in constant time).
 
     A record written before owner hashing holds the raw ``owner``; it is compared through its
@@ -162,7 +166,7 @@ def new_job(*, job_id: str, owner: str, model: dict[str, Any], input_meta: dict[
     return {
         "id": job_id,
         "owner_hash": owner_digest(owner),
-        "status": "queued",
+        "status": JobStatus.QUEUED,
         "progress": 0.0,
         "stage": "queued",
         "stage_detail": None,
@@ -181,7 +185,7 @@ def new_job(*, job_id: str, owner: str, model: dict[str, Any], input_meta: dict[
         "attempt_id": None,
         "worker": None,
         "heartbeat_at": None,
-        "history": [{"at": iso(now), "status": "queued", "stage": "queued"}],
+        "history": [{"at": iso(now), "status": JobStatus.QUEUED, "stage": "queued"}],
     }
 
 
@@ -208,15 +212,15 @@ def apply_transition(job: dict[str, Any], status: str, now: datetime, **fields: 
         JobStateError / ValueError: as :func:`check_transition`.
     """
     check_transition(job["status"], status)
-    job["status"] = status
-    if status == "running":
+    job["status"] = status = JobStatus(status)
+    if status is JobStatus.RUNNING:
         job["started_at"] = iso(now)
         job["finished_at"] = None
-    elif status == "queued":
+    elif status is JobStatus.QUEUED:
         job["stage"] = "queued"
-    if status in FINAL:
+    if status.is_final:
         job["finished_at"] = iso(now)
-        if status == "succeeded":
+        if status is JobStatus.SUCCEEDED:
             job["stage"], job["progress"], job["stage_detail"] = "done", 1.0, None
     job.update(fields)
     if "stage" in fields and fields["stage"] not in STAGES:
@@ -245,14 +249,14 @@ def apply_update(job: dict[str, Any], now: datetime, **fields: Any) -> dict[str,
     return job
 
 
-def heartbeat_age_s(job: dict[str, Any], now: datetime) -> float:
+def heartbeat_age_s(job: Mapping[str, Any], now: datetime) -> float:
     """Seconds since the running attempt of ``job`` last showed a sign of life (its ``heartbeat_at``,
     else its ``started_at``, else its ``created_at``)."""
     last = job.get("heartbeat_at") or job.get("started_at") or job["created_at"]
     return (now - parse_iso(last)).total_seconds()
 
 
-def claim_refusal(job: dict[str, Any], now: datetime, *, stale_after_s: float,
+def claim_refusal(job: Mapping[str, Any], now: datetime, *, stale_after_s: float,
                   is_alive: Callable[[str], bool] = lambda worker: True) -> str | None:
     """Why a worker process must not start ``job`` now, or None when it may (see the module docstring).
 
@@ -270,7 +274,7 @@ def claim_refusal(job: dict[str, Any], now: datetime, *, stale_after_s: float,
     """
     if job["status"] in FINAL:
         return f"the job is already {job['status']}"
-    if job["status"] != "running" or not job.get("attempt_id"):
+    if job["status"] != JobStatus.RUNNING or not job.get("attempt_id"):
         return None
     age = heartbeat_age_s(job, now)
     if age > stale_after_s or not is_alive(str(job.get("worker"))):
@@ -290,12 +294,12 @@ def result_labels(convention: str = BRATS2021) -> dict[str, str]:
     return {str(label): name for label, name in convention_label_names(convention).items() if label != 0}
 
 
-def is_expired(job: dict[str, Any], now: datetime) -> bool:
+def is_expired(job: Mapping[str, Any], now: datetime) -> bool:
     """Whether ``job`` is past its ``expires_at``."""
     return parse_iso(job["expires_at"]) <= now
 
 
-def public_view(job: dict[str, Any], prefix: str = "/v1/jobs") -> dict[str, Any]:
+def public_view(job: Mapping[str, Any], prefix: str = "/v1/jobs") -> dict[str, Any]:
     """The response body of ``GET /v1/jobs/{id}`` for a job record.
 
     Internal fields (owner, task id, history) stay out; file names become URLs under ``prefix``.

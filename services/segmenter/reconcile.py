@@ -42,6 +42,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from brainscan.errors import BrainscanError
+from services.segmenter.job_record import JobStatus
 from services.segmenter.jobs import JobNotFoundError, JobStateError, heartbeat_age_s, iso, parse_iso, utc_now
 from services.segmenter.settings import QUEUE, TASK_NAME, Settings
 from services.segmenter.store import JobStore
@@ -149,12 +150,12 @@ class Reconciler:
         sent: dict[str, list[str]] = {"worker_lost": [], "message_lost": []}
         for job in self.store.unfinished():
             now = utc_now()
-            if job["status"] == "running":
+            if job.status is JobStatus.RUNNING:
                 age = heartbeat_age_s(job, now)
                 if age <= self.settings.heartbeat_timeout_s:
                     continue
                 try:
-                    self.store.transition(job["id"], "queued", expect_status={"running"},
+                    self.store.transition(job.id, JobStatus.QUEUED, expect_status={JobStatus.RUNNING},
                                           expect_fields={key: job.get(key) for key in ("attempt_id", "heartbeat_at")},
                                           progress=0.0, heartbeat_at=None,
                                           stage_detail=f"worker lost (no heartbeat for {age:.0f} s); retrying")
@@ -162,16 +163,16 @@ class Reconciler:
                     continue  # it moved meanwhile: its worker is alive after all, or it was cancelled
                 kind = "worker_lost"
             else:
-                last_sent = parse_iso(job.get("enqueued_at") or job["created_at"])
-                if job["id"] in live or (now - last_sent).total_seconds() < self.settings.reconcile_grace_s:
+                last_sent = parse_iso(job.enqueued_at or job.created_at)
+                if job.id in live or (now - last_sent).total_seconds() < self.settings.reconcile_grace_s:
                     continue
                 kind = "message_lost"
-            task_id = self.enqueue(job["id"])
-            sent[kind].append(job["id"])
-            log.warning("job %s queued again (%s)", job["id"], kind.replace("_", " "),
-                        extra={"job_id": job["id"], "task_id": task_id})
+            task_id = self.enqueue(job.id)
+            sent[kind].append(job.id)
+            log.warning("job %s queued again (%s)", job.id, kind.replace("_", " "),
+                        extra={"job_id": job.id, "task_id": task_id})
             try:
-                self.store.update(job["id"], expect_status={"queued"}, task_id=task_id, enqueued_at=iso(utc_now()))
+                self.store.update(job.id, expect_status={JobStatus.QUEUED}, task_id=task_id, enqueued_at=iso(utc_now()))
             except (JobStateError, JobNotFoundError):
                 pass  # already claimed by a worker, or cancelled
         return sent

@@ -50,7 +50,7 @@ environment variable                    default                        meaning
                                         development unless the URLs    and result backend URLs that lack one
                                         carry one)
 ``BRAINSCAN_INTERNAL_TOKEN``            none (API: required outside    every API route but the probes needs
-                                        development)                   it (``brainscan.internal_auth``)
+                                        development)                   it (``serving.internal_auth``)
 ``BRAINSCAN_ENV``                       ``production``                 ``development``: may run without
                                                                        these secrets
 ======================================  =============================  =====================================
@@ -66,7 +66,7 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from brainscan.internal_auth import (
+from serving.internal_auth import (
     REDIS_PASSWORD_VARIABLE,
     DeploymentSettings,
     redact_secrets,

@@ -33,12 +33,13 @@ import secrets
 import shutil
 import time
 import uuid
-from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from services.segmenter.job_record import Job, JobStatus
+from services.segmenter.job_store import JobStore
 from services.segmenter.jobs import (
     ALLOWED_FILES,
     JobNotFoundError,
@@ -59,83 +60,6 @@ LOCK_FILE = ".lock"
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{22}$")
 #: staging and trash folders older than this are debris of a crashed process
 _DEBRIS_AGE_S = 3600.0
-
-
-class JobStore(ABC):
-    """What the segmenter needs from a job store.
-
-    Every method raises :class:`~services.segmenter.jobs.JobNotFoundError` for an unknown or
-    malformed job id. An S3-compatible store (MinIO, AWS S3) would implement it as follows:
-
-    - ``create``: upload the input objects under ``<prefix>/<id>/``, then ``job.json`` last with
-      ``If-None-Match: *``, so that a job is visible only once its inputs are.
-    - ``get``: ``GetObject <prefix>/<id>/job.json`` (S3 is strongly read-after-write consistent).
-    - ``update`` / ``transition``: optimistic concurrency instead of a file lock: read ``job.json``
-      and its ETag, check ``expect_status`` / ``expect_fields``, apply the change, ``PutObject`` with
-      ``If-Match: <etag>``; on ``412 Precondition Failed`` re-read and re-check (a cancel is never
-      overwritten by progress, a superseded attempt never overwrites the one that took over).
-    - ``path_for``: a path in a local working folder (the worker writes results there, the API
-      downloads inputs there); ``commit_file`` uploads that file to ``<prefix>/<id>/<name>``, and
-      the API would answer file downloads with a presigned-URL redirect instead of reading the path.
-    - ``delete``: delete every object under the prefix (``job.json`` first, so the job vanishes at once).
-    - ``expire``: a bucket lifecycle rule on ``expires_at`` does most of it; the sweep deletes
-      the rest.
-    - ``unfinished``: list the ``job.json`` objects (one ``ListObjectsV2`` per 1,000 jobs).
-    - ``ping``: ``HeadBucket``.
-    """
-
-    @abstractmethod
-    def create(self, owner: str, model: dict[str, Any], input_meta: dict[str, Any], *,
-               files: Mapping[str, Path] | None = None) -> str:
-        """Create a queued job holding ``files`` (allowed name -> staged local file, moved in); returns its id."""
-
-    @abstractmethod
-    def get(self, job_id: str) -> dict[str, Any]:
-        """The job record."""
-
-    @abstractmethod
-    def update(self, job_id: str, *, expect_status: Collection[str] | None = None,
-               expect_fields: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
-        """Set ``fields`` atomically; refuse (:class:`JobStateError`) unless the status is in ``expect_status``
-        and each field of ``expect_fields`` holds that value (a compare-and-set)."""
-
-    @abstractmethod
-    def transition(self, job_id: str, status: str, *, expect_status: Collection[str] | None = None,
-                   expect_fields: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
-        """Move the job to ``status`` (checked by :func:`~services.segmenter.jobs.check_transition`) and set
-        ``fields``; ``expect_status`` and ``expect_fields`` as in :meth:`update`."""
-
-    @abstractmethod
-    def unfinished(self) -> list[dict[str, Any]]:
-        """The records of every queued or running job (what the reconciler checks)."""
-
-    @abstractmethod
-    def path_for(self, job_id: str, name: str) -> Path:
-        """Local path of the job's file ``name``; ``ValueError`` for a name outside the allow-list."""
-
-    def commit_file(self, job_id: str, name: str) -> None:  # noqa: B027 - optional hook
-        """Publish a file written at :meth:`path_for` (a no-op where that path is the store itself)."""
-
-    @abstractmethod
-    def delete(self, job_id: str) -> None:
-        """Remove the job and its files."""
-
-    @abstractmethod
-    def expire(self, now: datetime | None = None) -> list[str]:
-        """Delete the jobs past their ``expires_at``; returns their ids."""
-
-    @abstractmethod
-    def ping(self) -> None:
-        """Raise ``OSError`` unless the store can be written."""
-
-    @abstractmethod
-    def staging_dir(self) -> contextlib.AbstractContextManager[Path]:
-        """A private local folder for an upload being validated, removed afterwards."""
-
-    @abstractmethod
-    def hash_legacy_owners(self) -> int:
-        """Replace the raw ``owner`` of records written before owner hashing by its ``owner_hash``;
-        returns how many were rewritten."""
 
 
 def check_job_id(job_id: str) -> str:
@@ -209,8 +133,15 @@ class LocalJobStore(JobStore):
             raise
         return job_id
 
-    def get(self, job_id: str) -> dict[str, Any]:
-        """The job record (no lock: ``job.json`` is only ever replaced whole)."""
+    def get(self, job_id: str) -> Job:
+        """The job record (no lock: ``job.json`` is only ever replaced whole), read by :meth:`Job.from_dict`.
+
+        Raises:
+            JobNotFoundError: no such job. ValueError: a record that is not JSON or not a job.
+        """
+        return Job.from_dict(self._read(job_id))
+
+    def _read(self, job_id: str) -> dict[str, Any]:
         path = self.root / check_job_id(job_id) / JOB_FILE
         try:
             return json.loads(path.read_text(encoding="utf-8"))
@@ -218,7 +149,7 @@ class LocalJobStore(JobStore):
             raise JobNotFoundError(f"no job {job_id!r}") from None
 
     def update(self, job_id: str, *, expect_status: Collection[str] | None = None,
-               expect_fields: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+               expect_fields: Mapping[str, Any] | None = None, **fields: Any) -> Job:
         """Set ``fields`` on the record under the job's lock.
 
         Args:
@@ -241,10 +172,10 @@ class LocalJobStore(JobStore):
             raise ValueError("update() does not change the status; use transition()")
         with self._locked(job_id) as record:
             _expect(record, expect_status, expect_fields)
-            return apply_update(record, utc_now(), **fields)
+            return Job.from_dict(apply_update(record, utc_now(), **fields))
 
     def transition(self, job_id: str, status: str, *, expect_status: Collection[str] | None = None,
-                   expect_fields: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+                   expect_fields: Mapping[str, Any] | None = None, **fields: Any) -> Job:
         """Move the job to ``status`` under the job's lock (see ``jobs.apply_transition``).
 
         Raises:
@@ -254,11 +185,12 @@ class LocalJobStore(JobStore):
         """
         with self._locked(job_id) as record:
             _expect(record, expect_status, expect_fields)
-            return apply_transition(record, status, utc_now(), **fields)
+            return Job.from_dict(apply_transition(record, status, utc_now(), **fields))
 
     @contextlib.contextmanager
     def _locked(self, job_id: str) -> Iterator[dict[str, Any]]:
-        """Yield the record under an exclusive lock; write it back if the block succeeds."""
+        """Yield the record (its JSON object) under an exclusive lock; write it back if the block succeeds
+        and :meth:`Job.from_dict` accepts the result."""
         folder = self.root / check_job_id(job_id)
         try:
             fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -267,8 +199,9 @@ class LocalJobStore(JobStore):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             # The job may have been deleted (its folder renamed away) while this waited.
-            record = self.get(job_id)
+            record = self._read(job_id)
             yield record
+            Job.from_dict(record)  # a change that breaks the record is refused (ValueError), never written
             _write_json(folder / JOB_FILE, record)
         finally:
             os.close(fd)  # closing releases the flock
@@ -362,7 +295,7 @@ class LocalJobStore(JobStore):
         elif folder.name.startswith((".trash-", ".new-")) and _age_s(folder) > _DEBRIS_AGE_S:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def unfinished(self) -> list[dict[str, Any]]:
+    def unfinished(self) -> list[Job]:
         """The records of every queued or running job, oldest folder name first (unreadable ones skipped)."""
         records = []
         for folder in sorted(self.root.iterdir()) if self.root.is_dir() else ():
@@ -375,7 +308,7 @@ class LocalJobStore(JobStore):
             except (OSError, ValueError) as exc:  # an unreadable record: report, keep going
                 log.warning("cannot read job %s: %s", folder.name, exc)
                 continue
-            if record.get("status") in ("queued", "running"):
+            if record.status in (JobStatus.QUEUED, JobStatus.RUNNING):
                 records.append(record)
         return records
 
@@ -415,7 +348,7 @@ class LocalJobStore(JobStore):
         probe.unlink()
 
 
-def _expect(record: dict[str, Any], expect_status: Collection[str] | None,
+def _expect(record: Mapping[str, Any], expect_status: Collection[str] | None,
             expect_fields: Mapping[str, Any] | None = None) -> None:
     if expect_status is not None and record["status"] not in expect_status:
         raise JobStateError(f"job {record['id']} is {record['status']}, expected one of {sorted(expect_status)}",

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from brainscan.internal_auth import INTERNAL_TOKEN_HEADER, MissingSecretError
+from serving.internal_auth import INTERNAL_TOKEN_HEADER, MissingSecretError
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.bundles import make_classifier_store

@@ -442,7 +442,7 @@ def test_the_owner_header_needs_an_authenticated_request() -> None:
 ])
 def test_production_mode_refuses_to_start_without_a_secret(models: Path, tmp_path: Path, secrets: dict[str, str],
                                                              variable: str) -> None:
-    from brainscan.internal_auth import MissingSecretError
+    from serving.internal_auth import MissingSecretError
 
     settings = settings_for(models, tmp_path / "jobs", environment="production", **secrets)
     with pytest.raises(MissingSecretError, match=f"{variable} is not set") as refused:

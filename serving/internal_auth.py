@@ -16,7 +16,7 @@ Used by the services and the gateway (it imports FastAPI and pydantic-settings, 
 
 * :class:`DeploymentSettings`: ``BRAINSCAN_ENV`` and ``BRAINSCAN_INTERNAL_TOKEN``, mixed into each
   service's settings; :func:`require_secret` is the start-up check.
-* :func:`internal_auth_guard`: the middleware guard of :func:`brainscan.web.add_request_context`.
+* :func:`internal_auth_guard`: the middleware guard of :func:`serving.web.add_request_context`.
 * :func:`redact_secrets` and :func:`with_password` for Redis URLs and messages that may hold one.
 """
 
@@ -34,7 +34,7 @@ from fastapi.responses import Response
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings
 
-from brainscan.web import CallNext, error_response
+from serving.web import CallNext, error_response
 
 INTERNAL_TOKEN_HEADER = "X-Brainscan-Internal-Token"
 TOKEN_VARIABLE = "BRAINSCAN_INTERNAL_TOKEN"
@@ -137,7 +137,7 @@ def token_matches(presented: str | None, expected: str) -> bool:
 
 def internal_auth_guard(logger: logging.Logger, *, token: str | None, service: str, inner: Guard,
                         open_paths: Collection[str] = PROBE_PATHS) -> Guard:
-    """A ``guard`` for :func:`brainscan.web.add_request_context` that lets only the gateway in.
+    """A ``guard`` for :func:`serving.web.add_request_context` that lets only the gateway in.
 
     Requests to ``open_paths`` pass as they are. Every other request needs ``token`` (see
     :func:`presented_token`); it is then marked ``request.state.internal_caller = True`` and handed
@@ -147,7 +147,7 @@ def internal_auth_guard(logger: logging.Logger, *, token: str | None, service: s
         logger: where the start-up warning goes when authentication is off.
         token: the internal token, or None.
         service: the service's name, in messages.
-        inner: the guard that answers authenticated requests (e.g. :func:`brainscan.web.upload_guard`).
+        inner: the guard that answers authenticated requests (e.g. :func:`serving.web.upload_guard`).
         open_paths: the probe paths.
     """
     if token is None:
