@@ -29,12 +29,16 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/brainscan up $(ARGS)
 
+# One worker per core (at most 4: each holds TensorFlow and the servers its files start), whole
+# files per worker so that a module's servers start once; tests/conftest.py sorts the long files first.
+PYTEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
+
 test: setup system-deps
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_WORKERS)
 
 # Everything except the tests marked slow (model training), for a quick local loop.
 test-fast: setup system-deps
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(PYTEST_WORKERS) -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -74,7 +74,7 @@ def calibrate_bundle(bundle_path: Path, data_dir: Path, version: str, *, out: Pa
     from brainscan.models.store import ModelStore
 
     bundle = load_bundle(bundle_path)
-    manifest = bundle.manifest
+    manifest = bundle.spec
     classifier = Classifier.from_bundle(bundle)
     records = bundle_validation_records(bundle, read_kaggle_folder(data_dir, classes=bundle.classes))
     y_true = np.asarray([r.label_index for r in records], dtype=np.int64)
@@ -82,17 +82,17 @@ def calibrate_bundle(bundle_path: Path, data_dir: Path, version: str, *, out: Pa
                                                                          classifier.batch_size), y_true)
     store_root = out or bundle.path.parents[2]
     target = store_root / "classification" / bundle.architecture / version
-    training = dict(manifest.get("training") or {})
-    training["calibrated_from"] = {"version": manifest["version"], "weights_sha256": manifest["weights"]["sha256"],
+    training = dict(manifest.training)
+    training["calibrated_from"] = {"version": manifest.version, "weights_sha256": manifest.weights.sha256,
                                    "command": command or shlex.join(["brainscan", *sys.argv[1:]])}
-    metrics = {**manifest.get("metrics", {}),
+    metrics = {**manifest.metrics,
                "validation": classification_report(y_true, served.astype(np.float64), list(bundle.classes)),
-               "validation_before_calibration": manifest.get("metrics", {}).get("validation"),
+               "validation_before_calibration": manifest.metrics.get("validation"),
                "calibration": selection}
     save_bundle(bundle.model, target, task="classification", architecture=bundle.architecture,
-                architecture_args=manifest["architecture"]["args"], preprocessing=bundle.preprocess_config,
+                architecture_args=manifest.architecture.args, preprocessing=bundle.preprocess_config,
                 classes=list(bundle.classes), version=version, demo=bundle.demo, metrics=metrics, training=training,
-                inference=classifier.manifest_inference(), weights_dtype=manifest["weights"]["dtype"])
+                inference=classifier.manifest_inference(), weights_dtype=manifest.weights.dtype)
     if promote:
         ModelStore(store_root).promote("classification", bundle.architecture, version)
     return target

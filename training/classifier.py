@@ -70,21 +70,21 @@ def load_initial_weights(model: Any, spec: str, config: ClassifierTrainConfig, r
 
     path = resolve_bundle(spec, task="classification", models_root=config.out)
     source = load_bundle(path)
-    manifest = source.manifest
-    name = f"{manifest['architecture']['name']} version {manifest['version']} ({path})"
-    if manifest["architecture"]["name"] != config.arch:
-        raise BundleError(f"--init-from {name}: architecture {manifest['architecture']['name']!r}, "
+    manifest = source.spec
+    name = f"{manifest.architecture.name} version {manifest.version} ({path})"
+    if manifest.architecture.name != config.arch:
+        raise BundleError(f"--init-from {name}: architecture {manifest.architecture.name!r}, "
                          f"this run trains {config.arch!r}")
-    if manifest.get("classes") != list(KAGGLE_CLASSES):
-        raise BundleError(f"--init-from {name}: classes {manifest.get('classes')}, expected {list(KAGGLE_CLASSES)}")
-    if manifest["architecture"]["args"].get("preset") != config.preset:
-        raise BundleError(f"--init-from {name}: preset {manifest['architecture']['args'].get('preset')!r}, "
+    if list(manifest.classes or ()) != list(KAGGLE_CLASSES):
+        raise BundleError(f"--init-from {name}: classes {list(manifest.classes or ())}, expected {list(KAGGLE_CLASSES)}")
+    if manifest.architecture.args.get("preset") != config.preset:
+        raise BundleError(f"--init-from {name}: preset {manifest.architecture.args.get('preset')!r}, "
                          f"this run uses {config.preset!r}")
     weights, resized = fit_weights(model, source.model)
     if isinstance(weights, str):
         raise BundleError(f"--init-from {name}: its weights do not fit this network at {config.input_size} px "
-                          f"(input size {manifest['input']['shape'][0]} px there): {weights}")
-    training = manifest.get("training", {})
+                          f"(input size {manifest.input.shape[0]} px there): {weights}")
+    training = manifest.training
     trained_config = training.get("config") or {}
     same_data = training.get("data_fingerprint") == dataset_fingerprint(records)
     split_of_source = (trained_config.get("seed"), trained_config.get("val_fraction"))
@@ -98,8 +98,8 @@ def load_initial_weights(model: Any, spec: str, config: ClassifierTrainConfig, r
                     "images may have been among its training images", name)
     model.set_weights(weights)
     log.info("initial weights from %s%s", name, f" (resized: {', '.join(resized)})" if resized else "")
-    return {"bundle": str(path), "name": manifest["name"], "version": manifest["version"],
-            "weights_sha256": manifest["weights"]["sha256"], "input_size": manifest["input"]["shape"][0],
+    return {"bundle": str(path), "name": manifest.name, "version": manifest.version,
+            "weights_sha256": manifest.weights.sha256, "input_size": manifest.input.shape[0],
             "same_data_and_split": same_data, "resized_variables": resized}
 
 

@@ -167,19 +167,18 @@ def cross_validation_summary(bundle_paths: list[Path]) -> dict[str, Any]:
             (other data, seed, K or architecture; a fold twice; overlapping validation cases).
     """
     from brainscan.errors import BundleError
-    from brainscan.models.bundle import read_manifest
+    from brainscan.models.bundle import read_spec
 
     if not bundle_paths:
         raise BundleError("cv-summary needs the bundles of the fold runs")
     runs = []
     for path in bundle_paths:
-        manifest = read_manifest(path)
-        training = manifest.get("training") or {}
-        config = training.get("config") or {}
-        if manifest.get("task") != "segmentation" or config.get("folds") is None:
+        manifest = read_spec(path)
+        config = manifest.training.get("config") or {}
+        if manifest.task != "segmentation" or config.get("folds") is None:
             raise BundleError(f"{path} is not a segmenter trained with --folds/--fold")
         runs.append((path, manifest, config))
-    key = {(m["architecture"]["name"], m["training"]["data_fingerprint"], c["folds"], c["seed"]) for _, m, c in runs}
+    key = {(m.architecture.name, m.training.get("data_fingerprint"), c["folds"], c["seed"]) for _, m, c in runs}
     if len(key) > 1:
         raise BundleError(f"these bundles are not folds of one cross-validation (architecture, data, folds, seed "
                           f"differ: {sorted(key)})")
@@ -193,7 +192,7 @@ def cross_validation_summary(bundle_paths: list[Path]) -> dict[str, Any]:
         if fold in seen:
             raise BundleError(f"fold {fold} twice: {seen[fold]} and {path}")
         seen[fold] = path
-        metrics = manifest["metrics"]
+        metrics = manifest.metrics
         overlap = sorted(set(metrics["validation_per_case"]) & set(dice_rows))
         if overlap:
             raise BundleError(f"{path} validates on {overlap}, which another fold validates on too")

@@ -28,12 +28,12 @@ def initial_bundle_record(bundle_path: Path, val_case_ids: list[str]) -> tuple[d
             validation Dice would then be measured on a training case).
     """
     from brainscan.errors import BundleError
-    from brainscan.models.bundle import read_manifest
+    from brainscan.models.bundle import read_spec
 
-    manifest = read_manifest(bundle_path)
-    if manifest.get("task") != "segmentation":
-        raise BundleError(f"--init-from {bundle_path}: a {manifest.get('task')} bundle cannot start a segmenter")
-    training = manifest.get("training") or {}
+    spec = read_spec(bundle_path)
+    if spec.task != "segmentation":
+        raise BundleError(f"--init-from {bundle_path}: a {spec.task} bundle cannot start a segmenter")
+    training = spec.training
     leaked = sorted(set(training.get("training_case_ids") or []) & set(val_case_ids))
     if leaked:
         raise BundleError(f"--init-from {bundle_path}: it was trained on {', '.join(leaked)}, which this run "
@@ -42,10 +42,9 @@ def initial_bundle_record(bundle_path: Path, val_case_ids: list[str]) -> tuple[d
     if not training.get("training_case_ids"):
         log.warning("--init-from %s records no training cases: this run's validation cases may have been "
                     "among its training cases", bundle_path)
-    record = {"bundle": str(bundle_path), "name": manifest.get("name"), "version": manifest.get("version"),
-              "weights_sha256": (manifest.get("weights") or {}).get("sha256")}
-    stages = training.get("stages") or [stage_record(manifest.get("version"), training,
-                                                     (manifest.get("metrics") or {}).get("dice"))]
+    record = {"bundle": str(bundle_path), "name": spec.name, "version": spec.version,
+              "weights_sha256": spec.weights.sha256}
+    stages = training.get("stages") or [stage_record(spec.version, training, spec.metrics.get("dice"))]
     return record, list(stages)
 
 
@@ -74,7 +73,7 @@ def load_initial_weights(model: Any, bundle_path: Path) -> None:
     source = bundle.model.weights
     if len(source) != len(model.weights) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(source, model.weights)):
         raise BundleError(f"--init-from {bundle_path}: its network ({bundle.architecture}, "
-                          f"{bundle.manifest['architecture']['args']}) does not match this run's")
+                          f"{bundle.spec.architecture.args}) does not match this run's")
     for target, weights in zip(model.weights, source):
         target.assign(np.asarray(weights.numpy(), dtype=target.dtype))
     log.info("initial weights from %s (%s %s)", bundle_path, bundle.architecture, bundle.version)

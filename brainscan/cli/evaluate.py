@@ -74,10 +74,10 @@ class _Progress:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from brainscan.evaluation.report import evaluate, summary_lines
-    from brainscan.models.bundle import read_manifest
+    from brainscan.models.bundle import read_spec
 
     bundle_path = resolve_bundle(args.bundle, models_root=args.models_root)
-    print(f"evaluating {read_manifest(bundle_path)['name']} ({bundle_path}) on {args.data_dir}", file=sys.stderr)
+    print(f"evaluating {read_spec(bundle_path).name} ({bundle_path}) on {args.data_dir}", file=sys.stderr)
     progress = _Progress(args.quiet)
     try:
         report: dict[str, Any] = evaluate(

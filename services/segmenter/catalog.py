@@ -42,7 +42,7 @@ class ModelCatalog:
             UnknownModelError: (404) not in the store and not the default model.
             BundleError: (503, ``model_unavailable``) the model's bundle is missing or invalid.
         """
-        from brainscan.models.bundle import read_manifest
+        from brainscan.models.bundle import read_spec
 
         name = name or self.settings.default_model
         known = self.names()
@@ -51,32 +51,32 @@ class ModelCatalog:
         store = self._store()
         try:
             path = store.current(SEGMENTATION, name)
-            manifest = read_manifest(path)
+            spec = read_spec(path)
         except (BundleError, ValueError) as exc:
             reason = self.settings.redact_paths(getattr(exc, "message", str(exc)))
             raise BundleError(f"model {name!r} is not available: {reason}", code="model_unavailable") from exc
-        return {"name": name, "arch": manifest["architecture"]["name"], "version": manifest["version"],
-                "demo": manifest["demo"]}
+        return {"name": name, "arch": spec.architecture.name, "version": spec.version, "demo": spec.demo}
 
     def describe(self) -> list[dict[str, Any]]:
         """One entry per architecture for ``GET /v1/models`` (``error`` set for an unusable one)."""
-        from brainscan.models.bundle import read_manifest
+        from brainscan.models.bundle import read_spec
 
         store = self._store()
         entries = []
         for name in self.names():
             try:
                 path = store.current(SEGMENTATION, name)
-                manifest = read_manifest(path)
+                spec = read_spec(path)
             except (BundleError, ValueError) as exc:
                 entries.append({"name": name, "error": self.settings.redact_paths(getattr(exc, "message", str(exc)))})
                 continue
+            manifest = spec.to_dict()  # the JSON as stored, served whole
             entries.append({
-                "name": name, "arch": manifest["architecture"]["name"], "version": manifest["version"],
-                "demo": manifest["demo"], "versions": store.versions(SEGMENTATION, name),
+                "name": name, "arch": spec.architecture.name, "version": spec.version,
+                "demo": spec.demo, "versions": store.versions(SEGMENTATION, name),
                 "label_map": manifest.get("label_map"), "label_names": manifest.get("label_names"),
-                "modalities": manifest["input"].get("modalities"), "inference": manifest.get("inference"),
-                "metrics": manifest.get("metrics", {}), "created_at": manifest.get("created_at"),
+                "modalities": list(spec.input.modalities) if spec.input.modalities else None,
+                "inference": manifest.get("inference"), "metrics": spec.metrics, "created_at": spec.created_at,
                 "manifest": manifest,
             })
         return entries

@@ -94,7 +94,7 @@ class ModelCache:
         if self.settings.warmup:
             import numpy as np
 
-            channels = int(bundle.manifest["input"]["channels"])
+            channels = bundle.spec.input.channels
             predict_fn(np.zeros((1, *settings["patch_size"], channels), np.float32))  # traces the graph
         self._models[key] = LoadedSegmenter(bundle, predict_fn)
         while len(self._models) > self.size:

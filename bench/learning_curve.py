@@ -1,0 +1,58 @@
+"""Validation Dice against the number of training cases: is more data what the segmenter needs?
+
+Reads the manifests of segmentation bundles trained with one recipe on different numbers of cases
+(``brainscan train segmenter ... --train-cases N``, or data folders of N cases) and prints, per
+bundle, the number of training cases, the validation cases, and the validation Dice (WT, TC, ET and
+their mean) at every epoch where it was measured. Not a test: it asserts nothing, it prints what the
+manifests recorded. It refuses bundles that were validated on different cases, which would not be
+comparable.
+
+Example::
+
+    python bench/learning_curve.py runs/models-lc/segmentation/unet3d/lc5 \\
+        runs/models-lc/segmentation/unet3d/lc10 models/segmentation/unet3d/1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from brainscan.models.bundle import read_spec  # noqa: E402
+
+REGIONS = ("WT", "TC", "ET", "mean")
+
+
+def curve_rows(bundle: Path) -> tuple[int, list[str], list[tuple[int, dict[str, float]]]]:
+    """``(training cases, validation case ids, [(epoch, {region: Dice})])`` of one bundle."""
+    spec = read_spec(bundle)
+    training = spec.training
+    rows = []
+    for entry in training.get("history") or []:
+        if "val_dice_mean" in entry:
+            rows.append((int(entry["epoch"]), {r: float(entry[f"val_dice_{r}"]) for r in REGIONS}))
+    return len(training.get("training_case_ids") or []), sorted(training.get("validation_case_ids") or []), rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundles", nargs="+", type=Path, help="segmentation bundle folders")
+    args = parser.parse_args(argv)
+    curves = [(path, *curve_rows(path)) for path in args.bundles]
+    validation = {tuple(v) for _, _, v, _ in curves}
+    if len(validation) != 1:
+        print(f"the bundles validate on different cases: {sorted(validation)}", file=sys.stderr)
+        return 2
+    print(f"validation cases ({len(curves[0][2])}): {', '.join(curves[0][2])}")
+    print(f"{'bundle':<50} {'cases':>5} {'epoch':>5} " + " ".join(f"{r:>6}" for r in REGIONS))
+    for path, n_cases, _, rows in sorted(curves, key=lambda c: c[1]):
+        for epoch, dice in rows:
+            print(f"{str(path):<50} {n_cases:>5} {epoch:>5} " + " ".join(f"{dice[r]:6.3f}" for r in REGIONS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
