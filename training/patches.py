@@ -315,7 +315,8 @@ class PatchSampler:
             target = np.eye(NUM_CLASSES, dtype=bool)[index]
         return np.stack(images), target.astype(np.float32)
 
-    def batches(self, batch_size: int, steps: int, *, start: int = 0, workers: int = 1) -> Any:
+    def batches(self, batch_size: int, steps: int, *, start: int = 0, workers: int = 1,
+                processes: bool = True) -> Any:
         """``steps`` batches as a ``keras.utils.PyDataset``: the same stream as :meth:`dataset`, for
         Keras backends without tf.data (JAX on a GPU machine that has no TensorFlow).
 
@@ -324,6 +325,9 @@ class PatchSampler:
             steps: batches in all (the rest of the run: ``(epochs - done) * steps_per_epoch``).
             start: index of the first patch.
             workers: processes cutting patches in parallel (1: in the training thread).
+            processes: ``False`` for threads instead of forked processes (a GPU process may not fork
+                safely once its CUDA runtime and XLA threads are up; NumPy releases the GIL for most
+                of a patch's work).
         """
         import keras
 
@@ -333,7 +337,8 @@ class PatchSampler:
 
         class PatchBatches(keras.utils.PyDataset):
             def __init__(self) -> None:
-                super().__init__(workers=workers, use_multiprocessing=workers > 1, max_queue_size=4 * workers)
+                super().__init__(workers=workers, use_multiprocessing=processes and workers > 1,
+                                 max_queue_size=4 * workers)
 
             def __len__(self) -> int:
                 return steps

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: Processes cutting patches under a Keras backend without tf.data (JAX); default: cores - 1, at most 8.
 DATA_WORKERS_ENV = "BRAINSCAN_DATA_WORKERS"
+#: "1": those workers are threads, not forked processes (safer in a process that holds a GPU).
+DATA_THREADS_ENV = "BRAINSCAN_DATA_THREADS"
 
 
 def split_cases(cases: list[Any], *, val_fraction: float, val_cases: int | None, seed: int,
@@ -131,10 +133,21 @@ def _callbacks(config: SegmenterTrainConfig, state: dict[str, Any], val_cases: l
         """Every ``val_every`` epochs (and at the last one): region Dice on whole validation volumes."""
 
         predict_fn = None
+        deadline: float | None = None
+
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            if config.max_minutes is not None:
+                self.deadline = time.monotonic() + 60.0 * config.max_minutes
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             done = epoch + 1
-            if done % config.val_every and done != config.epochs:
+            out_of_time = self.deadline is not None and time.monotonic() >= self.deadline
+            if out_of_time:
+                log.info("time budget of %g minutes spent at epoch %d: validating and stopping", config.max_minutes,
+                         done)
+                self.model.stop_training = True
+                state["stopped_by_time_budget"] = True
+            elif done % config.val_every and done != config.epochs:
                 return
             segmenter = config.segmenter(self.model, self.predict_fn)
             self.predict_fn = segmenter.predict_fn
@@ -163,6 +176,9 @@ def _callbacks(config: SegmenterTrainConfig, state: dict[str, Any], val_cases: l
             _write_json(work / "state.json", state)
 
     callbacks = [WholeVolumeValidation(), keras.callbacks.ModelCheckpoint(work / "last.keras")]
+    if config.max_minutes is not None:
+        callbacks.insert(0, timed_cosine_callback(config.learning_rate, 60.0 * config.max_minutes,
+                                                warmup_epochs=config.warmup_epochs, initial_epoch=initial_epoch))
     if keras.backend.backend() == "tensorflow":  # its summary writer is TensorFlow's
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(work / "tensorboard"), write_graph=False,
                                                      profile_batch=0))
@@ -171,6 +187,43 @@ def _callbacks(config: SegmenterTrainConfig, state: dict[str, Any], val_cases: l
         callbacks.append(tqdm_callback(config.epochs * config.steps_per_epoch, initial_epoch * config.steps_per_epoch,
                                       desc=f"training {config.arch}"))
     return callbacks
+
+
+def timed_cosine_rate(peak: float, fraction: float, *, epoch: int, warmup_epochs: int, alpha: float = 0.01) -> float:
+    """The learning rate of a time-budgeted run (``--max-minutes``): a linear warm-up from ``peak / 100``
+    over the first ``warmup_epochs`` epochs, then a cosine decay to ``alpha * peak`` over the budget's
+    ``fraction`` spent (clipped to [0, 1])."""
+    import math
+
+    if epoch < warmup_epochs:
+        return peak / 100 + (peak - peak / 100) * epoch / warmup_epochs
+    fraction = min(1.0, max(0.0, fraction))
+    return peak * (alpha + (1.0 - alpha) * 0.5 * (1.0 + math.cos(math.pi * fraction)))
+
+
+def timed_cosine_callback(peak: float, budget_seconds: float, *, warmup_epochs: int, initial_epoch: int) -> Any:
+    """A Keras callback setting the learning rate at each epoch's start from the share of the time
+    budget spent (:func:`timed_cosine_rate`): the decay ends when the budget does, whatever the
+    machine's speed. Per epoch because a backend without eager variables (JAX) reads the optimizer's
+    variables at epoch starts."""
+    import keras
+
+    class _TimedCosineSchedule(keras.callbacks.Callback):
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            self.start = time.monotonic()
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            fraction = (time.monotonic() - self.start) / budget_seconds
+            # A resumed run (initial_epoch > 0) has warmed up already; its budget starts anew.
+            rate = timed_cosine_rate(peak, fraction, epoch=epoch - initial_epoch,
+                                     warmup_epochs=0 if initial_epoch else warmup_epochs)
+            self.model.optimizer.learning_rate = rate
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            if logs is not None:
+                logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    return _TimedCosineSchedule()
 
 
 def tqdm_callback(total: int, initial: int, desc: str) -> Any:
@@ -209,13 +262,15 @@ def _build_and_compile(config: SegmenterTrainConfig, arch_args: dict[str, Any], 
     if config.init_from is not None:
         load_initial_weights(model, config.init_from)
     steps = config.steps_per_epoch
-    schedule = keras.optimizers.schedules.CosineDecay(
+    schedule: Any = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=config.learning_rate / 100 if config.warmup_epochs else config.learning_rate,
         decay_steps=max(1, steps * (config.epochs - config.warmup_epochs)),
         warmup_target=config.learning_rate if config.warmup_epochs else None,
         warmup_steps=steps * config.warmup_epochs,
         alpha=0.01,
     )
+    if config.max_minutes is not None:  # a float (a variable) that timed_cosine_callback sets epoch by epoch
+        schedule = config.learning_rate / 100 if config.warmup_epochs else config.learning_rate
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay, clipnorm=12.0)
     if config.outputs == "regions":
         loss, metric = RegionDiceBCELoss(), RegionDice()
@@ -287,9 +342,11 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         else:  # no tf.data: the same batches from worker processes
             remaining = max(1, (config.epochs - initial_epoch) * config.steps_per_epoch)
             workers = int(os.environ.get(DATA_WORKERS_ENV) or max(1, min(8, (os.cpu_count() or 2) - 1)))
-            dataset = sampler.batches(global_batch, remaining, start=first_patch, workers=workers)
-            log.info("patches from %d worker process(es) (no tf.data under Keras backend %s)", workers,
-                     keras.backend.backend())
+            threads = os.environ.get(DATA_THREADS_ENV, "0") == "1"
+            dataset = sampler.batches(global_batch, remaining, start=first_patch, workers=workers,
+                                      processes=not threads)
+            log.info("patches from %d worker %s (no tf.data under Keras backend %s)", workers,
+                     "thread(s)" if threads else "process(es)", keras.backend.backend())
         callbacks = _callbacks(config, state, val, preprocess_config, initial_epoch)
         start = time.perf_counter()
         if initial_epoch < config.epochs:
@@ -324,6 +381,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
             "training_case_ids": [c.case_id for c in train],
             "epochs_run": len(history),
             "best_epoch": state["best"]["epoch"] if state["best"] else None,
+            **({"stopped_by_time_budget": True} if state.get("stopped_by_time_budget") else {}),
             "history": history,
             "train_seconds_this_run": round(train_seconds, 1),
             "devices": {"gpus": runtime.gpus, "replicas": runtime.replicas,

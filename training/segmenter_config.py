@@ -60,6 +60,11 @@ class SegmenterTrainConfig:
     fold: int | None = option(None, metavar="I", help="with --folds K: the fold this run validates on, 0..K-1")
     val_every: int = option(5, help="validate on whole volumes every N epochs, and after the last (default 5)")
     patience: int = option(30, help="stop when the validation Dice has not improved for N epochs (default 30)")
+    max_minutes: float | None = option(None, metavar="M",
+                                       help="a time budget: stop at the first epoch end after M minutes of training "
+                                            "(validating there), with the cosine learning-rate decay spread over "
+                                            "those minutes instead of over --epochs (then only an upper bound): "
+                                            "for a lent GPU whose time is fixed and whose speed is not known ahead")
     max_cases: int | None = option(None, help="use at most N cases (smoke runs)")
     train_cases: int | None = option(None, help="train on N of the split's training cases (a seeded choice; runs "
                                                 "of one --seed nest: 5 are among the 10), validating on the same "
@@ -143,6 +148,8 @@ class SegmenterTrainConfig:
                              f"{self.weight_decay}")
         if self.mirror_tta and self.select_tta:
             raise ValueError("mirror_tta serves with mirroring always; select_tta lets validation choose: give one")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.target_spacing is not None and not self.target_spacing > 0:
             raise ValueError(f"target_spacing must be > 0 mm, got {self.target_spacing}")
         if self.init_from is not None:

@@ -89,6 +89,10 @@ def test_numpy_batches_are_the_tf_data_batches(pack):
     sequence = sampler.batches(2, 3, start=6)
     assert len(sequence) == 3
     np.testing.assert_array_equal(sequence[1][0], dataset_batches[1][0])
+    # Threads instead of forked processes (what a process holding a GPU uses): the same batches.
+    threaded = sampler.batches(2, 3, start=6, workers=2, processes=False)
+    assert threaded.workers == 2 and not threaded.use_multiprocessing
+    np.testing.assert_array_equal(threaded[1][1], dataset_batches[1][1])
 
 
 @pytest.mark.slow

@@ -173,7 +173,7 @@ def test_resume_continues_from_checkpoint(phantoms, tmp_path):
      ({"foreground_fraction": 1.5}, "foreground_fraction"), ({"overlap": 1.0}, "overlap"),
      ({"val_cases": 0}, "val_cases"), ({"epochs": 2, "warmup_epochs": 2}, "warmup_epochs"),
      ({"weights_dtype": "int8"}, "weights_dtype"), ({"progress": "loud"}, "progress"),
-     ({"max_cases": 1}, "max_cases"), ({"batch_size": 0}, "batch_size")],
+     ({"max_cases": 1}, "max_cases"), ({"batch_size": 0}, "batch_size"), ({"max_minutes": 0}, "max_minutes")],
 )
 def test_config_rejects_bad_values(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -351,6 +351,34 @@ def test_second_stage_records_the_chain_of_stages(region_run, tmp_path):
     assert stages[0]["command"] == first["training"]["command"]
     assert stages[1]["command"] == "brainscan train segmenter stage-2" and stages[1]["init_from"] == first["version"]
     assert stages[1]["epochs_run"] == 1 and set(stages[1]["validation_dice"]) >= {"WT", "TC", "ET", "mean"}
+
+
+def test_time_budget_stops_at_an_epoch_end_validates_there_and_records_it(region_run, tmp_path):
+    """``--max-minutes``: a run on a lent GPU ends in time whatever the machine's speed, with its
+    learning rate decayed over the budget, validated at the epoch where it stopped."""
+    from brainscan.models.bundle import read_manifest
+
+    bundle_path, config = region_run
+    timed = SegmenterTrainConfig(**{**config.__dict__, "init_from": bundle_path, "work_dir": tmp_path / "w",
+                                    "version": "timed", "epochs": 50, "val_every": 40, "max_minutes": 0.01})
+    training = read_manifest(train_segmenter(timed))["training"]
+    assert training["epochs_run"] == 1 and training["best_epoch"] == 1 and training["stopped_by_time_budget"]
+    (epoch,) = training["history"]
+    assert "val_dice_mean" in epoch  # validated although 1 is not a multiple of val_every
+    assert epoch["learning_rate"] == pytest.approx(config.learning_rate, rel=1e-2)  # no warm-up epochs: about the peak
+    assert training["config"]["max_minutes"] == 0.01
+
+
+def test_timed_cosine_rate_warms_up_by_epoch_then_decays_over_the_budget():
+    from training.segmenter import timed_cosine_rate
+
+    peak = 1e-3
+    assert timed_cosine_rate(peak, 0.0, epoch=0, warmup_epochs=2) == pytest.approx(peak / 100)
+    assert timed_cosine_rate(peak, 0.9, epoch=1, warmup_epochs=2) == pytest.approx(peak / 100 + 0.495 * peak)
+    assert timed_cosine_rate(peak, 0.0, epoch=2, warmup_epochs=2) == pytest.approx(peak)
+    assert timed_cosine_rate(peak, 0.5, epoch=5, warmup_epochs=2) == pytest.approx(peak * (0.01 + 0.99 * 0.5))
+    assert timed_cosine_rate(peak, 1.0, epoch=9, warmup_epochs=2) == pytest.approx(peak * 0.01)
+    assert timed_cosine_rate(peak, 3.0, epoch=9, warmup_epochs=2) == pytest.approx(peak * 0.01)  # over budget
 
 
 SHIPPED_UNET = Path(__file__).resolve().parents[2] / "models" / "segmentation" / "unet3d" / "1"
