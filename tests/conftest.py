@@ -5,7 +5,8 @@ under pytest-xdist (``make test`` runs one worker per core) one core's worth of 
 without secrets; those apps then run without internal authentication. The servers that
 tests/servers.py and tests/redis_server.py start get a token and a password all the same, so the
 real stack is always tested with its trust boundary on (and a test of production mode sets
-``BRAINSCAN_ENV=production`` itself).
+``BRAINSCAN_ENV=production`` itself). Perceptual hashes of images are cached for the run by content
+(``BRAINSCAN_PHASH_CACHE``).
 
 With workers, each worker (and every server it starts, which inherits its environment) gets the
 machine's cores divided by the number of workers as TensorFlow/OpenMP threads, so that two workers
@@ -21,6 +22,14 @@ import os
 os.environ["BRAINSCAN_ENV"] = "development"
 for _secret in ("BRAINSCAN_INTERNAL_TOKEN", "BRAINSCAN_REDIS_PASSWORD"):
     os.environ.pop(_secret, None)
+
+# One perceptual-hash cache for the whole run (every xdist worker, and the CLI and servers they
+# start): the real Kaggle images are hashed once, not once per test that splits them. Keyed by the
+# bytes' sha256, so it cannot serve a stale hash. The controller sets it; workers inherit it.
+if "BRAINSCAN_PHASH_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["BRAINSCAN_PHASH_CACHE"] = tempfile.mkdtemp(prefix="brainscan-phash-")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     _workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))

@@ -10,6 +10,9 @@ The perceptual hash is the classic DCT pHash: greyscale, area-resize to 32x32, 2
 coefficients (the DC term only measures overall brightness, so it does not set the threshold).
 Re-encoding and resizing leave it unchanged in practice; different slices differ in many bits.
 
+Each content is decoded and hashed once: hashes are cached by the sha256 of the file bytes, in the
+process and, where ``BRAINSCAN_PHASH_CACHE`` names a folder, on disk for other processes too.
+
 Example:
     >>> groups = group_duplicates(sorted(Path("Training").glob("*/*.jpg")))
     >>> len(groups) == len(set(groups))   # False when duplicates exist
@@ -18,7 +21,10 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import tempfile
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +40,55 @@ _LOW_FREQUENCIES = 8
 _BIT_WEIGHTS = 1 << np.arange(63, -1, -1, dtype=np.uint64)
 
 ImageItem = Path | str | bytes | np.ndarray
+
+#: A folder where pHashes persist across processes, keyed by the sha256 of the file bytes (so a
+#: changed file is hashed again). Unset: the cache lives in this process only.
+PHASH_CACHE_ENV = "BRAINSCAN_PHASH_CACHE"
+#: Bumped whenever :func:`perceptual_hash` changes, so that an old on-disk cache is not read.
+_PHASH_VERSION = 1
+_cache: dict[str, int | None] = {}
+_cache_lock = threading.Lock()
+_loaded_from: str | None = None
+
+
+def _cache_file() -> Path | None:
+    folder = os.environ.get(PHASH_CACHE_ENV)
+    return Path(folder) / f"phash-v{_PHASH_VERSION}.json" if folder else None
+
+
+def _load_disk_cache() -> None:
+    """Merge the on-disk cache (if any) into the in-process one, once per cache folder."""
+    global _loaded_from
+    path = _cache_file()
+    if path is None or _loaded_from == str(path):
+        return
+    _loaded_from = str(path)
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # absent or half-written by a crashed writer: hash afresh
+    if isinstance(stored, dict):
+        _cache.update({k: v for k, v in stored.items() if v is None or isinstance(v, int)})
+
+
+def _save_disk_cache() -> None:
+    """Write the in-process cache to the folder atomically, merged with what others wrote since."""
+    path = _cache_file()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            stored = {}
+        merged = {**(stored if isinstance(stored, dict) else {}), **_cache}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".phash-", suffix=".json")
+        with os.fdopen(fd, "w") as out:
+            json.dump(merged, out)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs time
 
 
 def perceptual_hash(grey: np.ndarray) -> int:
@@ -77,11 +132,17 @@ def _fingerprint(item: ImageItem) -> tuple[str | None, int | None]:
         return None, perceptual_hash(item)
     raw = Path(item).read_bytes() if isinstance(item, (str, Path)) else bytes(item)
     digest = hashlib.sha256(raw).hexdigest()
+    if digest in _cache:  # the same bytes hash the same: decode each content once
+        return digest, _cache[digest]
     try:
         grey = decode_image(raw, name=str(item) if isinstance(item, (str, Path)) else "image")
     except BrainscanError:
-        return digest, None
-    return digest, perceptual_hash(grey)
+        phash = None
+    else:
+        phash = perceptual_hash(grey)
+    with _cache_lock:
+        _cache[digest] = phash
+    return digest, phash
 
 
 def _fingerprints(
@@ -91,11 +152,19 @@ def _fingerprints(
         workers = min(4, os.cpu_count() or 1)
     if workers < 1:
         raise ValueError(f"workers must be >= 1 or None, got {workers}")
+    with _cache_lock:
+        _load_disk_cache()
+        known = len(_cache)
     if workers == 1 or len(items) < 64:
-        return [_fingerprint(item) for item in items]
-    # File reads and OpenCV decoding release the GIL, so threads give real parallelism here.
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_fingerprint, items, chunksize=32))
+        prints = [_fingerprint(item) for item in items]
+    else:
+        # File reads and OpenCV decoding release the GIL, so threads give real parallelism here.
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            prints = list(pool.map(_fingerprint, items, chunksize=32))
+    if len(_cache) > known:
+        with _cache_lock:
+            _save_disk_cache()
+    return prints
 
 
 def perceptual_hashes(

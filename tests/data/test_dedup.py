@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -127,6 +128,59 @@ def test_group_duplicates_threads_agree() -> None:
     groups = group_duplicates(items, workers=3)
     assert groups == group_duplicates(items, workers=1)
     assert groups[:50] == groups[50:]
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch):
+    """The pHash cache emptied, and a counter of the images actually decoded."""
+    import brainscan.data.dedup as dedup
+
+    monkeypatch.setattr(dedup, "_cache", {})
+    monkeypatch.setattr(dedup, "_loaded_from", None)
+    decoded: list[str] = []
+    real_decode = dedup.decode_image
+
+    def counting_decode(raw, name="image"):
+        decoded.append(name)
+        return real_decode(raw, name=name)
+
+    monkeypatch.setattr(dedup, "decode_image", counting_decode)
+    return dedup, decoded
+
+
+def test_each_content_is_decoded_once_per_process(tmp_path: Path, fresh_cache, monkeypatch) -> None:
+    dedup, decoded = fresh_cache
+    monkeypatch.delenv(dedup.PHASH_CACHE_ENV, raising=False)
+    paths = [tmp_path / f"{i}.jpg" for i in range(3)]
+    for path, seed in zip(paths, (0, 1, 0)):  # the third holds the first's bytes
+        path.write_bytes(jpeg(phantom(seed)))
+    first = group_duplicates(paths, workers=1)
+    assert first == [0, 1, 0] and len(decoded) == 2
+    assert group_duplicates(paths, workers=1) == first and len(decoded) == 2
+    paths[1].write_bytes(jpeg(phantom(7)))  # changed bytes: hashed again
+    assert group_duplicates(paths, workers=1) == [0, 1, 0] and len(decoded) == 3
+    assert not list(tmp_path.glob("phash-*.json"))  # no folder named: nothing on disk
+
+
+def test_the_disk_cache_serves_another_process_and_survives_a_broken_file(tmp_path: Path, fresh_cache,
+                                                                         monkeypatch) -> None:
+    dedup, decoded = fresh_cache
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(dedup.PHASH_CACHE_ENV, str(folder))
+    items = [jpeg(phantom(seed, size=64)) for seed in range(4)] + [b"not an image"]
+    expected = perceptual_hashes(items, workers=1)
+    assert len(decoded) == 5 and (folder / "phash-v1.json").is_file()
+    # Another process: an empty in-process cache that reads the folder.
+    monkeypatch.setattr(dedup, "_cache", {})
+    monkeypatch.setattr(dedup, "_loaded_from", None)
+    assert perceptual_hashes(items, workers=1) == expected and expected[-1] is None
+    assert len(decoded) == 5
+    # A half-written file (a crashed writer) is ignored: everything is hashed afresh, and rewritten.
+    (folder / "phash-v1.json").write_text('{"abc": 12')
+    monkeypatch.setattr(dedup, "_cache", {})
+    monkeypatch.setattr(dedup, "_loaded_from", None)
+    assert perceptual_hashes(items, workers=1) == expected and len(decoded) == 10
+    assert len(json.loads((folder / "phash-v1.json").read_text())) == 5
 
 
 def test_group_duplicates_bad_workers() -> None:
