@@ -180,8 +180,18 @@ def test_init_from_starts_where_the_bundle_ended(trained, kaggle_phantoms, tmp_p
     record = manifest["training"]["init_from"]
     assert record["weights_sha256"] == source["weights"]["sha256"] and record["same_data_and_split"] is True
     assert manifest["training"]["config"]["init_from"] == str(bundle)
-    # From scratch, one epoch of a tiny network at this learning rate stays at chance (0.25).
-    assert manifest["metrics"]["validation"]["accuracy"] >= source["metrics"]["validation"]["accuracy"] - 0.05
+    # The trained weights are the source's (float16 storage aside); only the batch-norm statistics,
+    # which an epoch of training batches moves at any learning rate, may differ.
+    from brainscan.models.bundle import load_bundle
+
+    started = load_bundle(bundle).model
+    ended = load_bundle(tmp_path / "models" / "classification" / arch / "test-1").model
+    for before, after in zip(started.trainable_weights, ended.trainable_weights, strict=True):
+        np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=1e-2, atol=1e-3, err_msg=before.path)
+    # From scratch, one epoch at this learning rate stays at chance (0.25); those batch-norm statistics
+    # move the 60 validation images' accuracy by a few images, so it is held to well above chance.
+    chance, scored = 0.25, source["metrics"]["validation"]["accuracy"]
+    assert manifest["metrics"]["validation"]["accuracy"] >= chance + (scored - chance) / 3
 
 
 @pytest.mark.slow
