@@ -81,18 +81,8 @@ def plot_confusion_matrices(reports: Mapping[str, dict[str, Any]], path: str | P
 
 
 def plot_per_class_metrics(reports: Mapping[str, dict[str, Any]], path: str | Path) -> Path:
-    """Grouped bars of precision, recall and F1 per class, one panel per split.
-
-    Args:
-        reports: ``{split: classification_report(...)}``.
-        path: the PNG file to write.
-
-    Returns:
-        ``path``.
-
-    Raises:
-        ValueError: ``reports`` is empty.
-    """
+    """Grouped bars of precision, recall and F1 per class, one panel per split; arguments, return
+    value and errors as :func:`plot_confusion_matrices`."""
     if not reports:
         raise ValueError("reports is empty: nothing to plot")
     figure = _figure(9, 3.6 * len(reports))

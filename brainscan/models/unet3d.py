@@ -27,7 +27,7 @@ Output channel ``k`` is the class of BraTS label ``BRATS_LABELS[k]``: background
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import keras
 from keras import layers
@@ -188,49 +188,41 @@ def _resolve(preset: str, base_filters: int | None, levels: int | None) -> tuple
     )
 
 
-@register_architecture(
-    "unet3d", "segmentation", description="3D U-Net, 4 levels of 16..128 filters (preset='tiny': 4..32)"
-)
-def unet3d(
-    num_classes: int = len(BRATS_LABELS),
-    in_channels: int = len(MODALITIES),
-    preset: str = "full",
-    base_filters: int | None = None,
-    levels: int | None = None,
-    norm: str = "instance",
-    spatial_size: Sequence[int] | None = None,
-    output: str = "softmax",
-    name: str = "unet3d",
-) -> keras.Model:
+def _registered_variant(arch: str, attention: bool, description: str, doc: str) -> Callable[..., keras.Model]:
+    """Register the builder of one U-Net variant under ``arch`` (the two differ only in their skips)."""
+
+    @register_architecture(arch, "segmentation", description=description)
+    def builder(
+        num_classes: int = len(BRATS_LABELS),
+        in_channels: int = len(MODALITIES),
+        preset: str = "full",
+        base_filters: int | None = None,
+        levels: int | None = None,
+        norm: str = "instance",
+        spatial_size: Sequence[int] | None = None,
+        output: str = "softmax",
+        name: str = arch,
+    ) -> keras.Model:
+        base_filters, levels = _resolve(preset, base_filters, levels)
+        return build_unet3d(
+            num_classes=num_classes, in_channels=in_channels, base_filters=base_filters, levels=levels,
+            norm=norm, attention=attention, spatial_size=spatial_size, output=output, name=name,
+        )
+
+    builder.__name__ = builder.__qualname__ = arch
+    builder.__doc__ = doc
+    return builder
+
+
+unet3d = _registered_variant(
+    "unet3d", False, "3D U-Net, 4 levels of 16..128 filters (preset='tiny': 4..32)",
     """Registered builder of the plain 3D U-Net; see :func:`build_unet3d`.
 
     ``preset`` (``"full"``: base_filters 16, levels 4; ``"tiny"``: 4, 4) gives the defaults that an
     explicit ``base_filters`` / ``levels`` overrides.
-    """
-    base_filters, levels = _resolve(preset, base_filters, levels)
-    return build_unet3d(
-        num_classes=num_classes, in_channels=in_channels, base_filters=base_filters, levels=levels,
-        norm=norm, attention=False, spatial_size=spatial_size, output=output, name=name,
-    )
-
-
-@register_architecture(
-    "attention_unet3d", "segmentation", description="3D Attention U-Net (Oktay et al. 2018): gated skips"
+    """,
 )
-def attention_unet3d(
-    num_classes: int = len(BRATS_LABELS),
-    in_channels: int = len(MODALITIES),
-    preset: str = "full",
-    base_filters: int | None = None,
-    levels: int | None = None,
-    norm: str = "instance",
-    spatial_size: Sequence[int] | None = None,
-    output: str = "softmax",
-    name: str = "attention_unet3d",
-) -> keras.Model:
-    """Registered builder of the 3D Attention U-Net; see :func:`build_unet3d` (``attention=True``)."""
-    base_filters, levels = _resolve(preset, base_filters, levels)
-    return build_unet3d(
-        num_classes=num_classes, in_channels=in_channels, base_filters=base_filters, levels=levels,
-        norm=norm, attention=True, spatial_size=spatial_size, output=output, name=name,
-    )
+attention_unet3d = _registered_variant(
+    "attention_unet3d", True, "3D Attention U-Net (Oktay et al. 2018): gated skips",
+    """Registered builder of the 3D Attention U-Net; see :func:`build_unet3d` (``attention=True``).""",
+)
