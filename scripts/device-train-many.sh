@@ -11,7 +11,7 @@
 # --max-minutes so that every run ends in time and --work-dir runs/device/NAME). Blank lines and
 # lines starting with # are skipped. Example: scripts/device-jobs/segmenter-2mm.txt.
 #
-# Here, once: scripts/device-wheels.sh and `brainscan train pack ...` (see device-train-segmenter.sh).
+# Here, once: scripts/device-wheels.sh and `brainscan train pack ...` (see device-train.sh).
 # The device tool's run: carry [".whl", "runs/pack"], command `scripts/device-train-many.sh FILE`.
 # A run that fails in its first two minutes, or has not ended its first epoch after FIRST_EPOCH_LIMIT_S
 # (default 240), stops them all, so that a broken setup costs little.

@@ -2,7 +2,7 @@
 # Download, here, the Python wheels that a lent GPU machine lacks for `brainscan train segmenter`
 # (it has Python 3.12, JAX, NumPy, SciPy, h5py, OpenCV and httpx, but no Keras, nibabel or TensorFlow,
 # and cannot reach PyPI). They land in .whl/ (git-ignored); carry it with the pack. See
-# scripts/device-train-segmenter.sh.
+# scripts/device-train.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

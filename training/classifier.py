@@ -234,6 +234,9 @@ def _statistics_averaging_callback(momentum: float, path: Path, resume: bool) ->
                              for v in self._variables}
 
         def on_train_batch_end(self, batch: int, logs: dict[str, float] | None = None) -> None:
+            # Under JAX, fit keeps the variables in its own state and leaves the model's empty.
+            if (sync := getattr(self.model, "jax_state_sync", None)) is not None:
+                sync()
             weight = momentum if self._started else 0.0
             self._started = True
             for variable in self._variables:
@@ -306,7 +309,9 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
     log.info("training images: %d, validation images: %d (duplicate-aware split)", len(train), len(val))
     preprocess_config = ImagePreprocessConfig(input_size=config.input_size, channels=3)
     global_batch = config.batch_size * runtime.replicas
-    train_ds = make_dataset(train, preprocess_config, batch_size=global_batch, training=True, seed=config.seed)
+    weights = class_weights(train, len(classes))
+    train_ds = make_dataset(train, preprocess_config, batch_size=global_batch, training=True, seed=config.seed,
+                            weights=weights)
     val_ds = make_dataset(val, preprocess_config, batch_size=global_batch, training=False, seed=config.seed)
 
     arch_args = architecture_args(config.arch, config.input_size, config.preset, len(classes))
@@ -361,13 +366,16 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
         keras.callbacks.ModelCheckpoint(last_path),
         _best_weights_callback(best_path, best_so_far, averaging),
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=config.patience),
-        keras.callbacks.TensorBoard(log_dir=str(work / "tensorboard")),
+        *([keras.callbacks.TensorBoard(log_dir=str(work / "tensorboard"))]
+          if keras.backend.backend() == "tensorflow" else []),  # its summary writer is TensorFlow's
         state.callback,
     ]
+    # Without tf.data (another Keras backend) the batches carry the class weights themselves.
+    fit_weights = weights if keras.backend.backend() == "tensorflow" else None
     start = time.perf_counter()
     if initial_epoch < config.epochs:
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-                  class_weight=class_weights(train, len(classes)), callbacks=callbacks, shuffle=False,
+                  class_weight=fit_weights, callbacks=callbacks, shuffle=False,
                   verbose=1 if sys.stdout.isatty() else 2)
     train_seconds = time.perf_counter() - start
     if best_path.exists():
@@ -381,7 +389,7 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
 
     classifier = Classifier(model, preprocess=None, classes=classes, batch_size=DEFAULT_BATCH_SIZE)
     y_true = np.asarray([r.label_index for r in val], dtype=np.int64)
-    calibration, probabilities = calibrate_batches(classifier, (np.asarray(x) for x, _ in val_ds), y_true)
+    calibration, probabilities = calibrate_batches(classifier, (np.asarray(x) for x, *_ in val_ds), y_true)
     report = classification_report(y_true, probabilities.astype(np.float64), classes)
     log.info("validation accuracy %.4f on %d images (as served)", report["accuracy"], len(val))
 

@@ -1,5 +1,6 @@
 """The classifier's training data: the Kaggle Training split, the tf.data pipeline (decode with the served
-preprocessing, cache, augment, batch, prefetch) and the balanced class weights."""
+preprocessing, cache, augment, batch, prefetch), its in-memory twin for Keras backends without tf.data
+(JAX on a GPU machine), and the balanced class weights."""
 
 from __future__ import annotations
 
@@ -26,12 +27,21 @@ def training_records(data: Path, max_per_class: int | None, seed: int) -> list[A
     return select(dataset, max_per_class=max_per_class, seed=seed)
 
 
-def make_dataset(records: list[Any], preprocess_config: Any, *, batch_size: int, training: bool, seed: int):
+def make_dataset(records: list[Any], preprocess_config: Any, *, batch_size: int, training: bool, seed: int,
+                 weights: dict[int, float] | None = None):
     """tf.data pipeline: parallel decode + shared preprocessing, cache, (augment), batch, prefetch.
+
+    Under another Keras backend (JAX on a GPU machine without TensorFlow) the same batches come from
+    :func:`array_batches` instead, with ``weights`` (the class weights) as per-image sample weights.
 
     Returns:
         A ``tf.data.Dataset`` of ``(images (B, S, S, C) float32, labels (B,) int32)``.
     """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return array_batches(records, preprocess_config, batch_size=batch_size, training=training, seed=seed,
+                             weights=weights if training else None)
     import tensorflow as tf
 
     from brainscan.preprocess.image2d import preprocess_image
@@ -59,6 +69,69 @@ def make_dataset(records: list[Any], preprocess_config: Any, *, batch_size: int,
     else:
         dataset = dataset.batch(batch_size)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def preprocess_all(records: list[Any], preprocess_config: Any, workers: int = 8) -> np.ndarray:
+    """Every record's image through the served preprocessing, ``(N, S, S, C)`` float32 (OpenCV
+    releases the GIL, so threads decode in parallel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from brainscan.preprocess.image2d import preprocess_image
+
+    def load(record: Any) -> np.ndarray:
+        return preprocess_image(Path(record.path).read_bytes(), preprocess_config).astype(np.float32)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return np.stack(list(pool.map(load, records)))
+
+
+def array_batches(records: list[Any], preprocess_config: Any, *, batch_size: int, training: bool, seed: int,
+                  weights: dict[int, float] | None = None) -> Any:
+    """The batches of :func:`make_dataset` without tf.data, as a ``keras.utils.PyDataset``.
+
+    The images are preprocessed once, in memory; training batches are reshuffled every epoch (seeded)
+    and augmented by the same Keras layers (:func:`build_augmentation`). Training batches carry the
+    class weights as sample weights (Keras takes ``class_weight`` only with tf.data or arrays).
+    Iterating it yields ``(images, labels)`` (and ``sample weights`` when ``weights`` is given).
+    """
+    import keras
+
+    images = preprocess_all(records, preprocess_config)
+    labels = np.asarray([r.label_index for r in records], dtype=np.int32)
+    augment = build_augmentation(seed, preprocess_config.normalization) if training else None
+    per_image = (np.asarray([weights[int(label)] for label in labels], dtype=np.float32)
+                 if weights is not None else None)
+
+    class ArrayBatches(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__()
+            self.epoch = 0
+            self.order = self._order()
+
+        def _order(self) -> np.ndarray:
+            if not training:
+                return np.arange(len(labels))
+            return np.random.default_rng([seed, self.epoch]).permutation(len(labels))
+
+        def __len__(self) -> int:
+            return -(-len(labels) // batch_size)
+
+        def __getitem__(self, number: int) -> tuple[np.ndarray, ...]:
+            if not 0 <= number < len(self):
+                raise IndexError(number)  # ends a plain `for` over the batches
+            chosen = self.order[number * batch_size:(number + 1) * batch_size]
+            batch = images[chosen]
+            if augment is not None:
+                batch = np.asarray(augment(batch, training=True), dtype=np.float32)
+            if per_image is None:
+                return batch, labels[chosen]
+            return batch, labels[chosen], per_image[chosen]
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+            self.order = self._order()
+
+    return ArrayBatches()
 
 
 def build_augmentation(seed: int, normalization: str):

@@ -8,7 +8,11 @@ nor for model selection. Chance is 0.25 for four balanced classes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -455,3 +459,33 @@ def test_training_chooses_tta_and_temperature_and_calibrate_writes_a_version_eva
     assert abs(section["accuracy"] - calibrated["metrics"]["validation"]["accuracy"]) <= 2 / section["n_samples"]
     assert section["calibration"]["ece"] == pytest.approx(calibrated["metrics"]["validation"]["calibration"]["ece"],
                                                           abs=0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None,
+                    reason="jax is not installed (the dev extra brings it): the JAX-backend run cannot be tried")
+def test_training_under_the_jax_backend_gives_a_bundle_tensorflow_serves_as_measured(kaggle_phantoms, tmp_path,
+                                                                                    capsys):
+    """What a lent GPU machine without TensorFlow runs: batches from memory instead of tf.data, the class
+    weights as sample weights, the weight average's batch-norm statistics read from JAX's state."""
+    from brainscan.models.bundle import read_manifest
+    from tests.paths import REPO_ROOT
+
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "brainscan", *train_command(kaggle_phantoms, "resnet50", tmp_path / "models",
+                                                     tmp_path / "work", "--max-per-class", "40", "--ema", "0.9")]
+    command[command.index("--epochs") + 1] = "2"
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Keras backend jax" in done.stderr
+    bundle = tmp_path / "models" / "classification" / "resnet50" / "test-1"
+    manifest = read_manifest(bundle)
+    assert manifest["training"]["epochs_run"] == 2 and manifest["training"]["config"]["ema"] == 0.9
+    # TensorFlow, here, serves the JAX-trained weights and measures what the JAX run measured.
+    out = tmp_path / "report"
+    assert main(["evaluate", str(bundle), str(kaggle_phantoms), "--validation-split", "--out", str(out),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    section = json.loads((out / "report.json").read_text())["splits"]["Validation"]
+    assert section["n_samples"] == manifest["metrics"]["validation_images"]
+    assert abs(section["accuracy"] - manifest["metrics"]["validation"]["accuracy"]) <= 2 / section["n_samples"]
