@@ -42,6 +42,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 #: short files instead of ending the run on one worker.
 LONG_FILES = (
     "tests/training/test_classifier_training.py",
+    "tests/training/test_classifier_options.py",
     "tests/training/test_segmenter_training.py",
     "tests/models/test_shipped_bundles.py",
     "tests/training/test_pack.py",

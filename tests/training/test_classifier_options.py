@@ -1,0 +1,260 @@
+"""Classifier training options that need no converged model: the weight average and its batch-norm
+statistics, mixed precision across two replicas, fitting weights across input sizes, and training under
+Keras' JAX backend. The convergence runs are in tests/training/test_classifier_training.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from brainscan.cli.main import main  # noqa: E402
+from brainscan.labels import KAGGLE_CLASSES  # noqa: E402
+from brainscan.data.phantoms.kaggle import write_kaggle_phantoms  # noqa: E402
+from tests.training.classifier_common import PHANTOM_SIZE, train_command  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def kaggle_phantoms(tmp_path_factory) -> Path:
+    """50 phantoms a class: every run here takes at most 40 a class (``--max-per-class``)."""
+    root = tmp_path_factory.mktemp("kaggle")
+    write_kaggle_phantoms(root, n=200, seed=0, size=PHANTOM_SIZE)
+    return root
+
+
+def test_fit_weights_resizes_only_the_position_table() -> None:
+    from brainscan.models.registry import build_model
+    from training.classifier import architecture_args, fit_weights
+
+    def build(arch: str, size: int):
+        return build_model(arch, architecture_args(arch, size, "tiny", len(KAGGLE_CLASSES)))
+
+    small, large = build("vit_cnn", 32), build("vit_cnn", 48)
+    weights, resized = fit_weights(large, small)
+    assert [w.shape for w in weights] == [tuple(v.shape) for v in large.weights]
+    assert len(resized) == 1 and "position_embedding" in resized[0]
+    unchanged = [a.shape == b.shape and np.array_equal(a, b) for a, b in zip(weights, small.get_weights())]
+    assert unchanged.count(False) == 1
+    reason, resized = fit_weights(build("resnet50", 32), small)
+    assert isinstance(reason, str) and "variables there" in reason and resized == []
+
+
+def _batchnorm_model(use_ema: bool) -> Any:
+    import keras
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization(),
+                              keras.layers.Dropout(0.1, seed=1), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.AdamW(0.1, use_ema=use_ema, ema_momentum=0.9),
+                  loss="sparse_categorical_crossentropy")
+    return model
+
+
+def _phantom_xy() -> tuple[np.ndarray, np.ndarray]:
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(32, 4)).astype(np.float32)
+    return x, (x[:, 0] > 2.0).astype(np.int64)
+
+
+def test_averaged_weights_swaps_the_moving_averages_in_and_back() -> None:
+    from training.classifier import averaged_weights, batchnorm_statistics
+
+    x, y = _phantom_xy()
+    for use_ema in (True, False):
+        model = _batchnorm_model(use_ema)
+        for _ in range(12):  # not fit(): at its end fit() overwrites the weights with their averages
+            model.train_on_batch(x[:8], y[:8])
+        statistics = {v.path: np.full(tuple(v.shape), 7.0, np.float32) for v in batchnorm_statistics(model)}
+        assert sorted(p.rsplit("/", 1)[-1] for p in statistics) == ["moving_mean", "moving_variance"]
+        raw = [w.copy() for w in model.get_weights()]
+        with averaged_weights(model, statistics):
+            inside = {v.path: v.numpy().copy() for v in model.variables}
+        assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), raw))  # put back
+        for path, value in statistics.items():
+            np.testing.assert_array_equal(inside[path], value)
+        seeds = [v for v in model.non_trainable_variables if v.path not in statistics]
+        assert seeds and all(np.array_equal(inside[v.path], v.numpy()) for v in seeds)  # not averaged
+        trainable = {v.path: v.numpy() for v in model.trainable_variables}
+        if use_ema:
+            optimizer = model.optimizer
+            averages = {v.path: a.numpy() for v, a in zip(optimizer._trainable_variables,
+                                                          optimizer._model_variables_moving_average)}
+            assert all(np.array_equal(inside[p], a) for p, a in averages.items())
+            assert not all(np.allclose(inside[p], trainable[p]) for p in averages)
+        else:
+            assert all(np.array_equal(inside[p], trainable[p]) for p in trainable)
+
+
+def test_ema_callback_averages_the_batchnorm_statistics_and_swaps_them_in_for_validation(tmp_path) -> None:
+    """The optimizer averages trainable variables only; the --ema callback averages the batch-norm
+    statistics with the same momentum, validates on both averages, saves them, and leaves them in the model."""
+    import keras
+
+    from training.classifier import _statistics_averaging_callback, batchnorm_statistics
+
+    x, y = _phantom_xy()
+    model = _batchnorm_model(True)
+    path = tmp_path / "averages.npz"
+    averaging = _statistics_averaging_callback(0.9, path, resume=False)
+    seen: list[dict[str, np.ndarray]] = []
+    validated: list[dict[str, np.ndarray]] = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append({v.path: v.numpy().copy() for v in batchnorm_statistics(self.model)})
+
+        def on_test_begin(self, logs=None):
+            validated.append({v.path: v.numpy().copy() for v in self.model.weights})
+
+    model.fit(x, y, batch_size=4, epochs=2, validation_data=(x, y), callbacks=[averaging, Record()], verbose=0)
+    expected = dict(seen[0])
+    for step in seen[1:]:
+        expected = {p: 0.9 * expected[p] + 0.1 * step[p] for p in expected}
+    assert len(seen) == 16 and set(expected) == set(averaging.averages)
+    for p, value in expected.items():
+        np.testing.assert_allclose(averaging.averages[p], value, rtol=1e-5)
+        assert not np.allclose(value, seen[-1][p], rtol=1e-3)  # the averages are not the latest statistics
+        np.testing.assert_allclose(validated[-1][p], value, rtol=1e-5)  # validation saw the averages
+        np.testing.assert_allclose(model.get_weights()[[v.path for v in model.weights].index(p)], value,
+                                   rtol=1e-5)  # and the model keeps them after fit
+    np.testing.assert_allclose(np.load(path)[p], averaging.averages[p])
+
+    resumed = _statistics_averaging_callback(0.9, path, resume=True)
+    resumed.set_model(model)
+    resumed.on_train_begin()
+    assert all(np.allclose(resumed.averages[p], averaging.averages[p]) for p in expected)
+
+
+@pytest.mark.slow
+def test_ema_run_validates_and_ships_the_averaged_weights(kaggle_phantoms, tmp_path, caplog):
+    """--ema: the bundle holds the moving averages (what validation scored), not the raw weights; --resume works."""
+    from brainscan.models.bundle import load_bundle
+    from training.runtime import load_checkpoint
+
+    out, work = tmp_path / "models", tmp_path / "work"
+    command = train_command(kaggle_phantoms, "resnet50", out, work, "--ema", "0.9", "--max-per-class", "40")
+    command[command.index("--epochs") + 1] = "1"
+    assert main(command) == 0
+    bundle = load_bundle(out / "classification" / "resnet50" / "test-1")
+    training = bundle.manifest["training"]
+    assert training["config"]["ema"] == 0.9 and "--ema 0.9" in training["command"]
+    # Keras validated the averaged weights; the bundle's plain network scores the same (the served
+    # figure may differ by the flip TTA that calibration chose).
+    calibration = bundle.manifest["metrics"]["calibration"]
+    assert calibration["accuracy_before"] == pytest.approx(training["history"][0]["val_accuracy"], abs=1e-6)
+    assert bundle.manifest["metrics"]["validation"]["accuracy"] == pytest.approx(calibration["accuracy_after"],
+                                                                                 abs=1e-6)
+    # The checkpoint after epoch 1 holds the raw weights and, in its optimizer, their averages.
+    checkpoint = load_checkpoint(work / "last.keras")
+    optimizer = checkpoint.optimizer
+    averages = {v.path: a.numpy() for v, a in zip(optimizer._trainable_variables,
+                                                  optimizer._model_variables_moving_average)}
+    shipped = {v.path: w for v, w in zip(bundle.model.weights, bundle.model.get_weights())}
+    raw = {v.path: v.numpy() for v in checkpoint.trainable_variables}
+    kernels = [path for path in averages if path.endswith("kernel")]
+    assert kernels and set(kernels) <= set(shipped)
+    for path in kernels:
+        np.testing.assert_allclose(shipped[path], averages[path], rtol=2e-3, atol=2e-3)  # float16 bundle
+    assert max(float(np.abs(raw[p] - averages[p]).max()) for p in kernels) > 0.01
+    # So do the batch-norm statistics: the bundle has their averages (saved for --resume), not the raw ones.
+    statistics = dict(np.load(work / "batchnorm-averages.npz"))
+    raw_statistics = {v.path: v.numpy() for v in checkpoint.non_trainable_variables
+                      if v.path.endswith(("/moving_mean", "/moving_variance"))}
+    assert raw_statistics and set(statistics) == set(raw_statistics)
+    for path, value in statistics.items():
+        np.testing.assert_allclose(shipped[path], value, rtol=2e-3, atol=2e-3)
+    assert max(float(np.abs(raw_statistics[p] - statistics[p]).max()) for p in statistics) > 0.01
+    # Resumed without --ema, the run still averages as its checkpoint does, says so, and records it.
+    command[command.index("--epochs") + 1] = "2"
+    command[command.index("--version") + 1] = "test-2"
+    resume = [arg for arg in command if arg not in ("--ema", "0.9")]
+    with caplog.at_level("WARNING", logger="training.classifier"):
+        assert main([*resume, "--resume"]) == 0
+    assert "averages the weights with momentum 0.9; --ema None is ignored" in caplog.text
+    assert "no batch-norm averages" not in caplog.text
+    training = load_bundle(out / "classification" / "resnet50" / "test-2").manifest["training"]
+    assert len(training["history"]) == 2 and training["config"]["ema"] == 0.9
+    with pytest.raises(SystemExit, match="ema must be in"):
+        main(train_command(kaggle_phantoms, "resnet50", out, work, "--ema", "1.5"))
+
+
+TWO_CPU_MAIN = """
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from brainscan.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, extra", [("resnet50", ["--ema", "0.9"]), ("vit_cnn", [])])
+def test_mixed_precision_training_across_two_replicas(arch, extra, kaggle_phantoms, tmp_path):
+    """The GPU code path on CPU: float16 compute (loss scaling) under a two-replica MirroredStrategy.
+
+    The ResNet50 run also averages its weights (--ema) through the loss-scale wrapper and mirrored variables.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from brainscan.models.bundle import load_bundle
+    from tests.paths import REPO_ROOT
+    from training.runtime import DEVICES_ENV
+
+    command = train_command(kaggle_phantoms, arch, tmp_path / "models", tmp_path / "work", "--mixed-precision", "on",
+                            "--max-per-class", "16", *extra)
+    command[command.index("--epochs") + 1] = "2"
+    command[command.index("--input-size") + 1] = "32"
+    env = {**os.environ, DEVICES_ENV: "/cpu:0,/cpu:1", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", TWO_CPU_MAIN, *command], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 replica(s), dtype policy mixed_float16" in done.stderr
+    bundle = load_bundle(tmp_path / "models" / "classification" / arch / "test-1")
+    assert bundle.manifest["training"]["devices"] == {"gpus": 0, "replicas": 2, "mixed_precision": True}
+    history = bundle.manifest["training"]["history"]
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+    probabilities = np.asarray(bundle.model(np.stack([bundle.preprocess(p.read_bytes()) for p in
+                                                      sorted((kaggle_phantoms / "Training").glob("*/*.jpg"))[:8]])))
+    assert probabilities.dtype == np.float32 and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-3)
+
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None,
+                    reason="jax is not installed (the dev extra brings it): the JAX-backend run cannot be tried")
+def test_training_under_the_jax_backend_gives_a_bundle_tensorflow_serves_as_measured(kaggle_phantoms, tmp_path,
+                                                                                    capsys):
+    """What a lent GPU machine without TensorFlow runs: batches from memory instead of tf.data, the class
+    weights as sample weights, the weight average's batch-norm statistics read from JAX's state."""
+    from brainscan.models.bundle import read_manifest
+    from tests.paths import REPO_ROOT
+
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "brainscan", *train_command(kaggle_phantoms, "resnet50", tmp_path / "models",
+                                                     tmp_path / "work", "--max-per-class", "40", "--ema", "0.9")]
+    command[command.index("--epochs") + 1] = "2"
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Keras backend jax" in done.stderr
+    bundle = tmp_path / "models" / "classification" / "resnet50" / "test-1"
+    manifest = read_manifest(bundle)
+    assert manifest["training"]["epochs_run"] == 2 and manifest["training"]["config"]["ema"] == 0.9
+    # TensorFlow, here, serves the JAX-trained weights and measures what the JAX run measured.
+    out = tmp_path / "report"
+    assert main(["evaluate", str(bundle), str(kaggle_phantoms), "--validation-split", "--out", str(out),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    section = json.loads((out / "report.json").read_text())["splits"]["Validation"]
+    assert section["n_samples"] == manifest["metrics"]["validation_images"]
+    assert abs(section["accuracy"] - manifest["metrics"]["validation"]["accuracy"]) <= 2 / section["n_samples"]
