@@ -61,6 +61,10 @@ pack_results() {
         fi
         tar -czf "$out/$name.tgz" "${files[@]}" 2>/dev/null
         echo "== $name: $(ls -l "$out/$name.tgz" | awk '{print $5}') bytes; last lines:"
+        # The first H200 run's tars were 18 MB: over 16 MiB, so pieces (here: cat NAME.tgz.part* | tar -xz).
+        if [ "$(stat -c %s "$out/$name.tgz")" -gt $((15 * 1024 * 1024)) ]; then
+            split -b 15M -d "$out/$name.tgz" "$out/$name.tgz.part" && rm "$out/$name.tgz"
+        fi
         grep -E "validation|time budget|bundle written|Error|error" "runs/device/$name.log" | tail -6
     done
 }

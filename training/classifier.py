@@ -371,11 +371,11 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
         state.callback,
     ]
     # Without tf.data (another Keras backend) the batches carry the class weights themselves.
-    fit_weights = weights if keras.backend.backend() == "tensorflow" else None
+    fit_class_weight = weights if keras.backend.backend() == "tensorflow" else None
     start = time.perf_counter()
     if initial_epoch < config.epochs:
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-                  class_weight=fit_weights, callbacks=callbacks, shuffle=False,
+                  class_weight=fit_class_weight, callbacks=callbacks, shuffle=False,
                   verbose=1 if sys.stdout.isatty() else 2)
     train_seconds = time.perf_counter() - start
     if best_path.exists():

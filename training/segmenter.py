@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from brainscan.errors import DatasetLayoutError
+from brainscan.errors import BrainscanError, DatasetLayoutError
 from brainscan.labels import BRATS_LABELS, REGIONS
 from training.segmenter_config import SegmenterTrainConfig
 from training.segmenter_validation import (
@@ -280,6 +280,25 @@ def _build_and_compile(config: SegmenterTrainConfig, arch_args: dict[str, Any], 
     return model
 
 
+def _check_schedule_matches(model: Any, config: SegmenterTrainConfig) -> None:
+    """A resumed checkpoint's learning rate follows --epochs (a schedule) or --max-minutes (a value the
+    time budget sets); resuming it the other way would freeze or break the decay, so it is refused.
+
+    Raises:
+        BrainscanError: ``--max-minutes`` given for a checkpoint without it, or left out for one with it.
+    """
+    import keras
+
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    scheduled = isinstance(getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule)
+    if scheduled and config.max_minutes is not None:
+        raise BrainscanError(f"the checkpoint in {config.work_dir} decays its learning rate over --epochs: resume it "
+                             "without --max-minutes (or start a new --work-dir with it)")
+    if not scheduled and config.max_minutes is None:
+        raise BrainscanError(f"the checkpoint in {config.work_dir} was trained with a time budget: resume it with "
+                             "--max-minutes (the budget of this run)")
+
+
 def train_segmenter(config: SegmenterTrainConfig) -> Path:
     """Run a whole training and write the bundle; returns the bundle's path.
 
@@ -323,6 +342,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         with runtime.strategy.scope():
             if config.resume and last_path.exists() and state_path.exists():
                 model = load_checkpoint(last_path)
+                _check_schedule_matches(model, config)
                 state.update({k: v for k, v in json.loads(state_path.read_text()).items() if k != "config"})
                 log.info("resuming from %s at epoch %d", last_path, state["epoch"])
             else:

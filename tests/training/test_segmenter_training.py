@@ -14,7 +14,7 @@ pytest.importorskip("tensorflow")
 
 from brainscan.data.brats import find_case, find_cases, load_case  # noqa: E402
 from brainscan.data.phantoms import write_brats_phantoms  # noqa: E402
-from brainscan.errors import DatasetLayoutError  # noqa: E402
+from brainscan.errors import BrainscanError, DatasetLayoutError  # noqa: E402
 from brainscan.io.nifti import load_nifti, save_like  # noqa: E402
 from brainscan.labels import index_to_brats, region_mask  # noqa: E402
 from brainscan.metrics.segmentation import dice  # noqa: E402
@@ -152,6 +152,10 @@ def test_resume_continues_from_checkpoint(phantoms, tmp_path):
                                         **common))
     state = json.loads((tmp_path / "work" / "state.json").read_text())
     assert state["epoch"] == 1 and first.is_dir()
+    # Its learning rate decays over --epochs: a time budget cannot take that schedule over.
+    with pytest.raises(BrainscanError, match="without --max-minutes"):
+        train_segmenter(tiny_config(phantoms, "unet3d", work_dir=tmp_path / "work", epochs=2, version="two",
+                                    resume=True, max_minutes=5.0, **common))
     train_segmenter(tiny_config(phantoms, "unet3d", work_dir=tmp_path / "work", epochs=2, version="two",
                                 resume=True, **common))
     resumed = json.loads((tmp_path / "work" / "state.json").read_text())
@@ -367,6 +371,10 @@ def test_time_budget_stops_at_an_epoch_end_validates_there_and_records_it(region
     assert "val_dice_mean" in epoch  # validated although 1 is not a multiple of val_every
     assert epoch["learning_rate"] == pytest.approx(config.learning_rate, rel=1e-2)  # no warm-up epochs: about the peak
     assert training["config"]["max_minutes"] == 0.01
+    # Resumed without a budget, its learning rate would stay where the budget left it: refused.
+    with pytest.raises(BrainscanError, match="with --max-minutes"):
+        train_segmenter(SegmenterTrainConfig(**{**timed.__dict__, "resume": True, "max_minutes": None,
+                                                "version": "timed-2"}))
 
 
 def test_timed_cosine_rate_warms_up_by_epoch_then_decays_over_the_budget():
