@@ -124,8 +124,9 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
             log.info("replaced the raw owner id of %d job(s) written before owner hashing by its hash", hashed)
         sweeper = asyncio.create_task(sweep_expired(), name="segmenter-expiry")
         # jobs that lost their worker or their queue message are queued again (services.segmenter.reconcile)
-        reconciler = asyncio.create_task(Reconciler(settings, store, lambda job_id: app.state.queue.enqueue(job_id)
-                                                    ).run_forever(), name="segmenter-reconciler")
+        reconciler = asyncio.create_task(
+            Reconciler(settings, store, lambda job_id, task_id: app.state.queue.enqueue(job_id, task_id)).run_forever(),
+            name="segmenter-reconciler")
         log.info("segmenter API started", extra={"jobs_dir": str(settings.jobs_dir), "models": catalog.names()})
         try:
             yield

@@ -48,14 +48,19 @@ class JobQueue:
             "retry_policy": {"max_retries": 1, "interval_start": 0.0, "interval_step": 0.5, "interval_max": 0.5},
         }
 
-    def enqueue(self, job_id: str) -> str:
+    def enqueue(self, job_id: str, task_id: str | None = None) -> str:
         """Send ``segmenter.segment(job_id)`` to the ``segmentation`` queue; returns the task id.
+
+        Args:
+            job_id: the job.
+            task_id: the message's id, when the caller recorded it before sending (the reconciler);
+                a fresh one otherwise.
 
         Raises:
             ServiceUnavailableError: the broker is unreachable.
         """
         try:
-            return self.celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE, retry=True).id
+            return self.celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE, retry=True, task_id=task_id).id
         except Exception as exc:  # kombu / redis raise a zoo of connection errors
             raise ServiceUnavailableError(f"the job queue is unreachable ({type(exc).__name__}); "
                                           "try again in a minute") from exc

@@ -36,6 +36,7 @@ import binascii
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -121,11 +122,12 @@ class Reconciler:
     Args:
         settings: heartbeat timeout, grace and broker.
         store: the job store.
-        enqueue: sends ``segmenter.segment(job_id)``; returns the task id (the API's ``JobQueue.enqueue``).
+        enqueue: ``enqueue(job_id, task_id)`` sends ``segmenter.segment(job_id)`` as message ``task_id`` and
+            returns that id (the API's ``JobQueue.enqueue``).
         client: makes a Redis client of the broker (default :func:`broker_client`).
     """
 
-    def __init__(self, settings: Settings, store: JobStore, enqueue: Callable[[str], str],
+    def __init__(self, settings: Settings, store: JobStore, enqueue: Callable[[str, str], str],
                  client: Callable[[], Any] | None = None) -> None:
         self.settings = settings
         self.store = store
@@ -135,12 +137,17 @@ class Reconciler:
     def run_once(self) -> dict[str, list[str]]:
         """One round.
 
+        A job's record names the new message (``task_id``, ``enqueued_at``) before the message is sent:
+        a free worker may claim the job, even finish it, the moment it is sent, and the record must not
+        keep naming the lost message then. A job that moved meanwhile (claimed, cancelled) is not sent.
+
         Returns:
             ``{"worker_lost": [job ids], "message_lost": [job ids]}``: the jobs sent again.
 
         Raises:
             redis.exceptions.RedisError: the broker is unreachable (nothing was changed).
-            Exception: what ``enqueue`` raises when the broker goes during the round.
+            Exception: what ``enqueue`` raises when the broker goes during the round (the record names a
+                message that was never sent, so the job counts as without one and the next round sends it).
         """
         client = self.client()
         try:
@@ -150,31 +157,33 @@ class Reconciler:
         sent: dict[str, list[str]] = {"worker_lost": [], "message_lost": []}
         for job in self.store.unfinished():
             now = utc_now()
-            if job.status is JobStatus.RUNNING:
-                age = heartbeat_age_s(job, now)
-                if age <= self.settings.heartbeat_timeout_s:
-                    continue
-                try:
+            task_id = str(uuid.uuid4())
+            message = {"task_id": task_id, "enqueued_at": iso(now)}
+            try:
+                if job.status is JobStatus.RUNNING:
+                    age = heartbeat_age_s(job, now)
+                    if age <= self.settings.heartbeat_timeout_s:
+                        continue
                     self.store.transition(job.id, JobStatus.QUEUED, expect_status={JobStatus.RUNNING},
                                           expect_fields={key: job.get(key) for key in ("attempt_id", "heartbeat_at")},
                                           progress=0.0, heartbeat_at=None,
-                                          stage_detail=f"worker lost (no heartbeat for {age:.0f} s); retrying")
-                except (JobStateError, JobNotFoundError):
-                    continue  # it moved meanwhile: its worker is alive after all, or it was cancelled
-                kind = "worker_lost"
-            else:
-                last_sent = parse_iso(job.enqueued_at or job.created_at)
-                if job.id in live or (now - last_sent).total_seconds() < self.settings.reconcile_grace_s:
-                    continue
-                kind = "message_lost"
-            task_id = self.enqueue(job.id)
+                                          stage_detail=f"worker lost (no heartbeat for {age:.0f} s); retrying",
+                                          **message)
+                    kind = "worker_lost"
+                else:
+                    last_sent = parse_iso(job.enqueued_at or job.created_at)
+                    if job.id in live or (now - last_sent).total_seconds() < self.settings.reconcile_grace_s:
+                        continue
+                    self.store.update(job.id, expect_status={JobStatus.QUEUED},
+                                      expect_fields={key: job.get(key) for key in ("attempt_id", "task_id")},
+                                      **message)
+                    kind = "message_lost"
+            except (JobStateError, JobNotFoundError):
+                continue  # it moved meanwhile: claimed by a worker (alive after all), or cancelled
+            self.enqueue(job.id, task_id)
             sent[kind].append(job.id)
             log.warning("job %s queued again (%s)", job.id, kind.replace("_", " "),
                         extra={"job_id": job.id, "task_id": task_id})
-            try:
-                self.store.update(job.id, expect_status={JobStatus.QUEUED}, task_id=task_id, enqueued_at=iso(utc_now()))
-            except (JobStateError, JobNotFoundError):
-                pass  # already claimed by a worker, or cancelled
         return sent
 
     async def run_forever(self) -> None:

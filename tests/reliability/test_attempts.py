@@ -4,6 +4,7 @@ holding real Celery messages (the end-to-end cases are in test_worker_loss.py an
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -134,6 +135,64 @@ def test_process_alive_tells_dead_and_zombie_processes() -> None:
         sleeper.wait()
 
 
+class EmptyBroker:
+    """The three reads :func:`live_job_ids` makes, of a broker that holds no message."""
+
+    def lrange(self, key: str, start: int, end: int) -> list[bytes]:
+        return []
+
+    def zrange(self, key: str, start: int, end: int, withscores: bool = False) -> list[Any]:
+        return []
+
+    def hgetall(self, key: str) -> dict[bytes, bytes]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("lost", ["message", "worker"])
+def test_the_record_names_the_new_message_even_when_a_worker_finishes_it_at_once(store: LocalJobStore,
+                                                                                  lost: str) -> None:
+    """A free worker claims a resent job, and a small one finishes, before ``send_task`` returns."""
+    settings = Settings(jobs_dir=store.root, reconcile_grace_s=0.0, heartbeat_timeout_s=30.0)
+    job_id = running_job(store, beat_s_ago=31.0) if lost == "worker" else store.create("owner-1", MODEL, INPUT)
+    old = store.update(job_id, task_id="lost-message", enqueued_at=iso(utc_now() - timedelta(seconds=60)))
+    sent: list[tuple[str, str]] = []
+
+    def enqueue_to_a_fast_worker(sent_id: str, task_id: str) -> str:
+        sent.append((sent_id, task_id))
+        store.transition(sent_id, "running", attempts=1, attempt_id="attempt-2", worker=ME, heartbeat_at=iso(utc_now()))
+        store.transition(sent_id, "succeeded")
+        return task_id
+
+    reconciler = Reconciler(settings, store, enqueue_to_a_fast_worker, client=EmptyBroker)
+    assert reconciler.run_once() == {"worker_lost": [job_id] if lost == "worker" else [],
+                                     "message_lost": [job_id] if lost == "message" else []}
+    done = store.get(job_id)
+    assert done["status"] == "succeeded" and [(job_id, done["task_id"])] == sent
+    assert done["task_id"] != "lost-message" and parse_iso(done["enqueued_at"]) > parse_iso(old["enqueued_at"])
+
+
+def test_a_job_claimed_while_the_reconciler_decides_is_not_sent_again(store: LocalJobStore) -> None:
+    settings = Settings(jobs_dir=store.root, reconcile_grace_s=0.0, heartbeat_timeout_s=30.0)
+    job_id = store.create("owner-1", MODEL, INPUT)
+    sent: list[str] = []
+
+    class ClaimedAfterTheList(LocalJobStore):  # a worker claims the job right after the reconciler read it
+        def unfinished(self) -> list[Any]:
+            records = super().unfinished()
+            store.transition(job_id, "running", attempts=1, attempt_id="attempt-1", worker=ME,
+                             heartbeat_at=iso(utc_now()))
+            return records
+
+    reconciler = Reconciler(settings, ClaimedAfterTheList(store.root),
+                            lambda sent_id, task_id: sent.append(sent_id) or task_id, client=EmptyBroker)
+    assert reconciler.run_once() == {"worker_lost": [], "message_lost": []} and sent == []
+    claimed = store.get(job_id)
+    assert claimed["status"] == "running" and claimed["task_id"] is None
+
+
 # -- against a real broker ----------------------------------------------------------------------
 
 @needs_redis
@@ -147,9 +206,9 @@ def test_the_reconciler_resends_exactly_the_jobs_without_a_message_or_a_worker(s
         celery = make_celery(settings)
         sent: list[str] = []
 
-        def enqueue(job_id: str) -> str:
+        def enqueue(job_id: str, task_id: str | None = None) -> str:
             sent.append(job_id)
-            return celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE).id
+            return celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE, task_id=task_id).id
 
         waiting = store.create("owner-1", MODEL, INPUT)
         enqueue(waiting)
@@ -169,6 +228,8 @@ def test_the_reconciler_resends_exactly_the_jobs_without_a_message_or_a_worker(s
         requeued = store.get(dead)
         assert requeued["status"] == "queued" and requeued["stage_detail"].startswith("worker lost (no heartbeat for 3")
         assert store.get(lost_message)["task_id"] and store.get(lost_message)["enqueued_at"]
+        assert {message_job_id(raw): json.loads(raw)["headers"]["id"] for raw in client.lrange(QUEUE, 0, -1)
+                }[lost_message] == store.get(lost_message)["task_id"]  # the record names the message sent
         assert store.get(alive)["status"] == "running"
         assert reconciler.run_once() == {"worker_lost": [], "message_lost": []}  # idempotent
 
