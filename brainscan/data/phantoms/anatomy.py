@@ -186,8 +186,9 @@ class TemplateSlicer:
     def take(self, volume: np.ndarray) -> np.ndarray:
         """The section of a template-grid volume, float32 ``(rows, cols)`` including the padding."""
         normal, row_axis, _ = self.axes
-        section = np.take(volume, self.index, axis=normal)
-        # np.take keeps the other two axes in order; the row axis must come first.
+        # A view of the plane (np.take along a trailing axis copies element by element: 30x slower).
+        section = volume[(slice(None),) * normal + (self.index,)]
+        # Indexing keeps the other two axes in order; the row axis must come first.
         if [a for a in range(3) if a != normal].index(row_axis) != 0:
             section = section.T
         return np.pad(np.ascontiguousarray(section[::-1, ::-1]), self.pad).astype(np.float32)
