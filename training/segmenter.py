@@ -32,9 +32,11 @@ from brainscan.errors import BrainscanError, DatasetLayoutError
 from brainscan.labels import BRATS_LABELS, REGIONS
 from training.segmenter_config import SegmenterTrainConfig
 from training.segmenter_validation import (
-    evaluate_cases,
     finite_or_none,
+    predict_cases,
+    predictions_nbytes,
     region_dice,
+    score_predictions,
     select_mirroring,
     select_postprocessing,
 )
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 DATA_WORKERS_ENV = "BRAINSCAN_DATA_WORKERS"
 #: "1": those workers are threads, not forked processes (safer in a process that holds a GPU).
 DATA_THREADS_ENV = "BRAINSCAN_DATA_THREADS"
+#: The best epoch's validation probabilities are kept in memory up to this size, so that the final
+#: choice of post-processing does not predict the validation cases again.
+MAX_KEPT_PREDICTION_BYTES = 1 << 30
 
 
 def split_cases(cases: list[Any], *, val_fraction: float, val_cases: int | None, seed: int,
@@ -122,7 +127,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _callbacks(config: SegmenterTrainConfig, state: dict[str, Any], val_cases: list[Any], preprocess_config: Any,
-               initial_epoch: int) -> list[Any]:
+               initial_epoch: int, best_predictions: dict[str, Any]) -> list[Any]:
     """Whole-volume validation + best weights + early stopping, checkpoint, TensorBoard, state.json."""
     import keras
 
@@ -152,7 +157,8 @@ def _callbacks(config: SegmenterTrainConfig, state: dict[str, Any], val_cases: l
             segmenter = config.segmenter(self.model, self.predict_fn)
             self.predict_fn = segmenter.predict_fn
             start = time.perf_counter()
-            per_case = evaluate_cases(segmenter, val_cases, cache_dir=work / "cache")
+            predicted = list(predict_cases(segmenter, val_cases, cache_dir=work / "cache"))
+            per_case = score_predictions(segmenter, predicted)
             scores = region_dice(per_case)
             if logs is not None:
                 logs.update({f"val_dice_{k}": v for k, v in scores.items()})
@@ -162,6 +168,10 @@ def _callbacks(config: SegmenterTrainConfig, state: dict[str, Any], val_cases: l
             if state["best"] is None or scores["mean"] > state["best"]["val_dice_mean"]:
                 state["best"] = {"epoch": done, "val_dice_mean": scores["mean"]}
                 self.model.save_weights(work / "best.weights.h5")
+                # Kept for the final choice of post-processing, which would otherwise predict them again.
+                best_predictions.clear()
+                if predictions_nbytes(predicted) <= MAX_KEPT_PREDICTION_BYTES:
+                    best_predictions.update(epoch=done, predicted=predicted)
                 _write_json(work / "best_validation.json", {"epoch": done, "per_case": per_case})
             elif done - state["best"]["epoch"] >= config.patience:
                 log.info("early stopping: no better validation Dice since epoch %d", state["best"]["epoch"])
@@ -370,7 +380,8 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
                                       processes=not threads)
             log.info("patches from %d worker %s (no tf.data under Keras backend %s)", workers,
                      "thread(s)" if threads else "process(es)", keras.backend.backend())
-        callbacks = _callbacks(config, state, val, preprocess_config, initial_epoch)
+        best_predictions: dict[str, Any] = {}  # {"epoch", "predicted"}: filled by the validation callback
+        callbacks = _callbacks(config, state, val, preprocess_config, initial_epoch, best_predictions)
         start = time.perf_counter()
         if initial_epoch < config.epochs:
             verbose = (1 if sys.stdout.isatty() else 2) if config.progress == "keras" else 0
@@ -382,7 +393,11 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
             model.load_weights(best_path)
         # The served post-processing is chosen on the validation cases, with the served window settings.
         segmenter = config.segmenter(model)
-        segmenter.postprocessing, per_case, selection = select_postprocessing(segmenter, val, work / "cache")
+        kept = (best_predictions.get("predicted")
+                if state["best"] and best_predictions.get("epoch") == state["best"]["epoch"] else None)
+        segmenter.postprocessing, per_case, selection = select_postprocessing(segmenter, val, work / "cache",
+                                                                              predicted=kept)
+        best_predictions.clear()
         mirror_selection = None
         if config.select_tta:
             _, per_case, mirror_selection = select_mirroring(segmenter, val, work / "cache")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +51,24 @@ def evaluate_cases(segmenter: Any, cases: list[Any], cache_dir: Path | None = No
     Returns:
         ``{case_id: segmentation_metrics(...)}`` (BraTS regions WT/TC/ET, labels, mean IoU).
     """
+    return score_predictions(segmenter, predict_cases(segmenter, cases, cache_dir))
+
+
+def score_predictions(segmenter: Any, predicted: Iterable[tuple]) -> dict[str, dict]:
+    """Decode :func:`predict_cases` output with the segmenter's post-processing and score each case.
+
+    Returns:
+        ``{case_id: segmentation_metrics(...)}``.
+    """
     from brainscan.metrics.segmentation import segmentation_metrics
 
     return {case_id: segmentation_metrics(segmenter.decode(probabilities, info, spacing), labels, spacing)
-            for case_id, info, probabilities, labels, spacing in predict_cases(segmenter, cases, cache_dir)}
+            for case_id, info, probabilities, labels, spacing in predicted}
+
+
+def predictions_nbytes(predicted: list[tuple]) -> int:
+    """Bytes held by a list of :func:`predict_cases` results (probabilities and truth)."""
+    return sum(int(item[2].nbytes) + int(item[3].nbytes) for item in predicted)
 
 
 #: Smallest gain in mean validation Dice for which a post-processing step is switched on.
@@ -67,7 +81,8 @@ POSTPROCESSING_CANDIDATES: tuple[dict[str, float], ...] = (
 
 
 def select_postprocessing(segmenter: Any, cases: list[Any], cache_dir: Path | None = None,
-                          candidates: tuple[dict[str, float], ...] = POSTPROCESSING_CANDIDATES
+                          candidates: tuple[dict[str, float], ...] = POSTPROCESSING_CANDIDATES,
+                          predicted: list[tuple] | None = None,
                           ) -> tuple[Any, dict[str, dict], list[dict[str, Any]]]:
     """Pick the post-processing that scores best on the validation cases; none unless it helps.
 
@@ -75,20 +90,26 @@ def select_postprocessing(segmenter: Any, cases: list[Any], cache_dir: Path | No
     the current best only with a strictly higher mean of WT/TC/ET Dice, so a step that does not
     measurably help stays off (the first candidate, ``{}``, is no post-processing).
 
+    Args:
+        predicted: :func:`predict_cases` of these cases by this segmenter's weights and window settings,
+            when the caller already has them (the training's validation of its best epoch); else
+            the cases are predicted here.
+
     Returns:
         ``(PostprocessConfig, per_case metrics of the chosen one, table of every candidate's Dice)``.
     """
     from brainscan.inference.postprocess import PostprocessConfig
-    from brainscan.metrics.segmentation import segmentation_metrics
 
-    predicted = list(predict_cases(segmenter, cases, cache_dir))
+    if predicted is None:
+        predicted = list(predict_cases(segmenter, cases, cache_dir))
+    elif [item[0] for item in predicted] != [case.case_id for case in cases]:
+        raise ValueError("predicted must hold the given cases, in their order")
     best: tuple[Any, dict[str, dict], float] | None = None
     table = []
     for candidate in candidates:
         config = PostprocessConfig(threshold=segmenter.postprocessing.threshold, **candidate)
         segmenter.postprocessing = config
-        per_case = {case_id: segmentation_metrics(segmenter.decode(probabilities, info, spacing), labels, spacing)
-                    for case_id, info, probabilities, labels, spacing in predicted}
+        per_case = score_predictions(segmenter, predicted)
         scores = region_dice(per_case)
         table.append({"postprocessing": config.to_dict(), "dice": scores})
         log.info("post-processing %s: Dice WT %.3f TC %.3f ET %.3f mean %.4f", candidate or "none", scores["WT"],

@@ -510,3 +510,29 @@ def test_select_mirroring_measures_each_candidate_and_pays_only_for_a_gain(regio
     # With a minimum gain no candidate can reach, nothing costlier than one pass is chosen.
     monkeypatch.setattr(validation, "MIRROR_GAIN", 10.0)
     assert validation.select_mirroring(segmenter, val)[0] == ()
+
+
+@pytest.mark.slow
+def test_post_processing_choice_reuses_the_best_epochs_predictions_and_checks_them(region_run, monkeypatch):
+    """The final choice decodes what the validation of the best epoch predicted: the same scores as
+    predicting again, no second pass over the cases, and predictions of other cases are refused."""
+    from brainscan.inference.segmenter import Segmenter
+    from brainscan.models.bundle import load_bundle
+    from training import segmenter as trainer
+    from training import segmenter_validation as validation
+
+    bundle_path, config = region_run
+    _, val = split_cases(trainer.labelled_cases(config.data, None, config.seed), val_fraction=config.val_fraction,
+                         val_cases=config.val_cases, seed=config.seed)
+    segmenter = Segmenter.from_bundle(load_bundle(bundle_path))
+    predicted = list(validation.predict_cases(segmenter, val))
+    chosen, per_case, table = validation.select_postprocessing(segmenter, val)
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the cases were predicted again")
+
+    monkeypatch.setattr(segmenter, "probabilities", no_second_pass)
+    again = validation.select_postprocessing(segmenter, val, predicted=predicted)
+    assert again == (chosen, per_case, table)
+    with pytest.raises(ValueError, match="must hold the given cases"):
+        validation.select_postprocessing(segmenter, val, predicted=predicted[:-1])
