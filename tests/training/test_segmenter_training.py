@@ -378,7 +378,7 @@ def test_time_budget_stops_at_an_epoch_end_validates_there_and_records_it(region
 
 
 def test_timed_cosine_rate_warms_up_by_epoch_then_decays_over_the_budget():
-    from training.segmenter import timed_cosine_rate
+    from training.segmenter_callbacks import timed_cosine_rate
 
     peak = 1e-3
     assert timed_cosine_rate(peak, 0.0, epoch=0, warmup_epochs=2) == pytest.approx(peak / 100)
