@@ -11,6 +11,7 @@ import pytest
 from scipy import ndimage
 
 from brainscan.errors import EmptyInputError, InvalidLabelsError, VolumeMismatchError
+from brainscan.labels import REGIONS
 from brainscan.metrics.segmentation import (
     BRATS_HD95_EMPTY_VALUE,
     aggregate_cases,
@@ -322,3 +323,35 @@ def test_labels_all_combinations_are_scored() -> None:
     # ET: 1 TP, 3 FP, 3 FN, 9 TN.
     assert report["ET"]["sensitivity"] == pytest.approx(1 / 4)
     assert report["ET"]["specificity"] == pytest.approx(9 / 12)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.2, 0.8, 2.0)])
+def test_segmentation_metrics_of_a_tumour_anywhere_in_the_volume(spacing) -> None:
+    """The metrics crop to the labelled voxels of both maps: a tumour touching the array's border, or
+    the same tumour inside a larger, empty volume, gets the same figures (more true negatives only
+    raise specificity), checked against each region computed on its own."""
+    rng = np.random.default_rng(5)
+    truth = np.zeros((12, 14, 10), np.uint8)
+    truth[0:8, 3:14, 2:9] = 2  # touches three faces of the array
+    truth[2:6, 5:11, 3:7] = 1
+    truth[3:5, 6:9, 4:6] = 4
+    noise = rng.choice([0, 1, 2, 4], size=truth.shape)
+    pred = np.where(rng.random(truth.shape) < 0.15, noise, truth).astype(np.uint8)
+    tight = segmentation_metrics(pred, truth, spacing)
+    padded = [np.pad(a, ((7, 3), (0, 9), (4, 4))) for a in (pred, truth)]
+    loose = segmentation_metrics(*padded, spacing)
+    for region, labels in REGIONS.items():
+        p, t = np.isin(pred, labels), np.isin(truth, labels)
+        assert tight[region]["dice"] == pytest.approx(dice(p, t))
+        assert tight[region]["hd95"] == pytest.approx(hd95(p, t, spacing))
+        padded_p, padded_t = np.isin(padded[0], labels), np.isin(padded[1], labels)
+        assert loose[region]["hd95"] == pytest.approx(hd95(padded_p, padded_t, spacing))
+        for key in ("dice", "iou", "sensitivity", "hd95", "volume_ml", "volume_ml_truth"):
+            assert loose[region][key] == pytest.approx(tight[region][key]), (region, key)
+        negatives = int(np.count_nonzero(~padded_p & ~padded_t))
+        false_positives = int(np.count_nonzero(padded_p & ~padded_t))
+        assert loose[region]["specificity"] == pytest.approx(negatives / (negatives + false_positives))
+    empty = np.zeros((9, 9, 9), np.uint8)
+    assert segmentation_metrics(empty, empty, spacing)["WT"] == {
+        "dice": 1.0, "iou": 1.0, "sensitivity": None, "specificity": 1.0, "hd95": 0.0, "volume_ml": 0.0,
+        "volume_ml_truth": 0.0}
