@@ -85,3 +85,20 @@ export const sleep = (ms, signal) => new Promise((resolve) => {
   const timer = setTimeout(resolve, ms);
   signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
 });
+
+/**
+ * A bundle's Dice from its manifest, said plainly to be no independent test: a single run's validation
+ * cases, or for an ensemble of cross-validation folds the pooled figure over all its cases, each scored
+ * by the fold network that did not train on it.
+ */
+export function validationDiceText(metrics) {
+  const dice = metrics && metrics.dice;
+  if (!dice || !["WT", "TC", "ET"].every((r) => typeof dice[r] === "number")) return "";
+  const scores = ["WT", "TC", "ET"].map((r) => `${r} ${dice[r].toFixed(2)}`).join(", ");
+  const n = Number.isInteger(metrics.validation_cases) ? metrics.validation_cases : null;
+  if (metrics.cross_validation) {
+    const over = n === null ? "" : ` over ${n} cases, each scored by the fold network that did not train on it`;
+    return ` Cross-validation Dice ${scores}${over} (not an independent test).`;
+  }
+  return ` Validation Dice ${scores}${n === null ? "" : ` on ${n} held-out cases`} (not an independent test).`;
+}

@@ -8,7 +8,7 @@ import { MASK_LABELS, MODALITY_NAMES, SegmentationViewer } from "./viewer.js";
 import { ZipLimitError, chosenFolder, zipFolder } from "./zip.js";
 import {
   ERROR_MESSAGES, MODALITIES, POLL_FIRST_MS, POLL_GROWTH, POLL_MAX_MS, REGIONS, filesByModality, formatMl, messageFor, sleep,
-  stageText,
+  stageText, validationDiceText,
 } from "./segmentation-text.js";
 
 export { filesByModality };
@@ -323,15 +323,6 @@ export function initSegmentation({ onUnauthorized }) {
       el.modelSelect.replaceChildren(new Option("Server default", ""));
     }
     renderSelectedModel();
-  }
-
-  // The bundle's validation Dice, from its manifest; said plainly to be no independent test.
-  function validationDiceText(metrics) {
-    const dice = metrics && metrics.dice;
-    if (!dice || !["WT", "TC", "ET"].every((r) => typeof dice[r] === "number")) return "";
-    const cases = Number.isInteger(metrics.validation_cases) ? ` on ${metrics.validation_cases} held-out cases` : "";
-    const scores = ["WT", "TC", "ET"].map((r) => `${r} ${dice[r].toFixed(2)}`).join(", ");
-    return ` Validation Dice ${scores}${cases} (not an independent test).`;
   }
 
   function renderSelectedModel() {

@@ -44,6 +44,7 @@ LONG_FILES = (
     "tests/training/test_classifier_training.py",
     "tests/training/test_classifier_options.py",
     "tests/training/test_segmenter_training.py",
+    "tests/training/test_ensemble.py",
     "tests/models/test_shipped_bundles.py",
     "tests/training/test_pack.py",
     "tests/reliability/test_load_and_faults.py",

@@ -29,16 +29,16 @@ from typing import Any
 import numpy as np
 
 from brainscan.errors import BrainscanError, DatasetLayoutError
-from brainscan.labels import BRATS_LABELS, REGIONS
+from brainscan.labels import BRATS_LABELS
 from training.segmenter_config import SegmenterTrainConfig
 from training.segmenter_validation import (
-    finite_or_none,
     predict_cases,
     predictions_nbytes,
     region_dice,
     score_predictions,
     select_mirroring,
     select_postprocessing,
+    validation_metrics,
 )
 from training.segmenter_callbacks import timed_cosine_callback, tqdm_callback
 from training.stages import initial_bundle_record, load_initial_weights, stage_record
@@ -261,7 +261,6 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     import keras
 
     import training.losses  # noqa: F401  (registers the loss and metric that last.keras names)
-    from brainscan.metrics.segmentation import aggregate_cases
     from brainscan.models.bundle import save_bundle
     from brainscan.models.store import ModelStore
     from training.pack import is_pack
@@ -379,12 +378,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
             demo=config.demo,
             inference=segmenter.manifest_inference(),
             metrics={
-                "dice": scores,
-                "validation": aggregate_cases(list(per_case.values())),
-                "validation_per_case": {cid: {r: m[r]["dice"] for r in REGIONS} for cid, m in per_case.items()},
-                "validation_per_case_hd95": {cid: {r: finite_or_none(m[r]["hd95"]) for r in REGIONS}
-                                             for cid, m in per_case.items()},
-                "validation_cases": len(val),
+                **validation_metrics(per_case),
                 "postprocessing_selection": selection,
                 **({"mirroring_selection": mirror_selection} if mirror_selection is not None else {}),
                 "training_cases": len(train),

@@ -1,4 +1,4 @@
-"""``brainscan train segmenter``, ``pack`` and ``cv-summary``: the commands around
+"""``brainscan train segmenter``, ``pack``, ``cv-summary`` and ``ensemble``: the commands around
 :func:`training.segmenter.train_segmenter`.
 
 The segmenter's options are the fields of :class:`~training.segmenter_config.SegmenterTrainConfig`
@@ -123,6 +123,47 @@ def add_cv_summary_parser(commands: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(func=run_cv_summary)
     return parser
+
+
+def add_ensemble_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``ensemble`` to the ``brainscan train`` subcommands; returns its parser."""
+    parser = commands.add_parser(
+        "ensemble", help="write the K fold runs of a segmenter cross-validation as one bundle that averages them",
+        description="Check that the bundles are all K runs of `brainscan train segmenter --folds K --fold I` "
+                    "(same data, seed, network, preprocessing), predict every case of --data with the fold that "
+                    "validated on it, choose the post-processing (and with --select-tta the mirroring) on those "
+                    "pooled cross-validation predictions, and write one bundle whose network averages the K "
+                    "members' probabilities. Its Dice is the pooled cross-validation figure: the ensemble itself "
+                    "trained on every case.")
+    parser.add_argument("bundles", nargs="+", type=Path, help="the fold runs' bundle folders (all K folds)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="the dataset folder or pack the folds trained on (checked by fingerprint)")
+    parser.add_argument("--out", type=Path, default=Path("models"), help="model store folder (default: models)")
+    parser.add_argument("--version", required=True, help="version of the ensemble bundle")
+    parser.add_argument("--select-tta", action="store_true",
+                        help="let the pooled cross-validation predictions choose the served mirroring "
+                             "(none, left-right, 3 axes), as `train segmenter --select-tta` does")
+    parser.add_argument("--weights-dtype", choices=("float16", "float32"), default="float16")
+    parser.add_argument("--promote", action="store_true", help="make the ensemble the current version")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle of that version")
+    parser.set_defaults(func=run_ensemble)
+    return parser
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    import shlex
+
+    from training.ensemble import write_ensemble
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    command = "brainscan train ensemble " + shlex.join(
+        [*map(str, args.bundles), "--data", str(args.data), "--out", str(args.out), "--version", args.version,
+         *(["--select-tta"] if args.select_tta else []), "--weights-dtype", args.weights_dtype])
+    path = write_ensemble(args.bundles, args.data, args.out, args.version, select_tta=args.select_tta,
+                          weights_dtype=args.weights_dtype, overwrite=args.overwrite, promote=args.promote,
+                          command=command)
+    print(f"ensemble bundle written: {path}")
+    return 0
 
 
 def run_cv_summary(args: argparse.Namespace) -> int:

@@ -140,23 +140,35 @@ def select_mirroring(segmenter: Any, cases: list[Any], cache_dir: Path | None = 
     Returns:
         ``(mirror axes, per-case metrics of the chosen one, table of every candidate's Dice and seconds)``.
     """
+    return select_mirroring_pooled([(segmenter, cases)], cache_dir, candidates)
 
+
+def select_mirroring_pooled(groups: list[tuple[Any, list[Any]]], cache_dir: Path | None = None,
+                            candidates: tuple[tuple[int, ...], ...] = MIRROR_CANDIDATES
+                            ) -> tuple[tuple[int, ...], dict[str, dict], list[dict[str, Any]]]:
+    """:func:`select_mirroring` over several ``(segmenter, its cases)`` groups scored as one set: the
+    folds of a cross-validation, each predicting the cases it did not train on. Every segmenter is
+    left with the chosen axes."""
+    n_cases = sum(len(cases) for _, cases in groups)
     best: tuple[tuple[int, ...], dict[str, dict], float] | None = None
     table = []
     for axes in candidates:
-        segmenter.mirror_axes = tuple(axes)
         start = time.perf_counter()
-        per_case = evaluate_cases(segmenter, cases, cache_dir)
+        per_case: dict[str, dict] = {}
+        for segmenter, cases in groups:
+            segmenter.mirror_axes = tuple(axes)
+            per_case.update(evaluate_cases(segmenter, cases, cache_dir))
         seconds = time.perf_counter() - start
         scores = region_dice(per_case)
         table.append({"mirror_axes": list(axes), "passes": 2 ** len(axes), "dice": scores,
-                      "seconds_per_case": round(seconds / max(1, len(cases)), 2)})
+                      "seconds_per_case": round(seconds / max(1, n_cases), 2)})
         log.info("mirroring %s (%d passes): Dice WT %.3f TC %.3f ET %.3f mean %.4f, %.1f s a case", list(axes),
-                 2 ** len(axes), scores["WT"], scores["TC"], scores["ET"], scores["mean"], seconds / max(1, len(cases)))
+                 2 ** len(axes), scores["WT"], scores["TC"], scores["ET"], scores["mean"], seconds / max(1, n_cases))
         if best is None or scores["mean"] > best[2] + MIRROR_GAIN:
             best = (tuple(axes), per_case, scores["mean"])
     assert best is not None
-    segmenter.mirror_axes = best[0]
+    for segmenter, _ in groups:
+        segmenter.mirror_axes = best[0]
     return best[0], best[1], table
 
 
@@ -165,6 +177,21 @@ def region_dice(per_case: dict[str, dict]) -> dict[str, float]:
     scores = {r: float(np.mean([m[r]["dice"] for m in per_case.values()])) for r in REGIONS}
     scores["mean"] = float(np.mean(list(scores.values())))
     return scores
+
+
+def validation_metrics(per_case: dict[str, dict]) -> dict[str, Any]:
+    """The ``metrics`` a segmenter bundle records of its per-case validation: the mean Dice per region
+    (``dice``), every metric aggregated (``validation``), Dice and HD95 per case, and the number of cases."""
+    from brainscan.metrics.segmentation import aggregate_cases
+
+    return {
+        "dice": region_dice(per_case),
+        "validation": aggregate_cases(list(per_case.values())),
+        "validation_per_case": {cid: {r: m[r]["dice"] for r in REGIONS} for cid, m in per_case.items()},
+        "validation_per_case_hd95": {cid: {r: finite_or_none(m[r]["hd95"]) for r in REGIONS}
+                                     for cid, m in per_case.items()},
+        "validation_cases": len(per_case),
+    }
 
 
 def finite_or_none(value: Any) -> float | None:
@@ -235,5 +262,6 @@ def cross_validation_summary(bundle_paths: list[Path]) -> dict[str, Any]:
 
 __all__ = [
     "MEASURABLE_GAIN", "MIRROR_CANDIDATES", "MIRROR_GAIN", "POSTPROCESSING_CANDIDATES", "cross_validation_summary",
-    "evaluate_cases", "finite_or_none", "predict_cases", "region_dice", "select_mirroring", "select_postprocessing",
+    "evaluate_cases", "finite_or_none", "predict_cases", "region_dice", "select_mirroring", "select_mirroring_pooled",
+    "select_postprocessing", "validation_metrics",
 ]

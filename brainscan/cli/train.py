@@ -12,9 +12,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     # Each trainer's options are its config dataclass's fields (training.options builds both parsers).
     from training.classifier_cli import add_classifier_parser
-    from training.segmenter_cli import add_cv_summary_parser, add_pack_parser, add_segmenter_parser
+    from training.segmenter_cli import (
+        add_cv_summary_parser,
+        add_ensemble_parser,
+        add_pack_parser,
+        add_segmenter_parser,
+    )
 
     add_classifier_parser(commands)
     add_segmenter_parser(commands)
     add_pack_parser(commands)
     add_cv_summary_parser(commands)
+    add_ensemble_parser(commands)

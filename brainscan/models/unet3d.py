@@ -2,7 +2,8 @@
 
 One builder, :func:`build_unet3d`, makes both networks; ``attention=True`` puts an additive
 attention gate (Oktay et al. 2018, "Attention U-Net") on every skip connection. Registered as
-``"unet3d"`` (Çiçek et al. 2016) and ``"attention_unet3d"``.
+``"unet3d"`` (Çiçek et al. 2016) and ``"attention_unet3d"``; both take ``members=K`` for an ensemble of K
+such networks whose probabilities are averaged (:func:`average_of`).
 
 Layout, with ``F_l = base_filters * 2**l`` for resolution level ``l = 0 .. levels-1``:
 
@@ -178,6 +179,17 @@ def build_unet3d(
     return keras.Model(inputs, outputs, name=name)
 
 
+def average_of(networks: Sequence[keras.Model], name: str) -> keras.Model:
+    """One model whose output is the mean of ``networks``' outputs (an ensemble, e.g. of the folds of a
+    cross-validation: nnU-Net's default). The networks run on the same input in one call; each is a
+    sub-model, so its weights follow the previous one's in ``model.weights``.
+    """
+    inputs = keras.Input(shape=tuple(networks[0].inputs[0].shape[1:]), name="volume")
+    outputs = [network(inputs) for network in networks]
+    averaged = layers.Average(dtype="float32", name="probabilities")(outputs)
+    return keras.Model(inputs, averaged, name=name)
+
+
 def _resolve(preset: str, base_filters: int | None, levels: int | None) -> tuple[int, int]:
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -202,12 +214,21 @@ def _registered_variant(arch: str, attention: bool, description: str, doc: str) 
         spatial_size: Sequence[int] | None = None,
         output: str = "softmax",
         name: str = arch,
+        members: int = 1,
     ) -> keras.Model:
         base_filters, levels = _resolve(preset, base_filters, levels)
-        return build_unet3d(
-            num_classes=num_classes, in_channels=in_channels, base_filters=base_filters, levels=levels,
-            norm=norm, attention=attention, spatial_size=spatial_size, output=output, name=name,
-        )
+        if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+            raise ValueError(f"members must be an integer >= 1, got {members!r}")
+
+        def network(label: str) -> keras.Model:
+            return build_unet3d(
+                num_classes=num_classes, in_channels=in_channels, base_filters=base_filters, levels=levels,
+                norm=norm, attention=attention, spatial_size=spatial_size, output=output, name=label,
+            )
+
+        if members == 1:
+            return network(name)
+        return average_of([network(f"{name}_member{k}") for k in range(members)], name=name)
 
     builder.__name__ = builder.__qualname__ = arch
     builder.__doc__ = doc

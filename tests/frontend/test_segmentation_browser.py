@@ -241,6 +241,22 @@ def test_bad_case_shows_a_plain_language_alert(open_segmentation, stack, replace
     assert page.is_enabled("#seg-submit")
 
 
+def test_an_ensembles_figure_is_called_cross_validation(open_segmentation):
+    """The model line names what the Dice is: one run's held-out cases, or a cross-validation pooled over all
+    cases for an ensemble of its folds (the manifest of `brainscan train ensemble`)."""
+    page = open_segmentation()
+    texts = page.evaluate("""async () => {
+        const { validationDiceText } = await import("./segmentation-text.js");
+        const dice = { WT: 0.8512, TC: 0.75, ET: 0.6 };
+        return [validationDiceText({ dice, validation_cases: 19, cross_validation: { folds: 5 } }),
+                validationDiceText({ dice, validation_cases: 4 }), validationDiceText({ dice: { WT: 0.9 } })];
+    }""")
+    assert texts == [
+        " Cross-validation Dice WT 0.85, TC 0.75, ET 0.60 over 19 cases, each scored by the fold network that did "
+        "not train on it (not an independent test).",
+        " Validation Dice WT 0.85, TC 0.75, ET 0.60 on 4 held-out cases (not an independent test).", ""]
+
+
 def test_tabs_work_with_the_keyboard(open_segmentation):
     page = open_segmentation()
     page.focus("#tab-segmentation")
