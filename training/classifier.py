@@ -4,7 +4,8 @@ The pipeline, in order: read the Kaggle folder (Training split only: nothing cal
 used for training or model selection), a duplicate-aware stratified train/validation split, a
 tf.data pipeline that decodes and preprocesses with the core package's ``preprocess_image`` (the
 exact function the classifier service calls), caches, augments (flips, small rotations and zoom,
-brightness/contrast), batches and prefetches; AdamW with warm-up and cosine decay, class weights,
+brightness/contrast; random resized crops with ``--crop-scale``), batches, mixes (``--mixup``,
+``--cutmix``), distils (``--teacher``: :mod:`training.distill`) and prefetches; cross-entropy on one-hot targets (``--label-smoothing``); AdamW with warm-up and cosine decay, class weights,
 early stopping on validation accuracy, a checkpoint after every epoch (``--resume`` continues from
 it), optional initial weights from an earlier bundle (``--init-from``: fine-tuning, for example at a
 larger input size), optional weight averaging (``--ema``: validation and the bundle use an
@@ -35,7 +36,8 @@ import numpy as np
 from brainscan.errors import BundleError
 from brainscan.labels import KAGGLE_CLASSES
 from training.classifier_config import ClassifierTrainConfig
-from training.classifier_data import class_weights, make_dataset, training_records
+from training.classifier_data import Recipe, class_weights, make_dataset, training_records
+from training.distill import load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +312,12 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
     preprocess_config = ImagePreprocessConfig(input_size=config.input_size, channels=3)
     global_batch = config.batch_size * runtime.replicas
     weights = class_weights(train, len(classes))
+    teacher, teacher_record = (load_teacher(config.teacher, config.out, preprocess_config) if config.teacher
+                               else (None, None))
+    recipe = Recipe(crop_scale=config.crop_scale, mixup=config.mixup, cutmix=config.cutmix, teacher=teacher,
+                    teacher_weight=config.teacher_weight)
     train_ds = make_dataset(train, preprocess_config, batch_size=global_batch, training=True, seed=config.seed,
-                            weights=weights)
+                            weights=weights, recipe=recipe)
     val_ds = make_dataset(val, preprocess_config, batch_size=global_batch, training=False, seed=config.seed)
 
     arch_args = architecture_args(config.arch, config.input_size, config.preset, len(classes))
@@ -341,8 +347,9 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
             optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
                                                clipnorm=1.0, use_ema=config.ema is not None,
                                                ema_momentum=config.ema or 0.99)
-            model.compile(optimizer=wrap_optimizer(optimizer, runtime), loss="sparse_categorical_crossentropy",
-                          metrics=["accuracy"])
+            # One-hot targets (soft with mixup or cutmix), smoothed by --label-smoothing.
+            loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+            model.compile(optimizer=wrap_optimizer(optimizer, runtime), loss=loss, metrics=["accuracy"])
 
     # A resumed run averages as its checkpoint's optimizer does, whatever --ema says now.
     ema = ema_momentum(model)
@@ -417,6 +424,7 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
             "seed": config.seed,
             "config": config_dict,
             **({"init_from": init_record} if init_record else {}),
+            **({"teacher": teacher_record} if teacher_record else {}),
             "epochs_run": len(history),
             "best_epoch": int(np.argmax([h.get("val_accuracy", 0.0) for h in history]) + 1) if history else None,
             "history": history,

@@ -54,6 +54,24 @@ class ClassifierTrainConfig:
                                     "0.998); validation, the best checkpoint and the bundle then use the averaged "
                                     "weights (and batch-norm statistics averaged alongside, so that they fit those "
                                     "weights)")
+    label_smoothing: float = option(0.0, metavar="EPS",
+                                    help="train on targets smoothed towards the uniform distribution by EPS (e.g. "
+                                         "0.1; Szegedy et al. 2016); default 0")
+    mixup: float | None = option(None, metavar="ALPHA",
+                                 help="mix pairs of training images and their labels with a Beta(ALPHA, ALPHA) "
+                                      "weight (Zhang et al. 2018), e.g. 0.2")
+    cutmix: float | None = option(None, metavar="FACTOR",
+                                  help="paste a box of another training image into each one, mixing the labels by "
+                                       "area (Yun et al. 2019), e.g. 1.0; with --mixup the batches take turns")
+    crop_scale: float | None = option(None, metavar="S",
+                                      help="random resized crops: each training image is shifted and zoomed in on "
+                                           "a part of S to 1 of its side length, per axis (so the aspect ratio "
+                                           "varies too), e.g. 0.75")
+    teacher: str | None = option(None, metavar="BUNDLE",
+                                 help="distil from this classifier bundle (a folder, or ARCH for the current "
+                                      "version in --out), as DeiT does: each target becomes (1 - W) x label + W x "
+                                      "the teacher's served probabilities on the same augmented batch")
+    teacher_weight: float = option(0.5, metavar="W", help="the teacher's share W of each target (default 0.5)")
     command: str = option(cli=False, default_factory=lambda: shlex.join(["brainscan", *sys.argv[1:]]))
 
     def __post_init__(self) -> None:
@@ -67,6 +85,16 @@ class ClassifierTrainConfig:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise ValueError(f"ema must be in (0, 1), got {self.ema}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mixup is not None and self.mixup <= 0.0:
+            raise ValueError(f"mixup must be a positive Beta parameter, got {self.mixup}")
+        if self.cutmix is not None and not 0.0 < self.cutmix <= 1.0:
+            raise ValueError(f"cutmix must be in (0, 1], got {self.cutmix}")
+        if not 0.0 < self.teacher_weight <= 1.0:
+            raise ValueError(f"teacher_weight must be in (0, 1], got {self.teacher_weight}")
+        if self.crop_scale is not None and not 0.25 <= self.crop_scale < 1.0:
+            raise ValueError(f"crop_scale must be in [0.25, 1), got {self.crop_scale}")
         self.data, self.out = Path(self.data), Path(self.out)
         if self.work_dir is None:
             self.work_dir = Path("runs") / f"classifier-{self.arch}-{self.preset}-{self.input_size}px-seed{self.seed}"

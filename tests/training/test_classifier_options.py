@@ -186,6 +186,102 @@ def test_ema_run_validates_and_ships_the_averaged_weights(kaggle_phantoms, tmp_p
         main(train_command(kaggle_phantoms, "resnet50", out, work, "--ema", "1.5"))
 
 
+def test_recipe_options_soften_and_crop_the_training_batches_only(kaggle_phantoms):
+    """--mixup and --cutmix take turns batch by batch (soft one-hot targets that still sum to 1), validation
+    batches stay one-hot, and a random resized crop zooms in with at most (1 - S) / 2 of black border."""
+    from brainscan.preprocess.image2d import ImagePreprocessConfig
+    from training.classifier_data import Recipe, build_augmentation, make_dataset, training_records
+
+    records = training_records(kaggle_phantoms, 8, 0)
+    config = ImagePreprocessConfig(input_size=32, channels=3)
+    recipe = Recipe(mixup=0.4, cutmix=1.0)
+    plain = [(np.asarray(x), np.asarray(y)) for x, y in make_dataset(records, config, batch_size=8, training=False,
+                                                                     seed=0)]
+    assert all(set(np.unique(y)) == {0.0, 1.0} and np.allclose(y.sum(axis=1), 1) for _, y in plain)
+    mixed = [(np.asarray(x), np.asarray(y)) for x, y in make_dataset(records, config, batch_size=8, training=True,
+                                                                     seed=0, recipe=recipe)]
+    assert len(mixed) == 4 and all(y.shape == (8, len(KAGGLE_CLASSES)) for _, y in mixed)
+    assert all(np.allclose(y.sum(axis=1), 1, atol=1e-5) for _, y in mixed)
+    assert any(np.any((y > 0.01) & (y < 0.99)) for _, y in mixed[0::2]), "mixup left every target one-hot"
+    assert any(np.any((y > 0.01) & (y < 0.99)) for _, y in mixed[1::2]), "cutmix left every target one-hot"
+    # The crop alone (the first two layers): shifted and zoomed in, never past the image's border.
+    crop = build_augmentation(0, config.normalization, crop_scale=0.6).layers[:2]
+    assert [type(layer).__name__ for layer in crop] == ["RandomTranslation", "RandomZoom"]
+    ramp = np.broadcast_to(np.linspace(0.1, 1.0, 64, dtype=np.float32)[None, :, None], (64, 64, 3))
+    batch = np.stack([ramp] * 32)
+    out = batch
+    for layer in crop:
+        out = np.asarray(layer(out, training=True))
+    filled_columns = (out[:, 32, :, 0] < 0.05).sum(axis=1)
+    assert filled_columns.max() <= 0.2 * 64 + 1 and filled_columns.mean() < 0.1 * 64
+    # zoomed in onto 0.6..1 of the width: across the image the ramp climbs 0.9 x that (the original's 0.9
+    # at most, 0.54 at least), on the part that is not border
+    slopes = [np.polyfit(np.flatnonzero(row > 0.05), row[row > 0.05], 1)[0] * 63 for row in out[:, 32, :, 0]]
+    assert 0.5 < min(slopes) and max(slopes) < 0.93 and np.median(slopes) < 0.85
+
+
+def test_distillation_targets_mix_the_label_and_the_teachers_view_of_the_same_batch(kaggle_phantoms):
+    from brainscan.preprocess.image2d import ImagePreprocessConfig
+    from training.classifier_data import Recipe, make_dataset, training_records
+
+    records = training_records(kaggle_phantoms, 4, 0)
+    config = ImagePreprocessConfig(input_size=32, channels=3)
+    seen = []
+
+    def teacher(batch: np.ndarray) -> np.ndarray:  # a stand-in with a known answer, recording what it saw
+        seen.append(np.array(batch))
+        return np.tile(np.float32([0.1, 0.2, 0.3, 0.4]), (len(batch), 1))
+
+    recipe = Recipe(crop_scale=0.75, teacher=teacher, teacher_weight=0.25)
+    batches = [(np.asarray(x), np.asarray(y)) for x, y in make_dataset(records, config, batch_size=8, training=True,
+                                                                       seed=0, recipe=recipe)]
+    assert len(seen) == len(batches) == 2
+    for (images, targets), shown in zip(batches, seen):
+        np.testing.assert_array_equal(images, shown)  # the augmented batch itself
+        hard = (targets - 0.25 * np.float32([0.1, 0.2, 0.3, 0.4])) / 0.75
+        np.testing.assert_allclose(np.sort(hard, axis=1), np.tile([0, 0, 0, 1], (len(hard), 1)), atol=1e-6)
+    plain = make_dataset(records, config, batch_size=8, training=False, seed=0, recipe=recipe)
+    assert all(set(np.unique(np.asarray(y))) == {0.0, 1.0} for _, y in plain) and len(seen) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(kaggle_phantoms, tmp_path_factory) -> Path:
+    """A ResNet50 classifier bundle of one epoch at 32 px: a teacher that runs, not one that knows."""
+    out, work = tmp_path_factory.mktemp("teacher-models"), tmp_path_factory.mktemp("teacher-work")
+    command = train_command(kaggle_phantoms, "resnet50", out, work, "--max-per-class", "8")
+    command[command.index("--epochs") + 1] = "1"
+    command[command.index("--input-size") + 1] = "32"
+    assert main(command) == 0
+    return out / "classification" / "resnet50" / "test-1"
+
+
+@pytest.mark.slow
+def test_a_vit_cnn_distils_from_a_teacher_bundle_and_records_it(kaggle_phantoms, tiny_teacher, tmp_path):
+    """--teacher: the run trains on the teacher's outputs (batches resized to its 32 px) and records which
+    teacher and weight; a teacher that normalises images otherwise is refused."""
+    from brainscan.errors import BundleError
+    from brainscan.models.bundle import read_manifest
+    from brainscan.preprocess.image2d import ImagePreprocessConfig
+    from training.distill import load_teacher
+
+    out = tmp_path / "models"
+    command = train_command(kaggle_phantoms, "vit_cnn", out, tmp_path / "work", "--max-per-class", "8",
+                            "--teacher", str(tiny_teacher), "--teacher-weight", "0.7")
+    command[command.index("--epochs") + 1] = "1"
+    command[command.index("--input-size") + 1] = "48"
+    assert main(command) == 0
+    training = read_manifest(out / "classification" / "vit_cnn" / "test-1")["training"]
+    teacher = read_manifest(tiny_teacher)
+    assert training["teacher"]["weights_sha256"] == teacher["weights"]["sha256"]
+    assert training["teacher"]["input_size"] == 32 and training["config"]["teacher_weight"] == 0.7
+    assert f"--teacher {tiny_teacher} --teacher-weight 0.7" in training["command"]
+    teach, _ = load_teacher(str(tiny_teacher), out, ImagePreprocessConfig(input_size=48, channels=3))
+    probabilities = teach(np.random.default_rng(0).random((3, 48, 48, 3), dtype=np.float32))
+    assert probabilities.shape == (3, len(KAGGLE_CLASSES)) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    with pytest.raises(BundleError, match="differ from this run's in normalization"):
+        load_teacher(str(tiny_teacher), out, ImagePreprocessConfig(input_size=48, channels=3, normalization="zscore"))
+
+
 TWO_CPU_MAIN = """
 import sys
 import tensorflow as tf
@@ -197,11 +293,15 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, extra", [("resnet50", ["--ema", "0.9"]), ("vit_cnn", [])])
+@pytest.mark.parametrize("arch, extra", [
+    ("resnet50", ["--ema", "0.9"]),
+    ("vit_cnn", ["--label-smoothing", "0.1", "--mixup", "0.2", "--cutmix", "1.0", "--crop-scale", "0.75"]),
+])
 def test_mixed_precision_training_across_two_replicas(arch, extra, kaggle_phantoms, tmp_path):
     """The GPU code path on CPU: float16 compute (loss scaling) under a two-replica MirroredStrategy.
 
-    The ResNet50 run also averages its weights (--ema) through the loss-scale wrapper and mirrored variables.
+    The ResNet50 run also averages its weights (--ema) through the loss-scale wrapper and mirrored variables;
+    the ViT-CNN run takes the recipe options (soft targets, crops), which its manifest records.
     """
     import os
     import subprocess
@@ -224,6 +324,11 @@ def test_mixed_precision_training_across_two_replicas(arch, extra, kaggle_phanto
     assert bundle.manifest["training"]["devices"] == {"gpus": 0, "replicas": 2, "mixed_precision": True}
     history = bundle.manifest["training"]["history"]
     assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+    recorded = bundle.manifest["training"]["config"]
+    options = dict(zip(extra[::2], extra[1::2]))
+    for flag, value in options.items():
+        assert recorded[flag[2:].replace("-", "_")] == float(value) and f"{flag} {value}" in bundle.manifest[
+            "training"]["command"]
     probabilities = np.asarray(bundle.model(np.stack([bundle.preprocess(p.read_bytes()) for p in
                                                       sorted((kaggle_phantoms / "Training").glob("*/*.jpg"))[:8]])))
     assert probabilities.dtype == np.float32 and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-3)
@@ -235,14 +340,16 @@ def test_mixed_precision_training_across_two_replicas(arch, extra, kaggle_phanto
                     reason="jax is not installed (the dev extra brings it): the JAX-backend run cannot be tried")
 def test_training_under_the_jax_backend_gives_a_bundle_tensorflow_serves_as_measured(kaggle_phantoms, tmp_path,
                                                                                     capsys):
-    """What a lent GPU machine without TensorFlow runs: batches from memory instead of tf.data, the class
-    weights as sample weights, the weight average's batch-norm statistics read from JAX's state."""
+    """What a lent GPU machine without TensorFlow runs: batches from memory instead of tf.data (mixed by
+    mixup and cutmix in turn), the class weights as sample weights, the weight average's batch-norm
+    statistics read from JAX's state."""
     from brainscan.models.bundle import read_manifest
     from tests.paths import REPO_ROOT
 
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO_ROOT)}
     command = [sys.executable, "-m", "brainscan", *train_command(kaggle_phantoms, "resnet50", tmp_path / "models",
-                                                     tmp_path / "work", "--max-per-class", "40", "--ema", "0.9")]
+                                                     tmp_path / "work", "--max-per-class", "40", "--ema", "0.9",
+                                                     "--mixup", "0.2", "--cutmix", "1.0")]
     command[command.index("--epochs") + 1] = "2"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
