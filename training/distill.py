@@ -40,19 +40,20 @@ def load_teacher(spec: str, models_root: Any, student_preprocessing: Any
     import cv2
 
     from brainscan.inference.classifier import Classifier
-    from brainscan.models.bundle import load_bundle
+    from brainscan.models.bundle import load_bundle, preprocessor_from_manifest, read_spec
     from brainscan.models.store import resolve_bundle
 
     path = resolve_bundle(spec, task="classification", models_root=models_root)
-    bundle = load_bundle(path)
-    name = f"{bundle.architecture} version {bundle.version} ({path})"
-    if list(bundle.classes or ()) != list(KAGGLE_CLASSES):
-        raise BundleError(f"--teacher {name}: classes {list(bundle.classes or ())}, expected {list(KAGGLE_CLASSES)}")
-    theirs, ours = bundle.preprocess_config, student_preprocessing
+    manifest = read_spec(path)  # checked before the weights are read
+    name = f"{manifest.architecture.name} version {manifest.version} ({path})"
+    if list(manifest.classes or ()) != list(KAGGLE_CLASSES):
+        raise BundleError(f"--teacher {name}: classes {list(manifest.classes or ())}, expected {list(KAGGLE_CLASSES)}")
+    theirs, ours = preprocessor_from_manifest(manifest)[0], student_preprocessing
     differ = [field for field in ("channels", "normalization", "crop_to_head") if getattr(theirs, field) != getattr(ours, field)]
     if differ:
         raise BundleError(f"--teacher {name}: its images differ from this run's in {', '.join(differ)} "
                           f"({[getattr(theirs, f) for f in differ]} against {[getattr(ours, f) for f in differ]})")
+    bundle = load_bundle(path)
     classifier = Classifier.from_bundle(bundle)
     size = int(theirs.input_size)
 
