@@ -264,7 +264,6 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     from brainscan.models.bundle import save_bundle
     from brainscan.models.store import ModelStore
     from training.pack import is_pack
-    from training.augment import AugmentConfig
     from training.patches import PatchSampler, dataset_fingerprint, prepare_cases
     from training.runtime import load_checkpoint, setup_runtime
 
@@ -304,7 +303,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
 
         global_batch = config.batch_size * runtime.replicas
         sampler = PatchSampler(prepared, patch_size=config.patch_size, foreground_fraction=config.foreground_fraction,
-                               augment=AugmentConfig() if config.augment else None, seed=config.seed,
+                               augment=config.augment_config(), seed=config.seed,
                                targets=config.outputs)
         # Continue the patch stream where the checkpoint left it, not from its first patch.
         first_patch = initial_epoch * config.steps_per_epoch * global_batch

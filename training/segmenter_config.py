@@ -71,6 +71,9 @@ class SegmenterTrainConfig:
                                                 "cases as without it: for Dice against the number of training cases")
     foreground_fraction: float = option(1 / 3, help="share of patches centred on a tumour voxel (default 1/3)")
     augment: bool = option(True, flag="--no-augment", help="train on raw patches (no flips, no intensity jitter)")
+    other_scanners: bool = option(False, help="also simulate other hospitals' scans in the patches: a smooth "
+                                               "intensity bias field, blur and thick slices "
+                                               "(training.augment.AugmentConfig.other_scanners)")
     overlap: float = option(0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
     one_pass: bool = option(False, help="serve (and validate) by running the whole brain crop in one network call "
                                         "instead of sliding windows: faster when the crop is small, as at 2 mm")
@@ -108,10 +111,20 @@ class SegmenterTrainConfig:
     progress: str = option("keras", choices=("keras", "tqdm", "none"), cli=False)
     command: str = option(cli=False, default_factory=lambda: shlex.join(["brainscan", *sys.argv[1:]]))
 
+    def augment_config(self) -> Any:
+        """The patches' :class:`~training.augment.AugmentConfig` (``None``: raw patches)."""
+        from training.augment import AugmentConfig
+
+        if not self.augment:
+            return None
+        return AugmentConfig.other_scanners() if self.other_scanners else AugmentConfig()
+
     def __post_init__(self) -> None:
         from brainscan.models.unet3d import PRESETS, spatial_divisor
 
         check_choices(self)
+        if self.other_scanners and not self.augment:
+            raise ValueError("other_scanners adds to the augmentation: it cannot go with --no-augment")
         for name, value in PRESET_DEFAULTS[self.preset].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)

@@ -33,13 +33,15 @@ def phantoms(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def folds(phantoms, tmp_path_factory) -> list[Path]:
-    """The two fold runs of a 2-fold cross-validation (each validates on 3 of the 6 phantoms)."""
+    """The two fold runs of a 2-fold cross-validation (each validates on 3 of the 6 phantoms), their patches
+    augmented with the other-scanner transforms too."""
     store = tmp_path_factory.mktemp("fold-store")
     paths = []
     for fold in (0, 1):
         config = SegmenterTrainConfig(
             data=phantoms, arch="unet3d", out=store, preset="tiny", epochs=2, steps_per_epoch=3, val_every=1,
             warmup_epochs=0, folds=2, fold=fold, outputs="regions", target_spacing=6.0, progress="none",
+            other_scanners=True,
             work_dir=tmp_path_factory.mktemp(f"work-{fold}"), version=f"cv2-{fold}")
         paths.append(train_segmenter(config))
     return paths
@@ -86,6 +88,7 @@ def test_its_figures_are_the_pooled_cross_validation(ensemble, folds, phantoms):
     assert training["validation_case_ids"] == [] and "not an independent test" in metrics["evaluation"]
     assert training["command"].startswith("brainscan train ensemble ") and "--select-tta" in training["command"]
     assert [m["fold"] for m in training["ensemble_of"]] == [0, 1]
+    assert all(load_bundle(path).manifest["training"]["config"]["other_scanners"] for path in folds)
     measured = {}
     for record, path in zip(training["ensemble_of"], folds):
         fold = load_bundle(path)

@@ -152,6 +152,58 @@ def test_intensity_augmentation_changes_brain_only_and_keeps_labels():
     assert new_image.dtype == np.float32 and np.isfinite(new_image).all()
 
 
+def _scanner_only(**probabilities) -> AugmentConfig:
+    return AugmentConfig(flip_probability=0.0, intensity_probability=0.0, gamma_probability=0.0,
+                         noise_probability=0.0, **probabilities)
+
+
+def test_other_scanner_transforms_keep_background_labels_and_draw_nothing_when_off():
+    from training.augment import scanner_transforms
+
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(24, 24, 24, 2)).astype(np.float32)
+    image[:4] = 0.0  # background slab
+    brain = np.any(image != 0, axis=-1)
+    labels = (rng.random((24, 24, 24)) > 0.5).astype(np.uint8)
+    # Off (the default): the patch stream is the one standard runs have always drawn.
+    standard = np.random.default_rng(7)
+    augment_patch(image, labels, standard, AugmentConfig())
+    again = np.random.default_rng(7)
+    augment_patch(image, labels, again, AugmentConfig(bias_field_probability=0.0, blur_probability=0.0))
+    assert standard.random() == again.random()
+    for name in ("bias_field_probability", "blur_probability", "thick_slices_probability"):
+        out, out_labels = augment_patch(image, labels, np.random.default_rng(3), _scanner_only(**{name: 1.0}))
+        np.testing.assert_array_equal(out_labels, labels)
+        assert np.all(out[~brain] == 0) and np.isfinite(out).all() and out.dtype == np.float32, name
+        assert not np.allclose(out[brain], image[brain]), name
+    # The bias field is smooth and multiplies (z + k): a constant patch becomes (c + k) * field - k.
+    flat = np.full((24, 24, 24, 1), 0.5, dtype=np.float32)
+    biased = scanner_transforms(flat.copy(), np.ones((24, 24, 24), bool), np.random.default_rng(4),
+                                _scanner_only(bias_field_probability=1.0))[..., 0]
+    assert biased.std() > 0.02 and np.abs(np.diff(biased, axis=0)).max() < 0.2
+    # Thick slices: one axis smoothed (slab average, then back), the other two untouched.
+    wave = np.sin(np.arange(24, dtype=np.float32))
+    pattern = (wave[:, None, None] + wave[None, :, None] + wave[None, None, :])[..., None]
+    for seed in range(3):
+        thick = scanner_transforms(pattern.copy(), np.ones((24, 24, 24), bool), np.random.default_rng(seed),
+                                   AugmentConfig(thick_slices_probability=1.0))[..., 0]
+        same = [np.allclose(np.diff(thick, axis=a), np.diff(pattern[..., 0], axis=a), atol=1e-5) for a in range(3)]
+        assert sum(same) == 2, same
+        axis = same.index(False)
+        assert np.abs(np.diff(thick, axis=axis)).mean() < 0.8 * np.abs(np.diff(pattern[..., 0], axis=axis)).mean()
+
+
+def test_other_scanners_is_an_option_of_the_segmenter_recorded_in_its_config(tmp_path):
+    from training.segmenter import SegmenterTrainConfig
+
+    config = SegmenterTrainConfig(data=tmp_path, arch="unet3d", preset="tiny", other_scanners=True)
+    assert config.augment_config() == AugmentConfig.other_scanners()
+    assert config.augment_config().bias_field_probability > 0
+    assert SegmenterTrainConfig(data=tmp_path, arch="unet3d", preset="tiny").augment_config() == AugmentConfig()
+    with pytest.raises(ValueError, match="cannot go with --no-augment"):
+        SegmenterTrainConfig(data=tmp_path, arch="unet3d", preset="tiny", other_scanners=True, augment=False)
+
+
 @pytest.mark.parametrize(
     "start, expected_sum",
     [((0, 0, 0), 8), ((-1, -1, -1), 1), ((1, 1, 1), 1), ((2, 2, 2), 0)],
@@ -188,7 +240,8 @@ def test_sampler_rejects_bad_arguments(cases, kwargs, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"flip_probability": 2.0}, "flip_probability"), ({"scale_range": (1.2, 0.8)}, "scale_range"),
-     ({"gamma_range": (0.0, 1.0)}, "positive"), ({"noise_std_max": -1.0}, "noise_std_max")],
+     ({"gamma_range": (0.0, 1.0)}, "positive"), ({"noise_std_max": -1.0}, "noise_std_max"),
+     ({"bias_field_probability": 1.5}, "bias_field_probability"), ({"thick_slices_factor_range": (0.5, 2)}, ">= 1")],
 )
 def test_augment_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
