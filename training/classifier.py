@@ -5,7 +5,8 @@ used for training or model selection), a duplicate-aware stratified train/valida
 tf.data pipeline that decodes and preprocesses with the core package's ``preprocess_image`` (the
 exact function the classifier service calls), caches, augments (flips, small rotations and zoom,
 brightness/contrast; random resized crops with ``--crop-scale``), batches, mixes (``--mixup``,
-``--cutmix``), distils (``--teacher``: :mod:`training.distill`) and prefetches; cross-entropy on one-hot targets (``--label-smoothing``); AdamW with warm-up and cosine decay, class weights,
+``--cutmix``), distils (``--teacher``: :mod:`training.distill`) and prefetches; cross-entropy on
+one-hot targets (``--label-smoothing``); AdamW with warm-up and cosine decay, class weights,
 early stopping on validation accuracy, a checkpoint after every epoch (``--resume`` continues from
 it), optional initial weights from an earlier bundle (``--init-from``: fine-tuning, for example at a
 larger input size), optional weight averaging (``--ema``: validation and the bundle use an
@@ -36,7 +37,7 @@ import numpy as np
 from brainscan.errors import BundleError
 from brainscan.labels import KAGGLE_CLASSES
 from training.classifier_config import ClassifierTrainConfig
-from training.classifier_data import Recipe, class_weights, make_dataset, training_records
+from training.classifier_data import Recipe, class_weights, make_dataset, training_records, upgrade_to_one_hot_loss
 from training.distill import load_teacher
 
 log = logging.getLogger(__name__)
@@ -329,6 +330,8 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
     with runtime.strategy.scope():
         if config.resume and last_path.exists() and state_path.exists():
             model = load_checkpoint(last_path)
+            if upgrade_to_one_hot_loss(model):
+                log.info("the checkpoint was compiled for integer labels: recompiled for one-hot targets")
             initial_epoch = int(json.loads(state_path.read_text())["epoch"])
             log.info("resuming from %s at epoch %d", last_path, initial_epoch)
         else:

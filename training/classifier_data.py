@@ -225,6 +225,19 @@ def build_mixing(seed: int, recipe: Recipe) -> Callable[[Any, Any, int], tuple[A
     return mix
 
 
+def upgrade_to_one_hot_loss(model: Any) -> bool:
+    """Recompile a checkpoint that an older brainscan compiled for integer labels (sparse cross-entropy)
+    for the one-hot targets the data now yields, keeping its optimizer and its state; returns whether it
+    did. The loss is the same number for one-hot targets, so a resumed run goes on as it would have."""
+    import keras
+
+    if model.loss not in ("sparse_categorical_crossentropy", keras.losses.sparse_categorical_crossentropy) and \
+            not isinstance(model.loss, keras.losses.SparseCategoricalCrossentropy):
+        return False
+    model.compile(optimizer=model.optimizer, loss=keras.losses.CategoricalCrossentropy(), metrics=["accuracy"])
+    return True
+
+
 def class_weights(records: list[Any], num_classes: int) -> dict[int, float]:
     """Balanced class weights ``n / (K * n_k)`` from the training records."""
     counts = np.bincount([r.label_index for r in records], minlength=num_classes).astype(np.float64)

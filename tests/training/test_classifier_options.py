@@ -244,6 +244,28 @@ def test_distillation_targets_mix_the_label_and_the_teachers_view_of_the_same_ba
     assert all(set(np.unique(np.asarray(y))) == {0.0, 1.0} for _, y in plain) and len(seen) == 2
 
 
+def test_a_checkpoint_compiled_for_integer_labels_resumes_on_one_hot_targets(tmp_path):
+    """Checkpoints written before labels became one-hot (sparse cross-entropy) are recompiled on --resume,
+    optimizer state kept; current ones are left alone."""
+    import keras
+
+    from training.classifier_data import upgrade_to_one_hot_loss
+    from training.runtime import load_checkpoint
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    model.fit(x, np.arange(8) % 4, verbose=0)
+    model.save(tmp_path / "last.keras")
+    old = load_checkpoint(tmp_path / "last.keras")
+    iterations = int(old.optimizer.iterations.numpy())
+    assert upgrade_to_one_hot_loss(old) and iterations == 1
+    history = old.fit(x, np.eye(4, dtype="float32")[np.arange(8) % 4], verbose=0).history
+    assert np.isfinite(history["loss"][0]) and "accuracy" in history
+    assert int(old.optimizer.iterations.numpy()) == iterations + 1
+    assert not upgrade_to_one_hot_loss(old)
+
+
 @pytest.fixture(scope="module")
 def shipped_teacher() -> Path:
     """The shipped ResNet50 (128 px, flip TTA and a temperature): the teacher the ViT-CNN is meant to have."""
