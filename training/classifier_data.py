@@ -99,7 +99,9 @@ def make_dataset(records: list[Any], preprocess_config: Any, *, batch_size: int,
                 num_parallel_calls=tf.data.AUTOTUNE)
         if recipe.teacher is not None:  # one teacher call at a time, on the batch as the student sees it
             def distil(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-                taught = tf.numpy_function(recipe.teacher, [x], tf.float32, stateful=False)
+                # stateful: a stateless function would let tf.data's map parallelisation run teacher calls
+                # concurrently, out of order
+                taught = tf.numpy_function(recipe.teacher, [x], tf.float32, stateful=True)
                 taught.set_shape(y.shape)
                 return x, distilled_targets(y, taught, recipe.teacher_weight)
 

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +229,10 @@ def test_distillation_targets_mix_the_label_and_the_teachers_view_of_the_same_ba
     config = ImagePreprocessConfig(input_size=32, channels=3)
     seen = []
 
+    jitter = iter(np.random.default_rng(0).uniform(0, 0.05, 100))
+
     def teacher(batch: np.ndarray) -> np.ndarray:  # a stand-in with a known answer, recording what it saw
+        time.sleep(next(jitter))  # calls that overlapped (tf.data running them in parallel) would swap order
         seen.append(np.array(batch))
         return np.tile(np.float32([0.1, 0.2, 0.3, 0.4]), (len(batch), 1))
 
