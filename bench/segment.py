@@ -9,7 +9,9 @@ Prints, for the CURRENT bundle of ``segmentation/<arch>`` in the model store:
   4. in-process sliding-window seconds: ``segment_case`` with a compiled ``predict_fn`` (warm);
   5. the naive pattern: the same sliding window calling ``model.predict`` on each patch;
   6. peak RSS (VmHWM) of the worker's pool process, which loads the model and segments the case;
-  7. the MONAI peer: the same network ported to PyTorch (bench/monai_peer.py, weights copied and
+  7. float32 against bfloat16 arithmetic (``--precision`` sets the worker's): seconds of each, and
+     the Dice of each against the case's segmentation when it has one;
+  8. the MONAI peer: the same network ported to PyTorch (bench/monai_peer.py, weights copied and
      checked against Keras) through MONAI's ``sliding_window_inference`` (Gaussian blending) with
      the bundle's window, overlap and mirroring passes, at the bundle's resolution, on the whole
      volume (MONAI's usual use) and on brainscan's brain crop; then one line ``MONAI ... N.Nx``: MONAI's whole-volume
@@ -17,7 +19,7 @@ Prints, for the CURRENT bundle of ``segmentation/<arch>`` in the model store:
      ``--monai-venv`` (default <repo>/.venv-monai); without it the row says so and is skipped.
 
 Usage:
-  .venv/bin/python bench/segment.py [--models models] [--arch unet3d] [--repeats 2]
+  .venv/bin/python bench/segment.py [--models models] [--arch unet3d] [--repeats 2] [--precision auto]
                                     [--case ../shared/data/brats-sample/BraTS2021_00006]
 Without --case it writes a 240 x 240 x 155 phantom case (the BraTS grid). Not a test: it asserts
 nothing, it prints figures. Needs redis-server (scripts/install-system-deps.sh).
@@ -41,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from brainscan.labels import MODALITIES  # noqa: E402
+from brainscan.models.precision import PRECISIONS, cpu_has_bf16, resolve_precision  # noqa: E402
 from tests.redis_server import start_redis  # noqa: E402
 from tests.servers import INTERNAL_HEADERS, start_uvicorn  # noqa: E402
 
@@ -108,7 +111,7 @@ def run_job(client: httpx.Client, base: str, files: dict[str, tuple[str, bytes]]
         time.sleep(0.05)
 
 
-def in_process(bundle_path: Path, case: Path, repeats: int) -> dict[str, float]:
+def in_process(bundle_path: Path, case: Path, repeats: int, precision: str) -> dict[str, float]:
     """Warm in-process figures: segment_case with the compiled predict_fn, and with model.predict per patch."""
     import numpy as np
 
@@ -117,7 +120,7 @@ def in_process(bundle_path: Path, case: Path, repeats: int) -> dict[str, float]:
     from brainscan.inference.sliding_window import count_patches, keras_predict_fn
     from brainscan.models.bundle import load_bundle
 
-    bundle = load_bundle(bundle_path)
+    bundle = load_bundle(bundle_path, precision=precision)
     loaded = load_case(find_case(case), with_seg=False)
     settings = inference_settings(bundle)
     compiled = keras_predict_fn(bundle.model, batch_size=settings["batch_size"])
@@ -209,6 +212,38 @@ def monai_peer(bundle_path: Path, case: Path, venv: Path, work: Path, repeats: i
     return result
 
 
+def precisions(bundle_path: Path, case: Path, repeats: int) -> dict[str, dict[str, Any]]:
+    """Warm seconds of ``segment_case`` in float32 and in bfloat16, and each mask's Dice against the case's
+    segmentation when it has one (else against the float32 mask)."""
+    import numpy as np
+
+    from brainscan.data.brats import find_case, load_case
+    from brainscan.inference.segmenter import segment_case
+    from brainscan.metrics.segmentation import segmentation_metrics
+    from brainscan.models.bundle import load_bundle
+
+    found = find_case(case)
+    loaded = load_case(found, with_seg=found.seg is not None)
+    spacing = tuple(loaded.reference.spacing[:3])
+    rows: dict[str, dict[str, Any]] = {}
+    for precision in ("float32", "bfloat16"):
+        bundle = load_bundle(bundle_path, precision=precision)
+        mask = segment_case(bundle, loaded)  # warm: traces the graph
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            mask = segment_case(bundle, loaded)
+            seconds.append(time.perf_counter() - started)
+        truth = loaded.seg if loaded.seg is not None else rows["float32"]["mask"] if rows else mask
+        metrics = segmentation_metrics(mask, truth, spacing)
+        rows[precision] = {"seconds": statistics.median(seconds), "mask": mask,
+                           "dice": {r: metrics[r]["dice"] for r in ("WT", "TC", "ET")},
+                           "against": "its segmentation" if loaded.seg is not None else "the float32 mask"}
+        del bundle
+    rows["bfloat16"]["agree"] = float(np.mean(rows["bfloat16"]["mask"] == rows["float32"]["mask"]))
+    return rows
+
+
 def gateway_serves_segmentations() -> bool:
     """Whether this tree's gateway has the segmentation routes (they came after the classifier's)."""
     import importlib.util
@@ -224,7 +259,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="jobs per path; medians are printed")
     parser.add_argument("--monai-venv", type=Path, default=REPO / ".venv-monai",
                         help="virtualenv with torch and monai for the MONAI row (default <repo>/.venv-monai)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the worker's SEGMENTER_PRECISION (default auto: bfloat16 where the CPU has it)")
     args = parser.parse_args()
+    precision = resolve_precision(args.precision)
     models = args.models.resolve()
     bundle_path, manifest = current_bundle(models, args.arch)
     work = Path(tempfile.mkdtemp(prefix="brainscan-bench-segment-"))
@@ -236,12 +274,13 @@ def main() -> None:
         case = args.case.resolve()
     files = case_files(case)
     print(f"model: {args.arch} version {manifest['version']} (demo={manifest['demo']}) from {models}")
-    print(f"inference settings: {manifest['inference']}")
+    print(f"inference settings: {manifest['inference']}; precision {precision} "
+          f"(CPU has native bfloat16: {cpu_has_bf16()})")
     print(f"case: {case}; {os.cpu_count()} CPU cores; {sum(len(d) for _, d in files.values()) / 1e6:.1f} MB upload")
 
     redis = start_redis(work / "redis")
     env = {"BRAINSCAN_MODELS": str(models), "SEGMENTER_BROKER_URL": redis.url, "SEGMENTER_JOBS_DIR": str(work / "jobs"),
-           "SEGMENTER_DEFAULT_MODEL": args.arch, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
+           "SEGMENTER_DEFAULT_MODEL": args.arch, "SEGMENTER_PRECISION": precision, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": str(REPO)}
     worker_log = (work / "worker.log").open("wb")
     worker = subprocess.Popen(
@@ -298,12 +337,20 @@ def main() -> None:
         print(f"worker main process peak RSS (VmHWM): {main_rss:.0f} MB (no TensorFlow there)")
 
     print("\n== in this process (warm, median of %d) ==" % args.repeats)
-    figures = in_process(bundle_path, case, args.repeats)
+    figures = in_process(bundle_path, case, args.repeats, precision)
     print(f"sliding window, compiled predict_fn (segment_case): {figures['compiled_s']:7.2f} s "
           f"for {figures['patches']} patches")
     print(f"naive model.predict per patch:                      {figures['naive_s']:7.2f} s "
           f"(masks agree on {100 * figures['agree']:.3f} % of voxels)")
     print(f"ratio naive / compiled: {figures['naive_s'] / figures['compiled_s']:.2f}x")
+
+    print("\n== float32 against bfloat16 (segment_case, warm, median of %d) ==" % args.repeats)
+    arithmetic = precisions(bundle_path, case, args.repeats)
+    for name, row in arithmetic.items():
+        dice = " ".join(f"{r} {d:.3f}" for r, d in row["dice"].items())
+        agree = f", {100 * row['agree']:.3f} % of voxels as float32's" if "agree" in row else ""
+        print(f"{name:<9} {row['seconds']:7.2f} s | Dice against {row['against']}: {dice}{agree}")
+    print(f"bfloat16 / float32 speed-up: {arithmetic['float32']['seconds'] / arithmetic['bfloat16']['seconds']:.2f}x")
 
     print("\n== MONAI peer: the same network, window and mirroring settings in PyTorch (median of %d) =="
           % args.repeats)

@@ -196,6 +196,8 @@ class JobResult(Body):
     volumes_ml: dict[str, float] = Field(description="region -> volume in mL")
     previews: dict[str, str] = Field(description="plane -> PNG URL")
     labels: dict[str, str] = Field(description="label value -> region")
+    precision: str | None = Field(default=None, description="the arithmetic the network ran in: float32 or "
+                                  "bfloat16 (SEGMENTER_PRECISION)")
 
 
 class SegmentationJob(Body):

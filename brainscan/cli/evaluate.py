@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from brainscan.cli.arguments import overlap_fraction, positive_int
+from brainscan.models.precision import PRECISIONS
 from brainscan.cli.output import progress_bar
 from brainscan.models.store import resolve_bundle
 
@@ -43,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                "fraction; refused when DATA_DIR is not the data it was trained on")
     evaluate.add_argument("--overlap", type=overlap_fraction, default=None,
                           help="segmentation: sliding-window overlap in [0, 1) (default: the bundle's)")
+    evaluate.add_argument("--precision", choices=PRECISIONS, default="auto",
+                          help="segmentation: the network's arithmetic (default auto: bfloat16 where the CPU has "
+                               "it natively, as the segmenter worker serves it)")
     evaluate.add_argument("--save-masks", action="store_true",
                           help="segmentation: also write each predicted mask to REPORT_DIR/masks/, in the label "
                                "convention of its case (enhancing tumour 3 for BraTS 2023-2024 cases)")
@@ -84,6 +88,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             bundle_path, args.data_dir, args.out, batch_size=args.batch_size, limit=args.limit,
             inference={"overlap": args.overlap}, save_masks=args.save_masks,
             image_progress=progress.images, case_progress=progress.cases, validation_split=args.validation_split,
+            precision=args.precision,
         )
     finally:
         progress.close()

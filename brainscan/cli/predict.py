@@ -10,6 +10,7 @@ from typing import Any
 
 from brainscan.cli.arguments import overlap_fraction, positive_int
 from brainscan.errors import BrainscanError
+from brainscan.models.precision import PRECISIONS
 from brainscan.models.store import resolve_bundle
 
 _BUNDLE_HELP = ("model bundle folder (holding manifest.json), or ARCH / TASK/ARCH for the current "
@@ -100,6 +101,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     segment.add_argument("--json", action="store_true", help="print JSON instead of text")
     segment.add_argument("--overlap", type=overlap_fraction, default=None,
                          help="sliding-window overlap in [0, 1) (default: the bundle's; 0 is fastest)")
+    segment.add_argument("--precision", choices=PRECISIONS, default="auto",
+                         help="the network's arithmetic (default auto: bfloat16 where the CPU has it natively, "
+                              "as the segmenter worker serves it)")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
     segment.add_argument("--models-root", type=Path, default=None,
                          help="model store for ARCH / TASK/ARCH (default: $BRAINSCAN_MODELS or ./models)")
@@ -235,7 +239,7 @@ def _segment_source(args: argparse.Namespace, source: Path, pacs: dict[str, Any]
         case = find_case(source)
         bundle_path = resolve_bundle(args.bundle, task="segmentation", models_root=args.models_root)
         loaded = load_case(case, with_seg=False)
-    bundle = load_bundle(bundle_path)
+    bundle = load_bundle(bundle_path, precision=args.precision)
     load_s = time.perf_counter() - started
     overrides = {"overlap": args.overlap}
     with _progress_bar(args.quiet, "patch") as bar:
@@ -266,7 +270,7 @@ def _segment_source(args: argparse.Namespace, source: Path, pacs: dict[str, Any]
         "spacing_mm": list(loaded.reference.spacing),
         "label_convention": loaded.label_convention,
         "labels_present": [int(v) for v in np.unique(written) if v != 0],
-        "volumes_ml": volumes, "model": model_info(bundle),
+        "volumes_ml": volumes, "model": model_info(bundle), "precision": bundle.precision,
         "inference": {k: list(v) if isinstance(v, tuple) else v
                       for k, v in inference_settings(bundle, overrides).items()},
         "timings": timings,
@@ -285,7 +289,7 @@ def _segment_source(args: argparse.Namespace, source: Path, pacs: dict[str, Any]
     if args.json:
         print_json(result)
         return status
-    print(_model_line(bundle))
+    print(f"{_model_line(bundle)}; runs in {bundle.precision}")
     if dicom:
         print(table(["modality", "series", "description", "images", "aligned by"],
                     [[m, s["series_number"], s["description"], s["instances"], result["alignment"][m]]

@@ -88,6 +88,7 @@ def _bundle_section(bundle: Any) -> dict[str, Any]:
     return {
         "name": bundle.name, "version": bundle.version, "architecture": bundle.architecture,
         "demo": bundle.demo, "path": str(bundle.path), "created_at": bundle.spec.created_at,
+        "precision": bundle.precision,
         "training_data": {"fingerprint": training.get("data_fingerprint"),
                           "description": training.get("data_description")},
     }
@@ -232,6 +233,7 @@ def evaluate(
     image_progress: Callable[[int, int], None] | None = None,
     case_progress: Callable[[int, int, int, int], None] | None = None,
     validation_split: bool = False,
+    precision: str | None = "auto",
 ) -> dict[str, Any]:
     """Evaluate a bundle on a dataset folder and write the report files into ``out_dir``.
 
@@ -250,6 +252,9 @@ def evaluate(
         validation_split: classification: evaluate only the validation split the bundle was
             selected on, rebuilt from ``data_dir`` (its Training data) and the manifest (see
             :func:`bundle_validation_records`); reported as split ``Validation``.
+        precision: segmentation bundles given as a folder: the network's arithmetic, a setting of
+            :func:`brainscan.models.precision.resolve_precision` (``auto``: bfloat16 where the CPU has
+            it, as the worker serves it). Classifiers run in float32, where their temperature was fitted.
 
     Returns:
         the report dict written as ``report.json`` (layout in the module docstring).
@@ -266,8 +271,9 @@ def evaluate(
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if isinstance(bundle, (str, Path)):
-        layout = check_layout(read_spec(bundle).task, data_dir)
-        bundle = load_bundle(bundle)
+        task = read_spec(bundle).task
+        layout = check_layout(task, data_dir)
+        bundle = load_bundle(bundle, precision=(precision or "auto") if task == "segmentation" else "float32")
     else:
         layout = check_layout(bundle.task, data_dir)
     load_s = time.perf_counter() - started

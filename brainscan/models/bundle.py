@@ -55,6 +55,7 @@ from brainscan.models.manifest import (
     Manifest,
     validate_manifest,
 )
+from brainscan.models.precision import dtype_policy, resolve_precision
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.npz"
@@ -79,6 +80,8 @@ class Bundle:
         preprocess: classification: ``bytes | (H, W[, C]) array -> float32 (S, S, C)``;
             segmentation: ``(4, X, Y, Z) channels -> ((X', Y', Z', 4) float32, CropInfo)``.
         spec: the typed manifest (built from ``manifest`` when not given).
+        precision: the arithmetic the model runs in, ``"float32"`` or ``"bfloat16"``
+            (:mod:`brainscan.models.precision`; weights are float32 either way).
     """
 
     model: Any
@@ -87,6 +90,7 @@ class Bundle:
     preprocess_config: Any = field(repr=False)
     preprocess: Callable[..., Any] = field(repr=False)
     spec: Manifest = field(default=None, repr=False)  # type: ignore[assignment]
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if self.spec is None:
@@ -163,18 +167,23 @@ def save_bundle(model: Any, path: str | Path, *, weights_dtype: str = "float32",
     return _write_bundle(Path(path), manifest, arrays, weights_dtype, overwrite)
 
 
-def load_bundle(path: str | Path, *, compile: bool = False) -> Bundle:
+def load_bundle(path: str | Path, *, compile: bool = False, precision: str = "auto") -> Bundle:
     """Rebuild a bundle's model, load its weights and build its preprocess function.
 
     Args:
         path: the bundle directory (or its ``manifest.json``).
         compile: also ``model.compile()`` (no loss or optimizer; training compiles its own).
+        precision: ``"float32"``; ``"bfloat16"`` to build the network under Keras' ``mixed_bfloat16``
+            policy; or ``"auto"``: for a segmentation bundle bfloat16 where the CPU has it natively
+            (:func:`brainscan.models.precision.resolve_precision`), so that every path that loads it on one
+            machine (worker, ``evaluate``, ``predict``) computes the same mask; classifiers stay float32,
+            the arithmetic their temperature was fitted in.
 
     Raises:
         BundleError: missing directory or manifest, invalid JSON or schema, unknown architecture,
             missing or corrupt weights (sha256), or weights that do not fit the architecture args.
     """
-    from brainscan.models.registry import build_model, get_architecture
+    from brainscan.models.registry import get_architecture
 
     path = _bundle_dir(path)
     spec = read_spec(path)
@@ -187,10 +196,9 @@ def load_bundle(path: str | Path, *, compile: bool = False) -> Bundle:
         raise BundleError(f"bundle {path}: {exc.args[0]}; is this brainscan too old for it?") from None
     if arch.task != spec.task:
         raise BundleError(f"bundle {path}: architecture {arch_name!r} is {arch.task}, manifest says {spec.task}")
-    try:
-        model = build_model(arch_name, args)
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"bundle {path}: cannot build {arch_name!r} from manifest args {args}: {exc}") from exc
+    if precision == "auto":
+        precision = resolve_precision("auto") if spec.task == "segmentation" else "float32"
+    model = _build_in(dtype_policy(precision), arch_name, args, path)
     try:
         with np.load(weights_path, allow_pickle=False) as npz:
             stored = {key: npz[key] for key in npz.files}
@@ -204,7 +212,23 @@ def load_bundle(path: str | Path, *, compile: bool = False) -> Bundle:
     if compile:
         model.compile()
     return Bundle(model=model, manifest=spec.to_dict(), path=path, preprocess_config=config, preprocess=preprocess,
-                  spec=spec)
+                  spec=spec, precision=precision)
+
+
+def _build_in(policy: str, arch_name: str, args: dict[str, Any], path: Path) -> Any:
+    """``build_model`` under the Keras dtype ``policy`` (the global policy is restored after)."""
+    import keras
+
+    from brainscan.models.registry import build_model
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        return build_model(arch_name, args)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"bundle {path}: cannot build {arch_name!r} from manifest args {args}: {exc}") from exc
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def read_spec(path: str | Path) -> Manifest:

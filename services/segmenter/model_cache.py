@@ -86,7 +86,7 @@ class ModelCache:
 
         path = ModelStore(self.settings.store_root()).arch_dir(SEGMENTATION, arch) / version
         started = time.perf_counter()
-        bundle = load_bundle(path)
+        bundle = load_bundle(path, precision=self.settings.precision)
         if bundle.task != SEGMENTATION:
             raise BundleError(f"bundle {path} is a {bundle.task} bundle, not a segmentation one")
         settings = inference_settings(bundle)
@@ -99,6 +99,7 @@ class ModelCache:
         self._models[key] = LoadedSegmenter(bundle, predict_fn)
         while len(self._models) > self.size:
             self._models.popitem(last=False)
-        log.info("loaded segmentation model %s version %s in %.1f s", arch, version, time.perf_counter() - started,
-                 extra={"model": arch, "version": version})
+        log.info("loaded segmentation model %s version %s in %.1f s (%s)", arch, version,
+                 time.perf_counter() - started, bundle.precision,
+                 extra={"model": arch, "version": version, "precision": bundle.precision})
         return self._models[key]

@@ -38,6 +38,10 @@ environment variable                    default                        meaning
 ``SEGMENTER_PROGRESS_INTERVAL_S``       0.5                            least time between progress writes
 ``SEGMENTER_BROKER_TIMEOUT_S``          2.0                            connect / publish timeout (API)
 ``SEGMENTER_WARMUP``                    true                           worker traces each network at start
+``SEGMENTER_PRECISION``                 ``auto``                       arithmetic of the networks: ``float32``,
+                                                                       ``bfloat16``, or ``auto`` (bfloat16 where
+                                                                       the CPU has it natively; see
+                                                                       :mod:`brainscan.models.precision`)
 ``SEGMENTER_LOG_LEVEL``                 ``INFO``                       level of the JSON logs
 ``SEGMENTER_DICOMWEB_SERVERS``          ``{}``                         JSON ``{name: DICOMweb URL}``: the only
                                                                        PACS the service pulls studies from
@@ -65,6 +69,8 @@ from typing import Annotated
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
+
+from brainscan.models.precision import PRECISIONS
 
 from serving.internal_auth import (
     REDIS_PASSWORD_VARIABLE,
@@ -130,6 +136,7 @@ class Settings(DeploymentSettings):
     progress_interval_s: float = Field(default=0.5, ge=0, description="least seconds between progress writes")
     broker_timeout_s: float = Field(default=2.0, gt=0, description="broker connect / publish timeout")
     warmup: bool = Field(default=True, description="worker runs each network once at process start")
+    precision: str = Field(default="auto", description=f"one of {PRECISIONS}: the networks' arithmetic")
     log_level: str = Field(default="INFO", description=f"one of {LOG_LEVELS}")
     worker_concurrency: int = Field(
         default=1, ge=1, le=64, validation_alias=AliasChoices("WORKER_CONCURRENCY", "worker_concurrency"),
@@ -166,6 +173,13 @@ class Settings(DeploymentSettings):
         if value.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {value!r}")
         return value.upper()
+
+    @field_validator("precision")
+    @classmethod
+    def _check_precision(cls, value: str) -> str:
+        if value.lower() not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
+        return value.lower()
 
     @field_validator("broker_url", "result_backend")
     @classmethod

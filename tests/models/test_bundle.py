@@ -105,7 +105,7 @@ def broken_copy(classifier_bundle: Path, tmp_path: Path) -> Path:
 def test_round_trip_predicts_like_the_saved_model(models, tmp_path, arch, weights_dtype, atol):
     model = models[arch]
     path = _save(model, tmp_path / arch, arch, weights_dtype=weights_dtype)
-    bundle = load_bundle(path)
+    bundle = load_bundle(path, precision="float32")  # the arithmetic of the saved model: weights alone differ
     x = _input_batch(arch)
     expected, got = model.predict(x, verbose=0), bundle.model.predict(x, verbose=0)
     if atol == 0.0:

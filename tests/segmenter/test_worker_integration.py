@@ -174,6 +174,9 @@ def check_result(stack: Stack, body: dict[str, Any], case: Path) -> np.ndarray:
     np.testing.assert_allclose(mask_img.affine, flair.affine, atol=1e-4)
     assert set(np.unique(mask).tolist()) <= {0, 1, 2, 4}
     assert set(body["result"]["volumes_ml"]) == {"WT", "TC", "ET", "NCR", "ED"}
+    from brainscan.models.precision import resolve_precision
+
+    assert body["result"]["precision"] == resolve_precision("auto")  # SEGMENTER_PRECISION's default
     assert body["result"]["volumes_ml"]["WT"] == pytest.approx(
         np.count_nonzero(mask) * float(np.prod(flair.header.get_zooms()[:3])) / 1000.0, abs=1e-2)
     for url in body["result"]["previews"].values():
