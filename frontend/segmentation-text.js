@@ -102,3 +102,18 @@ export function validationDiceText(metrics) {
   }
   return ` Validation Dice ${scores}${n === null ? "" : ` on ${n} held-out cases`} (not an independent test).`;
 }
+
+/**
+ * How the job ran, from its timings and result: the network's seconds, the whole job's, and the
+ * arithmetic it ran in (bfloat16 on CPUs that have it natively; SEGMENTER_PRECISION). Empty parts are left out.
+ */
+export function runText(job) {
+  const timings = (job && job.timings) || {};
+  const precision = job && job.result && job.result.precision;
+  const seconds = (s) => `${Number(s).toFixed(1)} s`;
+  const parts = [];
+  if (typeof timings.inference_s === "number") parts.push(`network ${seconds(timings.inference_s)}`);
+  if (typeof timings.total_s === "number") parts.push(`whole job ${seconds(timings.total_s)}`);
+  if (precision) parts.push(`in ${precision}`);
+  return parts.length ? ` Ran: ${parts.join(", ")}.` : "";
+}

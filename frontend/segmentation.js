@@ -8,7 +8,7 @@ import { MASK_LABELS, MODALITY_NAMES, SegmentationViewer } from "./viewer.js";
 import { ZipLimitError, chosenFolder, zipFolder } from "./zip.js";
 import {
   ERROR_MESSAGES, MODALITIES, POLL_FIRST_MS, POLL_GROWTH, POLL_MAX_MS, REGIONS, filesByModality, formatMl, messageFor, sleep,
-  stageText, validationDiceText,
+  runText, stageText, validationDiceText,
 } from "./segmentation-text.js";
 
 export { filesByModality };
@@ -162,7 +162,7 @@ export function initSegmentation({ onUnauthorized }) {
 
   function renderResult(job) {
     const model = job.model || {};
-    el.model.textContent = `Model: ${model.name} (architecture ${model.arch}), version ${model.version}.`;
+    el.model.textContent = `Model: ${model.name} (architecture ${model.arch}), version ${model.version}.${runText(job)}`;
     el.demoWarning.hidden = !model.demo;
     renderLegend();
     const volumes = job.result.volumes_ml || {};

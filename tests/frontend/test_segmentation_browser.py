@@ -173,6 +173,10 @@ def test_case_upload_progress_viewer_volumes_and_download(open_segmentation, sta
     assert job["status"] == "succeeded"
     model_text = page.inner_text("#seg-model")
     assert "unet3d" in model_text and "test-1" in model_text
+    # how it ran: the job's own figures, and the arithmetic the worker chose (SEGMENTER_PRECISION=auto)
+    assert f"network {job['timings']['inference_s']:.1f} s" in model_text
+    assert f"whole job {job['timings']['total_s']:.1f} s, in {job['result']['precision']}." in model_text
+    assert job["result"]["precision"] in ("float32", "bfloat16")
     assert page.locator("#seg-demo-warning").is_visible()  # the test bundle is a demo bundle
 
     assert page.locator("#seg-legend li").all_inner_texts() == list(LEGEND)
@@ -255,6 +259,16 @@ def test_an_ensembles_figure_is_called_cross_validation(open_segmentation):
         " Cross-validation Dice WT 0.85, TC 0.75, ET 0.60 over 19 cases, each scored by the fold network that did "
         "not train on it (not an independent test).",
         " Validation Dice WT 0.85, TC 0.75, ET 0.60 on 4 held-out cases (not an independent test).", ""]
+
+
+def test_the_run_line_says_what_it_knows(open_segmentation):
+    page = open_segmentation()
+    texts = page.evaluate("""async () => {
+        const { runText } = await import("./segmentation-text.js");
+        return [runText({ timings: { inference_s: 3.74, total_s: 4.96 }, result: { precision: "bfloat16" } }),
+                runText({ timings: { inference_s: 12 }, result: {} }), runText({ timings: {} }), runText(null)];
+    }""")
+    assert texts == [" Ran: network 3.7 s, whole job 5.0 s, in bfloat16.", " Ran: network 12.0 s.", "", ""]
 
 
 def test_tabs_work_with_the_keyboard(open_segmentation):
