@@ -219,8 +219,10 @@ class JobRunner:
             "total_s": round(written - started, 3),
         }
         result = {**files, "files": list(files.values()), "volumes_ml": {k: round(v, 3) for k, v in volumes.items()},
-                  "previews": dict(PREVIEW_FILES), "labels": result_labels(convention),
-                  "precision": model.bundle.precision}
+                  "previews": dict(PREVIEW_FILES), "labels": result_labels(convention)}
+        precision = getattr(model.bundle, "precision", None)  # the arithmetic the network ran in
+        if precision is not None:
+            result["precision"] = precision
         if pacs is not None:
             result["pacs"] = pacs
         self.store.transition(job_id, JobStatus.SUCCEEDED, expect_status={JobStatus.RUNNING}, expect_fields=attempt,

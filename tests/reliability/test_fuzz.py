@@ -56,7 +56,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     from tests.segmenter import make_segmenter_store
 
     root = tmp_path_factory.mktemp("fuzz")
-    classifiers = make_classifier_store(root / "classifiers", archs=("resnet50",))
+    classifiers = make_classifier_store(root / "classifiers")  # both: the fuzz asks for either by name
     segmenters = make_segmenter_store(root / "segmenters", patch_size=(32, 32, 32), overlap=0.5)
     with redis_server(root / "redis") as redis, \
             serve_uvicorn("services.classifier.app:app", ready_path="/readyz", log_dir=root,
