@@ -147,8 +147,14 @@ def in_process(bundle_path: Path, case: Path, repeats: int, precision: str) -> d
             "patches": patches, "agree": agree}
 
 
-def monai_peer(bundle_path: Path, case: Path, venv: Path, work: Path, repeats: int) -> dict[str, Any] | None:
-    """The MONAI row: export the bundle's weights and volumes, run bench/monai_peer.py in ``venv``."""
+def monai_peer(bundle_path: Path, case: Path, venv: Path, work: Path, repeats: int,
+               precision: str = "float32") -> dict[str, Any] | None:
+    """The MONAI row: export the bundle's weights and volumes, run bench/monai_peer.py in ``venv``.
+
+    The port is checked against the bundle in float32 (the PyTorch network computes in float32);
+    brainscan's own windows on the same volumes run at ``precision``, as the worker serves them.
+    PyTorch gets as many threads as this process may use (``taskset`` included), as TensorFlow does.
+    """
     import json
     import time as _time
 
@@ -164,7 +170,7 @@ def monai_peer(bundle_path: Path, case: Path, venv: Path, work: Path, repeats: i
         print(f"MONAI: skipped, no virtualenv at {venv} (python3.11 -m venv {venv} && "
               f"{venv}/bin/pip install torch==2.13.0 monai)")
         return None
-    bundle = load_bundle(bundle_path)
+    bundle = load_bundle(bundle_path, precision="float32")
     if bundle.architecture != "unet3d":
         print(f"MONAI: skipped, only the plain unet3d is ported to PyTorch (this bundle is {bundle.architecture})")
         return None
@@ -191,7 +197,7 @@ def monai_peer(bundle_path: Path, case: Path, venv: Path, work: Path, repeats: i
             preset["levels"], "output": args.get("output", "softmax"), "patch_size": list(patch),
             "overlap": segmenter.overlap, "sw_batch_size": segmenter.batch_size, "repeats": repeats,
             "mirror_axes": list(segmenter.mirror_axes),  # the same mirroring passes as brainscan's run
-            "run": ["whole", "crop"]}
+            "run": ["whole", "crop"], "threads": len(os.sched_getaffinity(0))}
     done = subprocess.run([str(python), str(REPO / "bench" / "monai_peer.py"), json.dumps(spec)], capture_output=True,
                           text=True, timeout=1800)
     if done.returncode:
@@ -199,6 +205,8 @@ def monai_peer(bundle_path: Path, case: Path, venv: Path, work: Path, repeats: i
         return None
     result = json.loads(done.stdout.strip().splitlines()[-1])
     # brainscan's own sliding window on the same two volumes, for the like-for-like ratio
+    if precision != "float32":
+        segmenter = Segmenter.from_bundle(load_bundle(bundle_path, precision=precision))
     ours = {}
     for name, volume in (("whole", whole), ("crop", crop)):
         segmenter.probabilities(volume)  # warm
@@ -276,7 +284,7 @@ def main() -> None:
     print(f"model: {args.arch} version {manifest['version']} (demo={manifest['demo']}) from {models}")
     print(f"inference settings: {manifest['inference']}; precision {precision} "
           f"(CPU has native bfloat16: {cpu_has_bf16()})")
-    print(f"case: {case}; {os.cpu_count()} CPU cores; {sum(len(d) for _, d in files.values()) / 1e6:.1f} MB upload")
+    print(f"case: {case}; {len(os.sched_getaffinity(0))} of the {os.cpu_count()} CPU cores usable; {sum(len(d) for _, d in files.values()) / 1e6:.1f} MB upload")
 
     redis = start_redis(work / "redis")
     env = {"BRAINSCAN_MODELS": str(models), "SEGMENTER_BROKER_URL": redis.url, "SEGMENTER_JOBS_DIR": str(work / "jobs"),
@@ -354,7 +362,7 @@ def main() -> None:
 
     print("\n== MONAI peer: the same network, window and mirroring settings in PyTorch (median of %d) =="
           % args.repeats)
-    peer = monai_peer(bundle_path, case, args.monai_venv.resolve(), work, args.repeats)
+    peer = monai_peer(bundle_path, case, args.monai_venv.resolve(), work, args.repeats, precision)
     if peer is not None:
         print(f"port check: PyTorch vs Keras on one window, max |difference| {peer['check_max_abs_diff']:.2e}")
         for name, label in (("whole", "whole volume (no crop)"), ("crop", "brain crop (as brainscan serves)")):

@@ -56,6 +56,7 @@ class PreparedCase:
         labels: uint8 ``(X', Y', Z')`` class indices 0..3 (``brats_to_index`` of the label map).
         info: the :class:`CropInfo` of preprocessing.
         foreground: tumour class index -> flat indices (int32) of its voxels in ``labels``.
+        soft: float32 ``(X', Y', Z', 3)`` soft region targets (:func:`soft_region_targets`), or ``None``.
     """
 
     case_id: str
@@ -63,6 +64,7 @@ class PreparedCase:
     labels: np.ndarray
     info: CropInfo
     foreground: dict[int, np.ndarray] = field(default_factory=dict)
+    soft: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -113,6 +115,28 @@ def prepare_arrays(case_id: str, channels: np.ndarray, seg: np.ndarray,
     image, info = preprocess_case(channels, config, spacing=spacing, affine=affine)
     labels = brats_to_index(crop_like(seg, info)).astype(np.uint8)
     return PreparedCase(case_id, image, labels, info, _foreground_index(labels))
+
+
+def soft_region_targets(truth: np.ndarray, info: CropInfo) -> np.ndarray:
+    """Each network voxel's fraction of whole tumour, tumour core and enhancing tumour: ``(X', Y', Z', 3)`` float32.
+
+    The region masks of the label map on its own grid (``truth``, labels {0, 1, 2, 4}) go through the
+    preprocessing's crop and a trilinear resampling (at 1 mm to 2 mm, the mean of each 2x2x2 block),
+    where the class targets take the nearest label. ``bench/resolution_ceiling.py`` measured what
+    that costs on the 19 cases here: a network reproducing the nearest-label targets exactly would
+    score enhancing tumour 0.862 at 1 mm, one reproducing these fractions 0.917.
+    """
+    from brainscan.labels import brats_to_regions
+
+    return crop_like(brats_to_regions(truth).astype(np.float32), info, order=1)
+
+
+def attach_soft_targets(cases: Sequence[BratsCase | PackedCase], prepared: Sequence[PreparedCase]) -> None:
+    """Give each prepared case its :func:`soft_region_targets`, from its label file (or a pack's stored copy)."""
+    for case, ready in zip(cases, prepared, strict=True):
+        if ready.soft is None:
+            truth, _ = read_truth(case)
+            ready.soft = soft_region_targets(truth, ready.info)
 
 
 def _source_signature(case: BratsCase, config: VolumePreprocessConfig) -> dict[str, Any]:
@@ -210,17 +234,23 @@ class PatchSampler:
         seed: stream seed; patch ``i`` depends on ``(seed, i)`` only.
         targets: ``"classes"`` (one-hot background/NCR/ED/ET) or ``"regions"`` (WT/TC/ET masks)
             in :meth:`dataset`.
+        soft: with ``targets="regions"``, the cases' soft region targets (each voxel's fraction of a
+            region, :func:`attach_soft_targets`) instead of 0/1 masks from the nearest label.
 
     Raises:
-        ValueError: for no cases, a bad patch size or fraction.
+        ValueError: for no cases, a bad patch size or fraction, soft targets that are missing or
+            asked for with class targets.
     """
 
     def __init__(self, cases: Sequence[PreparedCase], *, patch_size: int, foreground_fraction: float = 1 / 3,
-                 augment: AugmentConfig | None = None, seed: int = 0, targets: str = "classes") -> None:
+                 augment: AugmentConfig | None = None, seed: int = 0, targets: str = "classes",
+                 soft: bool = False) -> None:
         if targets not in TARGETS:
             raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
         if not cases:
             raise ValueError("PatchSampler needs at least one case")
+        if soft and (targets != "regions" or any(c.soft is None for c in cases)):
+            raise ValueError("soft targets need targets='regions' and every case's soft targets (attach_soft_targets)")
         if isinstance(patch_size, bool) or not isinstance(patch_size, (int, np.integer)) or patch_size < 1:
             raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}")
         if not 0.0 <= foreground_fraction <= 1.0:
@@ -231,6 +261,7 @@ class PatchSampler:
         self.augment = augment
         self.seed = int(seed)
         self.targets = targets
+        self.soft = bool(soft)
 
     def is_foreground(self, index: int) -> bool:
         """Whether patch ``index`` is centred on tumour: exactly ``fraction`` of any long run."""
@@ -241,9 +272,10 @@ class PatchSampler:
         """Patch ``index`` of the stream.
 
         Returns:
-            ``(image float32 (P, P, P, C), labels uint8 (P, P, P))``. A foreground patch has a
-            tumour voxel at ``(P // 2, P // 2, P // 2)`` before flipping; a case smaller than the
-            patch is zero-padded at a random offset.
+            ``(image float32 (P, P, P, C), labels uint8 (P, P, P))``, or with ``soft`` the targets
+            float32 ``(P, P, P, 3)`` in place of the labels. A foreground patch has a tumour voxel at
+            ``(P // 2, P // 2, P // 2)`` before flipping; a case smaller than the patch is zero-padded
+            at a random offset.
         """
         rng = np.random.default_rng([self.seed, int(index)])
         case = self.cases[int(rng.integers(len(self.cases)))]
@@ -256,16 +288,20 @@ class PatchSampler:
         else:
             # Fully inside when the case is larger than the patch; else the case lands anywhere in it.
             start = [int(rng.integers(min(0, n - p), max(0, n - p) + 1)) for n, p in zip(case.shape, size)]
+        # Soft targets are cut (and rotated, trilinearly) exactly as the image is.
+        target, order = (case.soft, 1) if self.soft else (case.labels, 0)
         matrix = spatial_transform(rng, self.augment) if self.augment is not None else None
         if matrix is not None:
             centre = [s + p // 2 for s, p in zip(start, size)]
             image = transform_patch(case.image, matrix, centre, size, order=1)
-            labels = transform_patch(case.labels, matrix, centre, size, order=0)
+            labels = transform_patch(target, matrix, centre, size, order=order)
         else:
             image = extract_patch(case.image, start, size)
-            labels = extract_patch(case.labels, start, size)
+            labels = extract_patch(target, start, size)
         if self.augment is not None:
             image, labels = augment_patch(image, labels, rng, self.augment)
+        if self.soft:
+            return image.astype(np.float32, copy=False), np.clip(labels, 0.0, 1.0).astype(np.float32, copy=False)
         return image.astype(np.float32, copy=False), labels.astype(np.uint8, copy=False)
 
     def dataset(self, batch_size: int, *, start: int = 0, one_hot: bool = True):
@@ -288,6 +324,11 @@ class PatchSampler:
         p, channels = self.patch_size, self.cases[0].image.shape[-1]
 
         def cut(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            if self.soft:  # the targets come out of the sampler ready
+                image, targets = tf.numpy_function(self.sample, [index], (tf.float32, tf.float32), stateful=False)
+                image.set_shape((p, p, p, channels))
+                targets.set_shape((p, p, p, 3))
+                return image, targets
             image, labels = tf.numpy_function(self.sample, [index], (tf.float32, tf.uint8), stateful=False)
             image.set_shape((p, p, p, channels))
             labels.set_shape((p, p, p))
@@ -307,6 +348,8 @@ class PatchSampler:
         """Batch ``number`` of the stream that :meth:`dataset` yields (same patches, same targets)."""
         first = start + number * batch_size
         images, labels = zip(*(self.sample(first + i) for i in range(batch_size)))
+        if self.soft:
+            return np.stack(images), np.stack(labels)
         index = np.stack(labels)
         if self.targets == "regions":
             index = index.astype(np.int32)
@@ -382,6 +425,6 @@ def dataset_fingerprint(cases: Sequence[BratsCase | PackedCase]) -> str:
 
 
 __all__ = [
-    "PackedCase", "PatchSampler", "PreparedCase", "dataset_fingerprint", "extract_patch", "fingerprint_lines",
-    "prepare_arrays", "prepare_case", "prepare_cases", "read_truth",
+    "PackedCase", "PatchSampler", "PreparedCase", "attach_soft_targets", "dataset_fingerprint", "extract_patch",
+    "fingerprint_lines", "prepare_arrays", "prepare_case", "prepare_cases", "read_truth", "soft_region_targets",
 ]

@@ -264,7 +264,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     from brainscan.models.bundle import save_bundle
     from brainscan.models.store import ModelStore
     from training.pack import is_pack
-    from training.patches import PatchSampler, dataset_fingerprint, prepare_cases
+    from training.patches import PatchSampler, attach_soft_targets, dataset_fingerprint, prepare_cases
     from training.runtime import load_checkpoint, setup_runtime
 
     previous_policy = keras.mixed_precision.global_policy()
@@ -280,6 +280,8 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         log.info("training cases: %d, validation cases: %d (whole volumes)", len(train), len(val))
         preprocess_config = config.preprocess_config()
         prepared = prepare_cases(train, preprocess_config, cache_dir=work / "cache")
+        if config.soft_targets:
+            attach_soft_targets(train, prepared)
         # Validation cases go through the same cache now: a broken one fails here, not epochs later.
         prepare_cases(val, preprocess_config, cache_dir=work / "cache")
 
@@ -304,7 +306,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         global_batch = config.batch_size * runtime.replicas
         sampler = PatchSampler(prepared, patch_size=config.patch_size, foreground_fraction=config.foreground_fraction,
                                augment=config.augment_config(), seed=config.seed,
-                               targets=config.outputs)
+                               targets=config.outputs, soft=config.soft_targets)
         # Continue the patch stream where the checkpoint left it, not from its first patch.
         first_patch = initial_epoch * config.steps_per_epoch * global_batch
         if keras.backend.backend() == "tensorflow":

@@ -91,6 +91,10 @@ class SegmenterTrainConfig:
     outputs: str = option("classes", choices=("classes", "regions"),
                           help="classes: softmax over background/NCR/ED/ET; regions: sigmoids for the nested "
                                "whole tumour / tumour core / enhancing tumour (nnU-Net's BraTS setup)")
+    soft_targets: bool = option(False, help="with --outputs regions and --target-spacing: train on each coarse voxel's "
+                                            "fraction of each region (trilinear from the label file) instead of the "
+                                            "nearest label, so that thin enhancing rims are not snapped to the coarse "
+                                            "grid (bench/resolution_ceiling.py measures the ceiling of each)")
     init_from: Path | None = option(None, metavar="BUNDLE",
                                     help="start from a segmentation bundle's weights (same --arch, --preset and "
                                          "--outputs), to continue training in stages")
@@ -165,6 +169,9 @@ class SegmenterTrainConfig:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.target_spacing is not None and not self.target_spacing > 0:
             raise ValueError(f"target_spacing must be > 0 mm, got {self.target_spacing}")
+        if self.soft_targets and (self.outputs != "regions" or self.target_spacing is None):
+            raise ValueError("soft_targets are region fractions on a resampled grid: they need --outputs regions "
+                             "and a --target-spacing")
         if self.init_from is not None:
             self.init_from = Path(self.init_from)
         self.data, self.out = Path(self.data), Path(self.out)

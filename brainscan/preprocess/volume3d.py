@@ -332,12 +332,14 @@ def _check_spatial(array: np.ndarray, expected: tuple[int, ...], what: str) -> N
         )
 
 
-def crop_like(seg: np.ndarray, info: CropInfo) -> np.ndarray:
+def crop_like(seg: np.ndarray, info: CropInfo, order: int = 0) -> np.ndarray:
     """Crop and pad a label map (or any ``(X, Y, Z[, K])`` array) exactly as the image was.
 
     Args:
         seg: array on the original grid, ``(X, Y, Z)`` or ``(X, Y, Z, K)``; dtype is kept.
         info: from :func:`preprocess_case` on the same case.
+        order: interpolation where the case is resampled: 0 (nearest: labels), or 1 (trilinear, for
+            a float array: region masks become each coarse voxel's fraction of the region).
 
     Returns:
         ``(X', Y', Z'[, K])`` aligned voxel for voxel with the network input; padding is 0.
@@ -346,11 +348,13 @@ def crop_like(seg: np.ndarray, info: CropInfo) -> np.ndarray:
         BadDimensionsError: ``seg`` is not on the original grid.
     """
     seg = np.asarray(seg)
+    if order not in (0, 1) or (order == 1 and not np.issubdtype(seg.dtype, np.floating)):
+        raise ValueError(f"order must be 0, or 1 for a float array; got {order} for {seg.dtype}")
     _check_spatial(seg, info.original_shape, "label map")
     extra = ((0, 0),) * (seg.ndim - 3)
     cropped = reorient(seg, info.reorient)[info.crop_slices]
     if info.resampled_shape is not None:
-        cropped = resample(cropped, info.resampled_shape, order=0)
+        cropped = resample(cropped, info.resampled_shape, order=order)
     return np.pad(cropped, (*info.pad, *extra))
 
 
