@@ -252,9 +252,8 @@ def evaluate(
         validation_split: classification: evaluate only the validation split the bundle was
             selected on, rebuilt from ``data_dir`` (its Training data) and the manifest (see
             :func:`bundle_validation_records`); reported as split ``Validation``.
-        precision: segmentation bundles given as a folder: the network's arithmetic, a setting of
-            :func:`brainscan.models.precision.resolve_precision` (``auto``: bfloat16 where the CPU has
-            it, as the worker serves it). Classifiers run in float32, where their temperature was fitted.
+        precision: a segmentation bundle's arithmetic (:func:`~brainscan.models.precision.resolve_precision`;
+            ``auto``: bfloat16 where the CPU has it, as served); classifiers run in float32.
 
     Returns:
         the report dict written as ``report.json`` (layout in the module docstring).
@@ -271,8 +270,7 @@ def evaluate(
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if isinstance(bundle, (str, Path)):
-        task = read_spec(bundle).task
-        layout = check_layout(task, data_dir)
+        layout = check_layout(task := read_spec(bundle).task, data_dir)
         bundle = load_bundle(bundle, precision=(precision or "auto") if task == "segmentation" else "float32")
     else:
         layout = check_layout(bundle.task, data_dir)
