@@ -5,12 +5,15 @@ Reads the manifests of segmentation bundles trained with one recipe on different
 bundle, the number of training cases, the validation cases, and the validation Dice (WT, TC, ET and
 their mean) at every epoch where it was measured. Not a test: it asserts nothing, it prints what the
 manifests recorded. It refuses bundles that were validated on different cases, which would not be
-comparable.
+comparable. ``--matched-from EPOCH`` prints instead, per bundle, the mean Dice over the validated
+epochs from EPOCH on that every bundle has (an A/B of two recipes on one split, at matched epochs).
 
 Example::
 
     python bench/learning_curve.py runs/models-lc/segmentation/unet3d/lc5 \\
         runs/models-lc/segmentation/unet3d/lc10 models/segmentation/unet3d/1
+    python bench/learning_curve.py staging/segmentation/unet3d/cv5-0 staging/segmentation/unet3d/soft-f0 \\
+        --matched-from 80
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def curve_rows(bundle: Path) -> tuple[int, list[str], list[tuple[int, dict[str, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundles", nargs="+", type=Path, help="segmentation bundle folders")
+    parser.add_argument("--matched-from", type=int, default=None, metavar="EPOCH",
+                        help="print each bundle's mean Dice over the validated epochs >= EPOCH common to all")
     args = parser.parse_args(argv)
     curves = [(path, *curve_rows(path)) for path in args.bundles]
     validation = {tuple(v) for _, _, v, _ in curves}
@@ -47,10 +52,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the bundles validate on different cases: {sorted(validation)}", file=sys.stderr)
         return 2
     print(f"validation cases ({len(curves[0][2])}): {', '.join(curves[0][2])}")
+    if args.matched_from is not None:
+        return print_matched(curves, args.matched_from)
     print(f"{'bundle':<50} {'cases':>5} {'epoch':>5} " + " ".join(f"{r:>6}" for r in REGIONS))
     for path, n_cases, _, rows in sorted(curves, key=lambda c: c[1]):
         for epoch, dice in rows:
             print(f"{str(path):<50} {n_cases:>5} {epoch:>5} " + " ".join(f"{dice[r]:6.3f}" for r in REGIONS))
+    return 0
+
+
+def print_matched(curves: list, first_epoch: int) -> int:
+    """Each bundle's mean validation Dice over the epochs >= ``first_epoch`` that all bundles validated."""
+    common = set.intersection(*({e for e, _ in rows if e >= first_epoch} for *_, rows in curves))
+    if not common:
+        print(f"no validated epoch >= {first_epoch} is common to all bundles", file=sys.stderr)
+        return 2
+    print(f"mean over the {len(common)} common validated epochs {min(common)}-{max(common)}")
+    print(f"{'bundle':<50} " + " ".join(f"{r:>6}" for r in REGIONS))
+    for path, _, _, rows in curves:
+        kept = [dice for epoch, dice in rows if epoch in common]
+        print(f"{str(path):<50} " + " ".join(f"{sum(d[r] for d in kept) / len(kept):6.3f}" for r in REGIONS))
     return 0
 
 
