@@ -29,8 +29,14 @@ import numpy as np
 
 from brainscan.errors import BadDimensionsError, BundleError, EmptyInputError, VolumeMismatchError
 from brainscan.inference.postprocess import PostprocessConfig, postprocess_labels
-from brainscan.labels import BRATS_LABELS, MODALITIES, REGION_ORDER, regions_to_brats
-from brainscan.preprocess.volume3d import CropInfo, VolumePreprocessConfig, preprocess_case, restore_to_original
+from brainscan.labels import BRATS_LABELS, MODALITIES, REGION_ORDER
+from brainscan.preprocess.volume3d import (
+    CropInfo,
+    VolumePreprocessConfig,
+    preprocess_case,
+    restore_regions,
+    restore_to_original,
+)
 
 ProgressFn = Callable[[int, int], None]
 OUTPUT_KINDS = ("classes", "regions")
@@ -133,8 +139,7 @@ class Segmenter:
         if probabilities.ndim != 4 or probabilities.shape[-1] != self.num_outputs:
             raise BadDimensionsError(f"expected (X, Y, Z, {self.num_outputs}) probabilities, got {probabilities.shape}")
         if self.outputs == "regions":
-            restored = restore_to_original(probabilities, info, fill=0.0)
-            labels = regions_to_brats(restored, self.postprocessing.threshold)
+            labels = restore_regions(probabilities, info, self.postprocessing.threshold)
         else:
             lookup = np.zeros(len(self.label_map), dtype=np.uint8)
             for index, label in self.label_map.items():

@@ -88,6 +88,9 @@ def resample(array: np.ndarray, shape: Sequence[int], *, order: int) -> np.ndarr
                  for n, z, o in zip(shape, zoom, array.shape[:3])]
         return array[np.ix_(*index)]
     source = np.asarray(array, dtype=np.float32)
+    if source.ndim == 3 and source.flags.f_contiguous and not source.flags.c_contiguous:
+        # ndimage walks C order: a Fortran-ordered volume (NIfTI's) goes through its transpose, twice as fast
+        return resample(source.T, shape[::-1], order=1).T
     if source.ndim == 3:
         return ndimage.zoom(source, zoom, order=1, mode="nearest", grid_mode=True)[tuple(slice(0, n) for n in shape)]
     out = np.empty((*shape, source.shape[3]), dtype=np.float32)
@@ -97,5 +100,60 @@ def resample(array: np.ndarray, shape: Sequence[int], *, order: int) -> np.ndarr
     return out
 
 
-__all__ = ["brain_bounding_box", "orientation_transform", "reorient", "resample", "resampled_shape",
-           "undo_reorient"]
+def linear_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output voxel of one axis: the two input voxels and the weight of the second, for linear
+    interpolation with voxel edges aligned and edge values repeated (:func:`resample`'s ``order=1``,
+    that is ``ndimage.zoom(..., order=1, mode="nearest", grid_mode=True)``).
+
+    Returns:
+        ``(low, high, weight)``, each ``(n_out,)``: output ``j`` is ``(1 - weight[j]) * x[low[j]] +
+        weight[j] * x[high[j]]``; ``low <= high <= low + 1``.
+    """
+    position = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
+    low = np.minimum(np.floor(position).astype(np.int64), n_in - 1)
+    high = np.minimum(low + 1, n_in - 1)
+    return low, high, position - low
+
+
+def resample_linear_box(array: np.ndarray, shape: Sequence[int],
+                        box: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The ``box`` (``(start, stop)`` per axis, on the output grid) of ``resample(array, shape, order=1)``,
+    computed without the rest: axis by axis, in float64, from the input voxels that box needs.
+
+    Args:
+        array: ``(X, Y, Z[, K])``.
+        shape: the whole output's spatial shape.
+        box: the part of the output wanted.
+
+    Returns:
+        float32 ``(stop - start per axis[, K])``; the same values as the whole resample's (to float32 rounding).
+    """
+    out = np.asarray(array)
+    for axis, ((start, stop), n_out) in enumerate(zip(box, shape)):
+        low, high, weight = linear_taps(int(n_out), out.shape[axis])
+        low, high, weight = low[start:stop], high[start:stop], weight[start:stop]
+        first = int(low.min()) if low.size else 0
+        window = np.take(out, np.arange(first, int(high.max()) + 1 if high.size else first), axis=axis).astype(
+            np.float64, copy=False)
+        view = [1] * window.ndim
+        view[axis] = -1
+        w = weight.reshape(view)
+        out = np.take(window, low - first, axis=axis) * (1.0 - w) + np.take(window, high - first, axis=axis) * w
+    return out.astype(np.float32)
+
+
+def reachable_box(box: Sequence[tuple[int, int]], in_shape: Sequence[int],
+                  out_shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """The output voxels of a linear resample (:func:`resample` ``order=1``) from ``in_shape`` to
+    ``out_shape`` that read an input voxel inside ``box``: every other output voxel is a weighted
+    mean of input voxels outside it. ``(start, stop)`` per axis, possibly empty (``start == stop``)."""
+    reached = []
+    for (start, stop), n_in, n_out in zip(box, in_shape, out_shape):
+        low, high, _ = linear_taps(int(n_out), int(n_in))
+        hits = np.flatnonzero((high >= start) & (low < stop))
+        reached.append((int(hits[0]), int(hits[-1]) + 1) if hits.size else (0, 0))
+    return tuple(reached)
+
+
+__all__ = ["brain_bounding_box", "linear_taps", "orientation_transform", "reachable_box", "reorient", "resample",
+           "resample_linear_box", "resampled_shape", "undo_reorient"]

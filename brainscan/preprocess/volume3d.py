@@ -35,13 +35,15 @@ from typing import Any
 import numpy as np
 
 from brainscan.errors import BadDimensionsError, EmptyInputError, NonFiniteError
-from brainscan.labels import MODALITIES
+from brainscan.labels import MODALITIES, REGION_ORDER, regions_to_brats
 from brainscan.preprocess.grid import (
     _reoriented_shape,
     brain_bounding_box,
     orientation_transform,
+    reachable_box,
     reorient,
     resample,
+    resample_linear_box,
     resampled_shape,
     undo_reorient,
 )
@@ -290,7 +292,9 @@ def preprocess_case(
             for axis, (target, _) in enumerate(transform):
                 permuted[target] = float(tuple(spacing)[axis])
             spacing = tuple(permuted)
-    mask = np.any(channels != 0, axis=0)
+    mask = channels[0] != 0
+    for channel in channels[1:]:
+        mask |= channel != 0
     if config.crop_to_brain:
         crop = brain_bounding_box(mask, config.margin)
     else:
@@ -300,28 +304,33 @@ def preprocess_case(
     mask = mask[box]
     cropped = channels[(slice(None), *box)]
 
-    out = np.zeros(cropped.shape, dtype=np.float32)
-    if mask.any():
-        for index in range(n_channels):
-            brain = cropped[index][mask].astype(np.float64)
-            mean, std = brain.mean(), brain.std()
-            z = (cropped[index].astype(np.float64) - mean) / (std if std > _MIN_STD else 1.0)
-            np.clip(z, -config.clip_zscore, config.clip_zscore, out=z)
-            out[index][mask] = z[mask]
-
-    out = np.moveaxis(out, 0, -1)
     network_shape = None
     if config.target_spacing is not None:
         spacing = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)[:3]
         if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
             raise BadDimensionsError(f"voxel spacing must be 3 positive sizes in mm, got {spacing}")
-        network_shape = resampled_shape(out.shape[:3], spacing, config.target_spacing)
-        out = resample(out, network_shape, order=1)
-    pad = _pad_widths(out.shape[:3], config.divisor)
-    out = np.pad(out, (*pad, (0, 0)))
+        network_shape = resampled_shape(mask.shape, spacing, config.target_spacing)
+    shape = network_shape or mask.shape
+    pad = _pad_widths(shape, config.divisor)
+    out = np.zeros((*(n + a + b for n, (a, b) in zip(shape, pad)), n_channels), dtype=np.float32)
+    inner = tuple(slice(a, a + n) for n, (a, _) in zip(shape, pad))
+    brain = mask.any()
+    for index in range(n_channels):
+        channel = cropped[index]
+        # in the channel's memory order (NIfTI arrays are Fortran-ordered): mixing orders is slow
+        z = np.zeros_like(channel, dtype=np.float32)
+        if brain:
+            # z-score over the brain in float32 (the statistics in float64), 0 outside it
+            voxels = channel.T[mask.T]  # gathered in memory order
+            mean, std = voxels.mean(dtype=np.float64), voxels.std(dtype=np.float64)
+            np.subtract(channel, np.float32(mean), out=z, casting="unsafe")
+            z *= np.float32(1.0 / (std if std > _MIN_STD else 1.0))
+            np.clip(z, -config.clip_zscore, config.clip_zscore, out=z)
+            z *= mask
+        out[(*inner, index)] = z if network_shape is None else resample(z, network_shape, order=1)
     info = CropInfo(original_shape=original_shape, crop=crop, pad=pad, resampled_shape=network_shape,
                     reorient=transform)
-    return np.ascontiguousarray(out), info
+    return out, info
 
 
 def _check_spatial(array: np.ndarray, expected: tuple[int, ...], what: str) -> None:
@@ -386,15 +395,55 @@ def restore_to_original(
     inner = pred[info.unpad_slices]
     if info.resampled_shape is not None:
         # Probabilities are interpolated (trilinear); labels take the nearest network voxel.
-        floating = np.issubdtype(pred.dtype, np.floating)
-        inner = resample(inner, info.cropped_shape, order=1 if floating else 0).astype(pred.dtype, copy=False)
+        if np.issubdtype(pred.dtype, np.floating):
+            whole = tuple((0, int(n)) for n in info.cropped_shape)
+            inner = resample_linear_box(inner, info.cropped_shape, whole).astype(pred.dtype, copy=False)
+        else:
+            inner = resample(inner, info.cropped_shape, order=0)
     out = np.empty(info.reoriented_shape + pred.shape[3:], dtype=pred.dtype)
     out[...] = fill_values
     out[info.crop_slices] = inner
     return np.ascontiguousarray(undo_reorient(out, info.reorient))
 
 
+def restore_regions(probabilities: np.ndarray, info: CropInfo, threshold: float = 0.5) -> np.ndarray:
+    """Region probabilities ``(X', Y', Z', 3)`` (WT, TC, ET) on the padded network grid -> BraTS labels
+    ``(X, Y, Z)`` uint8 on the original grid: ``regions_to_brats(restore_to_original(probabilities, info,
+    fill=0.0), threshold)``, computed only where a label can be.
+
+    A trilinear voxel is a weighted mean of its network neighbours, so it passes ``threshold`` only
+    next to a network voxel that does; every label needs whole tumour (the regions are nested). The
+    probabilities are therefore interpolated only over the output voxels that read the box of network
+    voxels with whole tumour above ``threshold`` (a tenth of a brain crop, typically), and the rest of
+    the grid is background.
+
+    Raises:
+        BadDimensionsError: ``probabilities`` is not ``(*padded_shape, 3)``.
+        ValueError: ``threshold`` outside (0, 1).
+    """
+    probabilities = np.asarray(probabilities)
+    _check_spatial(probabilities, info.padded_shape, "region probabilities")
+    if probabilities.ndim != 4 or probabilities.shape[3] != len(REGION_ORDER):
+        raise BadDimensionsError(f"region probabilities need {len(REGION_ORDER)} channels {REGION_ORDER}, "
+                                 f"got shape {probabilities.shape}")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if info.resampled_shape is None:  # same grid: nothing to interpolate
+        return restore_to_original(regions_to_brats(probabilities, threshold), info, fill=0)
+    inner = probabilities[info.unpad_slices]
+    labels = np.zeros(info.cropped_shape, dtype=np.uint8)
+    whole = inner[..., 0] > threshold
+    if whole.any():
+        box = reachable_box(brain_bounding_box(whole), whole.shape, info.cropped_shape)
+        part = resample_linear_box(inner, info.cropped_shape, box)
+        labels[tuple(slice(a, b) for a, b in box)] = regions_to_brats(part, threshold)
+    out = np.zeros(info.reoriented_shape, dtype=np.uint8)
+    out[info.crop_slices] = labels
+    return np.ascontiguousarray(undo_reorient(out, info.reorient))
+
+
 __all__ = [
     "CropInfo", "VolumePreprocessConfig", "brain_bounding_box", "crop_like", "orientation_transform",
-    "preprocess_case", "reorient", "resample", "resampled_shape", "restore_to_original", "undo_reorient",
+    "preprocess_case", "reorient", "resample", "resampled_shape", "restore_regions", "restore_to_original",
+    "undo_reorient",
 ]

@@ -66,6 +66,7 @@ from brainscan.errors import (
     NonFiniteError,
 )
 from brainscan.io.nifti import HeaderInfo, load_nifti, read_nifti_header, save_nifti
+from brainscan.io.parallel import in_threads
 from brainscan.labels import BRATS2021, BRATS2023_MODALITIES, CONVENTION_NAMES, MODALITIES
 from brainscan.preprocess.align import REFERENCE as ALIGN_REFERENCE
 from brainscan.preprocess.align import check_overlap, grid_summary, on_one_grid
@@ -235,20 +236,28 @@ def _accept_modalities(staged: Mapping[str, Path], names: Mapping[str, str], sta
     # not on one grid: t1, t2 and flair are aligned to t1ce by the worker, if they lie on its anatomy
     aligned = not on_one_grid(grids, AFFINE_ATOL_MM)
     overlap = check_overlap(grids, names) if aligned else None
-    files = {}
-    for modality in MODALITIES:
+
+    def normalise(modality: str) -> Path:
         volume = load_nifti(staged[modality], max_voxels=limits.max_voxels, name=names[modality])
         data = volume.data[..., 0] if volume.data.ndim == 4 else volume.data
-        files[input_file_name(modality)] = _write_input(data, volume.affine, volume.header, modality,
-                                                        names[modality], staging)
-        del volume, data
+        written = _write_input(data, volume.affine, volume.header, modality, names[modality], staging)
         staged[modality].unlink()
+        return written
+
+    # two modalities at a time where there are cores for it (decoding and re-encoding gzip releases the
+    # GIL); at most two volumes in memory at once, as the caps on one volume assume
+    written = in_threads(normalise, list(MODALITIES), max_workers=INTAKE_THREADS)
+    files = {input_file_name(m): path for m, path in zip(MODALITIES, written)}
     shape, affine, spacing = geometry[ALIGN_REFERENCE if aligned else "flair"]
     meta = _meta(shape[:3], spacing, affine, source, dict(names), convention)
     if aligned:  # shape, spacing_mm and orientation above are the t1ce grid's: the mask's
         meta["alignment"] = {"needed": True, "reference": ALIGN_REFERENCE, "overlap": overlap,
                              "grids": {m: grid_summary(*grids[m]) for m in MODALITIES}}
     return IntakeResult(files=files, meta=meta)
+
+
+#: modalities decoded, checked and re-encoded at once during intake
+INTAKE_THREADS = 2
 
 
 def _accept_4d(path: Path, name: str, staging: Path, limits: IntakeLimits) -> IntakeResult:

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 from brainscan.io.nifti import to_ras
 from brainscan.labels import BRATS_LABELS
@@ -50,7 +49,10 @@ def tumour_centre(mask: np.ndarray) -> tuple[int, int, int]:
     tumour = mask > 0
     if not tumour.any():
         return tuple(int(s // 2) for s in mask.shape)  # type: ignore[return-value]
-    centre = ndimage.center_of_mass(tumour)
+    # from the three marginal voxel counts: ndimage.center_of_mass builds a coordinate grid per axis
+    total = float(np.count_nonzero(tumour))
+    centre = [float(np.dot(np.arange(n), tumour.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64)))
+              / total for axis, n in enumerate(tumour.shape)]
     return tuple(int(min(max(round(c), 0), s - 1)) for c, s in zip(centre, mask.shape))  # type: ignore[return-value]
 
 
@@ -58,9 +60,10 @@ def window(image: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0) -> t
     """Grey window ``(low, high)``: percentiles of the non-zero voxels (all voxels if none)."""
     if not 0 <= low_pct < high_pct <= 100:
         raise ValueError(f"need 0 <= low_pct < high_pct <= 100, got {low_pct}, {high_pct}")
-    values = image[image != 0]
+    flat = np.asarray(image).ravel(order="K")  # memory order: no copy of a Fortran-ordered (NIfTI) volume
+    values = flat[flat != 0]
     if values.size == 0:
-        values = image.ravel()
+        values = flat
     low, high = (float(v) for v in np.percentile(values, [low_pct, high_pct]))
     # a constant image has no range to stretch; any positive width shows it as flat grey
     return low, high if high > low else low + 1.0

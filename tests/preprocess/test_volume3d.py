@@ -303,3 +303,66 @@ def test_real_case_round_trip(real_case) -> None:
     for c in range(4):
         values = restored[..., c][brain].astype(np.float64)
         assert values.mean() == pytest.approx(0.0, abs=1e-4) and values.std() == pytest.approx(1.0, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------------------- region decoding
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("orientation", [None, "LPS"])
+def test_restore_regions_is_threshold_after_restore(seed: int, orientation) -> None:
+    """The fast decoder (interpolating only near the tumour) gives the labels of the whole restore."""
+    from brainscan.labels import regions_to_brats
+    from brainscan.preprocess.volume3d import restore_regions
+
+    channels, _ = _synthetic_case((41, 38, 29), 20 + seed)
+    config = VolumePreprocessConfig(divisor=8, target_spacing=2.0, orientation=orientation)
+    affine = np.diag([-1.0, 1.0, 1.2, 1.0])
+    x, info = preprocess_case(channels, config, affine=affine)
+    rng = np.random.default_rng(seed)
+    # smooth blobs of region probability (nested-ish), with noise, on the padded network grid
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in x.shape[:3]], indexing="ij"), axis=-1).astype(np.float32)
+    centre = np.array([n / 2 for n in x.shape[:3]]) + rng.normal(0, 2, 3)
+    distance = np.sqrt(((grid - centre) ** 2).sum(-1))
+    probabilities = np.stack([1 / (1 + np.exp(distance - r)) for r in (6.0, 4.0, 2.5)], axis=-1)
+    probabilities = np.clip(probabilities + rng.normal(0, 0.05, probabilities.shape), 0, 1).astype(np.float32)
+    expected = regions_to_brats(restore_to_original(probabilities, info, fill=0.0), 0.5)
+    got = restore_regions(probabilities, info, 0.5)
+    assert got.dtype == np.uint8 and got.shape == channels.shape[1:]
+    assert set(np.unique(got)) >= {0, 2}
+    np.testing.assert_array_equal(got, expected)
+    # nothing above the threshold: all background, without interpolating anything
+    np.testing.assert_array_equal(restore_regions(probabilities * 0.4, info, 0.5), np.zeros(channels.shape[1:]))
+
+
+def test_restore_regions_on_the_input_grid_and_bad_input() -> None:
+    from brainscan.labels import regions_to_brats
+    from brainscan.preprocess.volume3d import restore_regions
+
+    channels, _ = _synthetic_case((20, 16, 12), 30)
+    x, info = preprocess_case(channels, VolumePreprocessConfig(divisor=8))
+    probabilities = np.random.default_rng(0).random((*x.shape[:3], 3)).astype(np.float32)
+    np.testing.assert_array_equal(restore_regions(probabilities, info, 0.3),
+                                  regions_to_brats(restore_to_original(probabilities, info, fill=0.0), 0.3))
+    with pytest.raises(BadDimensionsError, match="3 channels"):
+        restore_regions(probabilities[..., :2], info)
+    with pytest.raises(BadDimensionsError, match="shape"):
+        restore_regions(probabilities[1:], info)
+    with pytest.raises(ValueError, match="threshold"):
+        restore_regions(probabilities, info, 1.0)
+
+
+def test_fortran_ordered_channels_preprocess_like_c_ordered_ones() -> None:
+    """NIfTI volumes load Fortran-ordered; the memory order must not change the network input."""
+    from brainscan.data.brats import stack_channels
+
+    channels, _ = _synthetic_case((33, 28, 21), 40)
+    stacked = stack_channels([np.asfortranarray(c.astype(np.int16)) for c in channels])
+    assert stacked.dtype == np.float32 and stacked.shape == channels.shape
+    assert all(c.flags.f_contiguous for c in stacked)
+    np.testing.assert_array_equal(stacked, channels.astype(np.int16).astype(np.float32))
+    config = VolumePreprocessConfig(divisor=8, target_spacing=2.0)
+    x_f, info_f = preprocess_case(stacked, config)
+    x_c, info_c = preprocess_case(np.ascontiguousarray(stacked), config)
+    assert info_f == info_c and x_f.flags.c_contiguous
+    np.testing.assert_allclose(x_f, x_c, rtol=0, atol=1e-6)

@@ -771,6 +771,21 @@ def test_tumour_centre(mask: np.ndarray, expected: tuple[int, int, int]) -> None
     assert tumour_centre(mask) == expected
 
 
+def test_tumour_centre_is_ndimage_centre_of_mass() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        mask = np.zeros((30, 40, 25), np.uint8)
+        low = rng.integers(0, 20, 3)
+        high = low + rng.integers(1, 10, 3)
+        mask[low[0]:high[0], low[1]:high[1], low[2]:high[2]] = rng.choice([1, 2, 4])
+        mask[rng.random(mask.shape) > 0.98] = 2
+        centre = ndimage.center_of_mass(mask > 0)
+        assert tumour_centre(np.asfortranarray(mask)) == tuple(
+            int(min(max(round(c), 0), s - 1)) for c, s in zip(centre, mask.shape))
+
+
 def test_job_record_is_plain_json(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore]) -> None:
     client, _, store = app_parts
     job = submit(client).json()
