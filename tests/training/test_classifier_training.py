@@ -85,8 +85,8 @@ def test_bundle_manifest_records_training(trained, kaggle_phantoms):
     assert manifest["classes"] == list(KAGGLE_CLASSES)
     training = manifest["training"]
     assert len(training["data_fingerprint"]) == 64
-    assert training["epochs_run"] == EPOCHS == len(training["history"])
-    assert training["epochs"] == EPOCHS and training["seed"] == training["config"]["seed"]
+    assert training["epochs_run"] == EPOCHS[arch] == len(training["history"])
+    assert training["epochs"] == EPOCHS[arch] and training["seed"] == training["config"]["seed"]
     assert training["config"]["learning_rate"] == float(LEARNING_RATES[arch])
     assert "--arch " + arch in training["command"]
     validation = manifest["metrics"]["validation"]
@@ -112,14 +112,15 @@ def test_resume_continues_from_checkpoint(trained, kaggle_phantoms, tmp_path):
     out = tmp_path / "models"
     before = json.loads((work / "state.json").read_text())["history"]
     command = train_command(kaggle_phantoms, arch, out, work, "--resume")
-    command[command.index("--epochs") + 1] = str(EPOCHS + 1)
+    epochs = EPOCHS[arch]
+    command[command.index("--epochs") + 1] = str(epochs + 1)
     done = subprocess.run([sys.executable, "-m", "brainscan.cli.main", *command], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resuming from {work / 'last.keras'} at epoch {EPOCHS}" in done.stderr
+    assert f"resuming from {work / 'last.keras'} at epoch {epochs}" in done.stderr
     after = json.loads((work / "state.json").read_text())["history"]
-    assert [h["epoch"] for h in after] == list(range(1, EPOCHS + 2))
-    assert after[:EPOCHS] == before
+    assert [h["epoch"] for h in after] == list(range(1, epochs + 2))
+    assert after[:epochs] == before
 
 
 @pytest.mark.slow
