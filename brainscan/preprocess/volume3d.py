@@ -395,11 +395,8 @@ def restore_to_original(
     inner = pred[info.unpad_slices]
     if info.resampled_shape is not None:
         # Probabilities are interpolated (trilinear); labels take the nearest network voxel.
-        if np.issubdtype(pred.dtype, np.floating):
-            whole = tuple((0, int(n)) for n in info.cropped_shape)
-            inner = resample_linear_box(inner, info.cropped_shape, whole).astype(pred.dtype, copy=False)
-        else:
-            inner = resample(inner, info.cropped_shape, order=0)
+        floating = np.issubdtype(pred.dtype, np.floating)
+        inner = resample(inner, info.cropped_shape, order=1 if floating else 0).astype(pred.dtype, copy=False)
     out = np.empty(info.reoriented_shape + pred.shape[3:], dtype=pred.dtype)
     out[...] = fill_values
     out[info.crop_slices] = inner

@@ -19,9 +19,10 @@ checked in the order of what costs least:
    (:func:`brainscan.preprocess.align.check_overlap`, 422 ``no_overlap``); the job then records
    ``meta["alignment"]`` and the t1ce grid as its ``shape``/``spacing_mm``/``orientation``, and the
    worker aligns t1, t2 and flair to t1ce (the DICOM path's steps), the mask on the t1ce grid;
-4. the voxel data, one modality at a time: finite (422 ``non_finite``), then written normalised as
-   ``input_<modality>.nii.gz`` (NIfTI-1, gzip, no intensity scaling) with the upload's affine and
-   header geometry, through :func:`brainscan.io.nifti.save_nifti`.
+4. the voxel data, two modalities at a time (:data:`INTAKE_THREADS`; gzip decoding and encoding
+   release the GIL): finite (422 ``non_finite``, naming the first bad modality in MODALITIES order),
+   then written normalised as ``input_<modality>.nii.gz`` (NIfTI-1, gzip, no intensity scaling) with
+   the upload's affine and header geometry, through :func:`brainscan.io.nifti.save_nifti`.
 
 Zip members are never used as paths: only their base names are matched to modalities (BraTS
 naming ``<case>_<modality>.nii[.gz]``, or BraTS 2023-2024 ``<case>-{t1n,t1c,t2w,t2f}.nii.gz``;
@@ -94,6 +95,9 @@ __all__ = ["CASE_FIELD", "DICOM_FIELD", "MODALITY_FIELDS", "SERIES_FIELD", "SOUR
            "display_name", "files_convention", "header_from_bytes", "inspect_header", "input_file_name",
            "select_source"]
 
+
+#: modalities decoded, checked and re-encoded at once during intake: two volumes in memory at most
+INTAKE_THREADS = 2
 
 # -- the form -----------------------------------------------------------------------------------
 
@@ -244,8 +248,7 @@ def _accept_modalities(staged: Mapping[str, Path], names: Mapping[str, str], sta
         staged[modality].unlink()
         return written
 
-    # two modalities at a time where there are cores for it (decoding and re-encoding gzip releases the
-    # GIL); at most two volumes in memory at once, as the caps on one volume assume
+    # INTAKE_THREADS modalities at a time; a bad one raises after the others are done, the first in order
     written = in_threads(normalise, list(MODALITIES), max_workers=INTAKE_THREADS)
     files = {input_file_name(m): path for m, path in zip(MODALITIES, written)}
     shape, affine, spacing = geometry[ALIGN_REFERENCE if aligned else "flair"]
@@ -254,10 +257,6 @@ def _accept_modalities(staged: Mapping[str, Path], names: Mapping[str, str], sta
         meta["alignment"] = {"needed": True, "reference": ALIGN_REFERENCE, "overlap": overlap,
                              "grids": {m: grid_summary(*grids[m]) for m in MODALITIES}}
     return IntakeResult(files=files, meta=meta)
-
-
-#: modalities decoded, checked and re-encoded at once during intake
-INTAKE_THREADS = 2
 
 
 def _accept_4d(path: Path, name: str, staging: Path, limits: IntakeLimits) -> IntakeResult:

@@ -125,6 +125,9 @@ BAD_UPLOADS = {
                       VolumeMismatchError, 422, "no_overlap", ["t2", "covers 0%", "t1ce"]),
     "NaN voxel": (with_volume("flair", float_volume(np.nan)), NonFiniteError, 422, "non_finite", ["flair"]),
     "inf voxel": (with_volume("t1ce", float_volume(np.inf)), NonFiniteError, 422, "non_finite", ["t1ce"]),
+    # checked on threads: the first bad modality in MODALITIES order is named, as a loop would
+    "two bad volumes": ({**GOOD, "t2": float_volume(np.nan), "t1ce": float_volume(np.inf)}, NonFiniteError, 422,
+                        "non_finite", ["t1ce"]),
     "RGB voxels": (with_volume("t1", header_only(SMALL_SHAPE, datatype=128, bitpix=24)), UnsupportedFormatError,
                    415, "unsupported_dtype", ["t1"]),
     "complex voxels": (with_volume("t1", nifti_bytes(np.ones(SMALL_SHAPE, np.complex64))), UnsupportedFormatError,

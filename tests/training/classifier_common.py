@@ -17,8 +17,8 @@ from brainscan.data.phantoms.kaggle import write_kaggle_phantoms
 INPUT_SIZE, PHANTOM_SIZE = 64, 128
 TRAIN_IMAGES, HELD_OUT_IMAGES = 800, 400
 # Per architecture: epochs and peak learning rate of the convergence runs (about 1 min each on one core).
-# Held-out accuracy measured on one core (2026-12-06): resnet50 0.532 after 30 epochs, 0.517 after 15;
-# vit_cnn 0.463 after 30, 0.415 after 15, so the ViT keeps its 30 (the bar is 0.36).
+# Held-out accuracy (`python bench/test_epochs.py`, one core, 2026-12-06): resnet50 0.532 after 30
+# epochs, 0.517 after 15; vit_cnn 0.463 after 30, 0.415 after 15, so the ViT keeps its 30 (bar: 0.36).
 EPOCHS = {"resnet50": 15, "vit_cnn": 30}
 LEARNING_RATES = {"resnet50": "0.005", "vit_cnn": "0.003"}
 
