@@ -82,8 +82,11 @@ def test_a_bfloat16_segmenter_is_the_same_network_with_the_same_masks(tmp_path):
     window = np.random.default_rng(0).normal(size=(1, 32, 32, 32, 4)).astype(np.float32)
     p_full, p_half = np.asarray(full.model(window)), np.asarray(half.model(window))
     assert p_half.dtype == np.float32
-    assert np.abs(p_full - p_half).max() < 0.1 and np.abs(p_full - p_half).mean() < 0.01
-    assert np.abs(p_full - p_half).max() > 0, "bfloat16 compute must differ somewhere from float32"
+    # A few hundredths for 99 % of the values; near a decision boundary a voxel moves more (0.14 on the
+    # AVX2-only CPU that emulates bfloat16, where its 99.9th percentile is 0.054), never by half.
+    moved = np.abs(p_full - p_half)
+    assert moved.mean() < 0.01 and np.quantile(moved, 0.99) < 0.05 and moved.max() < 0.3
+    assert moved.max() > 0, "bfloat16 compute must differ somewhere from float32"
 
     case = write_brats_phantoms(tmp_path, n=1, seed=5, shape=(96, 96, 64))[0]
     loaded = load_case(find_case(case), with_seg=False)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
@@ -368,9 +367,9 @@ def test_training_under_the_jax_backend_gives_a_bundle_tensorflow_serves_as_meas
     mixup and cutmix in turn), the class weights as sample weights, the weight average's batch-norm
     statistics read from JAX's state."""
     from brainscan.models.bundle import read_manifest
-    from tests.paths import REPO_ROOT
+    from tests.jax_backend import jax_cpu_env
 
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO_ROOT)}
+    env = jax_cpu_env()
     command = [sys.executable, "-m", "brainscan", *train_command(kaggle_phantoms, "resnet50", tmp_path / "models",
                                                      tmp_path / "work", "--max-per-class", "40", "--ema", "0.9",
                                                      "--mixup", "0.2", "--cutmix", "1.0")]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,6 @@ from training.patches import PatchSampler, dataset_fingerprint, prepare_case  # 
 from training.segmenter import SegmenterTrainConfig, labelled_cases, train_segmenter  # noqa: E402
 from training.segmenter_validation import evaluate_cases  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +120,10 @@ def test_a_pack_trains_under_the_jax_backend_and_tensorflow_serves_the_bundle(pa
     """What a GPU machine without TensorFlow runs: ``KERAS_BACKEND=jax python -m brainscan train ...``."""
     from brainscan.inference.segmenter import segment_case
     from brainscan.models.bundle import load_bundle
+    from tests.jax_backend import jax_cpu_env
 
     path, _ = pack
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env = jax_cpu_env()
     command = [sys.executable, "-m", "brainscan", "train", "segmenter", "--data", str(path), "--arch", "unet3d",
                "--preset", "tiny", "--epochs", "1", "--warmup-epochs", "0", "--steps-per-epoch", "2",
                "--val-cases", "1", "--target-spacing", "2", "--outputs", "regions", "--mixed-precision", "off",
