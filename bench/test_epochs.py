@@ -7,7 +7,8 @@ each architecture's epochs. This trains the same runs (same data, sizes, learnin
 a margin over the bar. Not a test: it asserts nothing, it prints figures.
 
 Usage:
-  .venv/bin/python bench/test_epochs.py --epochs 30 15 --arch resnet50 vit_cnn
+  .venv/bin/python bench/test_epochs.py --epochs 30 15 --arch resnet50 vit_cnn [--input-size 48]
+(``--input-size`` tries another network input than the tests' INPUT_SIZE, on the same phantoms.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, nargs="+", default=[30, 15])
     parser.add_argument("--arch", nargs="+", default=["resnet50", "vit_cnn"], choices=["resnet50", "vit_cnn"])
+    parser.add_argument("--input-size", type=int, default=None, help="network input (default: the tests' INPUT_SIZE)")
     args = parser.parse_args()
 
     from brainscan.cli.main import main as cli
@@ -43,6 +45,8 @@ def main() -> None:
             command = common.train_command(root / "train", arch, out, work)
             command[command.index("--epochs") + 1] = str(epochs)
             command[command.index("--patience") + 1] = str(epochs)
+            if args.input_size:
+                command[command.index("--input-size") + 1] = str(args.input_size)
             started = time.perf_counter()
             if cli(command) != 0:
                 raise SystemExit(f"training {arch} for {epochs} epochs failed")
@@ -51,7 +55,7 @@ def main() -> None:
             if cli(["evaluate", str(bundle), str(root / "held_out"), "--out", str(report), "--quiet"]) != 0:
                 raise SystemExit(f"evaluating {bundle} failed")
             accuracy = json.loads((report / "report.json").read_text())["splits"]["Testing"]["accuracy"]
-            print(f"{arch:<9} {epochs:3d} epochs: held-out accuracy {accuracy:.3f}, trained in {seconds:.0f} s",
+            print(f"{arch:<9} {epochs:3d} epochs at {command[command.index('--input-size') + 1]} px: held-out accuracy {accuracy:.3f}, trained in {seconds:.0f} s",
                   flush=True)
 
 

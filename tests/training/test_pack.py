@@ -22,7 +22,6 @@ from training.segmenter import SegmenterTrainConfig, labelled_cases, train_segme
 from training.segmenter_validation import evaluate_cases  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("brats")
