@@ -23,6 +23,10 @@ from training.segmenter import SegmenterTrainConfig, fewer_training_cases, split
 
 PHANTOM_SHAPE = (64, 64, 48)
 TRAIN_EPOCHS, TRAIN_STEPS = 8, 25
+# Patches of 24 voxels, not the tiny preset's 32: 42 % of the voxels a step, and on these phantoms the
+# networks converge as well (one core, 2026-12-06, held-out WT Dice after 8 x 25 steps: unet3d 0.912 in
+# 97 s against 0.872 in 156 s at 32; attention_unet3d 0.851 in 105 s). The bar is 0.3.
+TRAIN_PATCH = 24
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +49,9 @@ def store(tmp_path_factory) -> Path:
 
 
 def tiny_config(data: Path, arch: str, out: Path, work_dir: Path, **overrides) -> SegmenterTrainConfig:
-    settings = dict(data=data, arch=arch, out=out, preset="tiny", epochs=TRAIN_EPOCHS, steps_per_epoch=TRAIN_STEPS,
-                    val_cases=1, val_every=TRAIN_EPOCHS, work_dir=work_dir, version="test-1", progress="none")
+    settings = dict(data=data, arch=arch, out=out, preset="tiny", patch_size=TRAIN_PATCH, epochs=TRAIN_EPOCHS,
+                    steps_per_epoch=TRAIN_STEPS, val_cases=1, val_every=TRAIN_EPOCHS, work_dir=work_dir,
+                    version="test-1", progress="none")
     return SegmenterTrainConfig(**{**settings, **overrides})
 
 
@@ -128,7 +133,7 @@ def test_bundle_manifest_records_training(trained, phantoms, store):
     assert manifest["preprocessing"]["params"]["divisor"] == 8
     inference = manifest["inference"]
     assert {k: inference[k] for k in ("patch_size", "overlap", "batch_size", "mirror_axes", "one_pass", "outputs")} \
-        == {"patch_size": [32, 32, 32], "overlap": 0.5, "batch_size": 2, "mirror_axes": [], "one_pass": False,
+        == {"patch_size": [TRAIN_PATCH] * 3, "overlap": 0.5, "batch_size": 2, "mirror_axes": [], "one_pass": False,
             "outputs": "classes"}
     # the post-processing is the one validation chose among the candidates it recorded
     assert inference["postprocessing"] in [row["postprocessing"] for row in manifest["metrics"]["postprocessing_selection"]]
