@@ -6,7 +6,9 @@ that geometry (identity in patient coordinates, rotation about the t1ce volume's
 for a small rigid correction: Euler3D (3 rotations, 3 translations), Mattes mutual information (the
 modalities differ in contrast), regular-step gradient descent over three resolutions (shrink 4, 2,
 1; smoothing 2, 1, 0 mm), a fixed seed for the metric's random samples so results repeat. Series
-without a shared frame of reference start from their centres of mass instead.
+without a shared frame of reference start from their centres of mass instead. Both the DICOM and the
+NIfTI path register isotropic copies at :data:`REGISTRATION_SPACING_MM` and resample the full-resolution
+volume with the transform found.
 
 The result is kept only if it is plausible: the metric must improve on the starting geometry and,
 for a shared frame of reference, the correction must stay within :data:`MAX_ROTATION_DEG` and
@@ -32,6 +34,7 @@ import numpy as np
 
 from brainscan.dicom.volume import LPS_TO_RAS, SeriesVolume
 from brainscan.labels import MODALITIES
+from brainscan.preprocess.align import REGISTRATION_SPACING_MM
 
 logger = logging.getLogger(__name__)
 
@@ -249,8 +252,9 @@ def align_volumes(volumes: Mapping[str, tuple[np.ndarray, np.ndarray]], *, metho
     return np.stack(channels).astype(np.float32, copy=False), transforms
 
 
-def align_to_reference(volumes: Mapping[str, SeriesVolume], *, method: str = "rigid",
-                       reference: str = REFERENCE) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def align_to_reference(volumes: Mapping[str, SeriesVolume], *, method: str = "rigid", reference: str = REFERENCE,
+                       registration_spacing_mm: float | None = REGISTRATION_SPACING_MM,
+                       ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Resample every DICOM series onto the reference series' grid (:func:`align_volumes`).
 
     Series share the reference's frame when their FrameOfReferenceUID is the reference's; each
@@ -260,6 +264,7 @@ def align_to_reference(volumes: Mapping[str, SeriesVolume], *, method: str = "ri
         volumes: ``{modality: SeriesVolume}`` for the four :data:`~brainscan.labels.MODALITIES`.
         method: ``"rigid"`` or ``"geometry"`` (resample by the DICOM geometry alone).
         reference: the modality whose grid the others are brought onto (t1ce).
+        registration_spacing_mm: see :func:`align_volumes` (``None``: register on the series' own grids).
 
     Returns:
         ``(channels, transforms)`` as :func:`align_volumes` returns them.
@@ -275,7 +280,7 @@ def align_to_reference(volumes: Mapping[str, SeriesVolume], *, method: str = "ri
                   for m, v in volumes.items()}
     describe = {m: {"series_instance_uid": v.series.uid, "series_number": v.series.number} for m, v in volumes.items()}
     return align_volumes({m: (v.data, v.affine) for m, v in volumes.items()}, method=method, reference=reference,
-                         same_frame=same_frame, describe=describe)
+                         same_frame=same_frame, registration_spacing_mm=registration_spacing_mm, describe=describe)
 
 
 __all__ = ["MAX_ROTATION_DEG", "MAX_TRANSLATION_MM", "METHODS", "align_to_reference", "align_volumes", "from_sitk",

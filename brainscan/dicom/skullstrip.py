@@ -31,12 +31,11 @@ import numpy as np
 
 from brainscan.dicom.registration import from_sitk, gradient_descent, mutual_information, to_sitk
 from brainscan.errors import BrainscanError
+from brainscan.preprocess.align import REGISTRATION_SPACING_MM
 
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "on", "off")
-#: Grid the registration runs on (the template is 1 mm; 2 mm keeps it to seconds on one core).
-REGISTRATION_SPACING_MM = 2.0
 #: auto: a scan is already stripped when the signal outside the template's brain (dilated by
 #: :data:`OUTSIDE_MARGIN_MM`) is below this fraction of the signal inside it.
 STRIPPED_OUTSIDE_RATIO = 0.05
