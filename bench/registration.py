@@ -49,7 +49,8 @@ def main() -> None:
     expected = np.linalg.inv(motion_matrix(moved.motion, source.brain_centre_lps()))
     inside = np.argwhere(source.volumes["t1ce"] > 0)
     low, high = inside.min(axis=0), inside.max(axis=0)
-    corners = np.array([[x, y, z, 1.0] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
+    corners = np.array([[x, y, z, 1.0]
+                        for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
     corners = (LPS_TO_RAS @ source.affine @ corners.T).T
     pairs = {m: (v.data, v.affine) for m, v in volumes.items()}
     for spacing in args.spacing:

@@ -24,8 +24,9 @@ from training.segmenter import SegmenterTrainConfig, fewer_training_cases, split
 PHANTOM_SHAPE = (64, 64, 48)
 TRAIN_EPOCHS, TRAIN_STEPS = 8, 25
 # Patches of 24 voxels, not the tiny preset's 32: 42 % of the voxels a step, and on these phantoms the
-# networks converge as well (one core, 2026-12-06, held-out WT Dice after 8 x 25 steps: unet3d 0.912 in
-# 97 s against 0.872 in 156 s at 32; attention_unet3d 0.851 in 105 s). The bar is 0.3.
+# networks converge as well (the convergence test prints both figures under -s; one core, 2026-12-06,
+# held-out WT Dice after 8 x 25 steps: unet3d 0.912 in 96 s against 0.872 in 156 s at 32;
+# attention_unet3d 0.851 in 105 s). The bar is 0.3.
 TRAIN_PATCH = 24
 
 
