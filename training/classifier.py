@@ -300,7 +300,7 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
     from brainscan.models.registry import build_model
     from brainscan.models.store import ModelStore
     from brainscan.preprocess.image2d import ImagePreprocessConfig
-    from training.runtime import load_checkpoint, setup_runtime, wrap_optimizer
+    from training.runtime import build_optimizer, cosine_schedule, load_checkpoint, setup_runtime, wrap_optimizer
 
     runtime = setup_runtime(config.seed, mixed_precision=config.mixed_precision)
     work = config.work_dir
@@ -340,7 +340,7 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
             model = build_model(config.arch, arch_args)
             if config.init_from:
                 init_record = load_initial_weights(model, config.init_from, config, train + val)
-            schedule = keras.optimizers.schedules.CosineDecay(
+            schedule = cosine_schedule(
                 initial_learning_rate=config.learning_rate / 100,
                 decay_steps=max(1, steps_per_epoch * (config.epochs - config.warmup_epochs)),
                 warmup_target=config.learning_rate,
@@ -353,6 +353,7 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
             # One-hot targets (soft with mixup or cutmix), smoothed by --label-smoothing.
             loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
             model.compile(optimizer=wrap_optimizer(optimizer, runtime), loss=loss, metrics=["accuracy"])
+            build_optimizer(model)
 
     # A resumed run averages as its checkpoint's optimizer does, whatever --ema says now.
     ema = ema_momentum(model)

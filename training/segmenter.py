@@ -205,13 +205,13 @@ def _build_and_compile(config: SegmenterTrainConfig, arch_args: dict[str, Any], 
 
     from brainscan.models.registry import build_model
     from training.losses import DiceCELoss, ForegroundDice, RegionDice, RegionDiceBCELoss
-    from training.runtime import wrap_optimizer
+    from training.runtime import build_optimizer, cosine_schedule, wrap_optimizer
 
     model = build_model(config.arch, arch_args)
     if config.init_from is not None:
         load_initial_weights(model, config.init_from)
     steps = config.steps_per_epoch
-    schedule: Any = keras.optimizers.schedules.CosineDecay(
+    schedule: Any = cosine_schedule(
         initial_learning_rate=config.learning_rate / 100 if config.warmup_epochs else config.learning_rate,
         decay_steps=max(1, steps * (config.epochs - config.warmup_epochs)),
         warmup_target=config.learning_rate if config.warmup_epochs else None,
@@ -229,6 +229,7 @@ def _build_and_compile(config: SegmenterTrainConfig, arch_args: dict[str, Any], 
     # their steps: without jit a JAX step dispatches every op one by one.
     jit = keras.backend.backend() != "tensorflow"
     model.compile(optimizer=wrap_optimizer(optimizer, runtime), loss=loss, metrics=[metric], jit_compile=jit)
+    build_optimizer(model)
     return model
 
 

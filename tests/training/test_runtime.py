@@ -69,6 +69,69 @@ def test_wrap_optimizer_leaves_float32_training_alone() -> None:
     assert wrap_optimizer(optimizer, Runtime(strategy=None, gpus=0, mixed_precision=False)) is optimizer
 
 
+def test_the_schedule_is_cosine_decay_computed_once_a_traced_step() -> None:
+    """cosine_schedule gives CosineDecay's values, eager or traced, and builds them once per graph."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from training.runtime import cosine_schedule
+
+    arguments = {"initial_learning_rate": 1e-4, "decay_steps": 20, "warmup_target": 1e-2, "warmup_steps": 5,
+                 "alpha": 0.01}
+    schedule, reference = cosine_schedule(**arguments), keras.optimizers.schedules.CosineDecay(**arguments)
+    steps = np.arange(0, 30, dtype=np.int64)
+    assert [float(schedule(s)) for s in steps] == pytest.approx([float(reference(s)) for s in steps], rel=1e-6)
+    step = tf.Variable(0, dtype=tf.int64)
+
+    @tf.function
+    def read_often():  # as AdamW does: once for every variable it decays
+        return tf.stack([schedule(step) * 1.0 for _ in range(50)])
+
+    for value in (3, 12):  # warm-up, then decay: one graph, read anew at each call
+        step.assign(value)
+        assert np.allclose(read_often().numpy(), float(reference(value)), rtol=1e-6)
+    graph = read_often.get_concrete_function().graph
+    assert sum(op.type in ("If", "StatelessIf") for op in graph.get_operations()) == 1
+    assert schedule.get_config() == reference.get_config()
+
+
+def test_an_optimizer_built_before_fit_gets_its_training_step_traced_once() -> None:
+    """Slots created inside the first trace make tf.function trace the step again; build_optimizer creates
+    them first, and the run is the same (weights and their moving averages)."""
+    import keras
+    import numpy as np
+
+    from training.runtime import build_optimizer
+
+    traces = []
+
+    class Counting(keras.Sequential):
+        def train_step(self, data):  # runs once per trace
+            traces.append(1)
+            return super().train_step(data)
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 4)).astype(np.float32), rng.normal(size=(12, 2)).astype(np.float32)
+    runs = {}
+    for early in (True, False):
+        keras.utils.set_random_seed(0)
+        traces.clear()
+        model = Counting([keras.Input((4,)), keras.layers.Dense(2)])
+        model.compile(optimizer=keras.optimizers.AdamW(0.05, use_ema=True), loss="mse")
+        if early:
+            build_optimizer(model)
+            assert model.optimizer.built
+        model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+        runs[early] = (len(traces), [np.asarray(v) for v in model.optimizer.variables])
+    assert runs[True][0] == 1
+    assert len(runs[True][1]) == len(runs[False][1])
+    for built_first, built_lazily in zip(runs[True][1], runs[False][1]):
+        np.testing.assert_array_equal(built_first, built_lazily)
+    build_optimizer(model)  # built: left alone
+    assert int(model.optimizer.iterations.numpy()) == 6
+
+
 @pytest.mark.parametrize("arch, args", [
     ("resnet50", {"preset": "tiny", "input_size": 32}),
     ("vit_cnn", {"preset": "tiny", "input_size": 32}),
@@ -81,12 +144,13 @@ def test_checkpoints_load_in_a_fresh_process(arch, args, tmp_path) -> None:
 
     from brainscan.models.registry import build_model
     from training.losses import DiceCELoss
-    from training.runtime import Runtime, wrap_optimizer
+    from training.runtime import Runtime, cosine_schedule, wrap_optimizer
 
     model = build_model(arch, args)
     loss = DiceCELoss() if "unet" in arch else "sparse_categorical_crossentropy"
-    # the mixed-precision wrapper too: a GPU run's checkpoint names it
-    optimizer = wrap_optimizer(keras.optimizers.AdamW(1e-3), Runtime(strategy=None, gpus=0, mixed_precision=True))
+    # the trainers' learning-rate schedule, and the mixed-precision wrapper: a GPU run's checkpoint names it
+    schedule = cosine_schedule(initial_learning_rate=1e-5, decay_steps=10, warmup_target=1e-3, warmup_steps=2)
+    optimizer = wrap_optimizer(keras.optimizers.AdamW(schedule), Runtime(strategy=None, gpus=0, mixed_precision=True))
     model.compile(optimizer=optimizer, loss=loss)
     model.save(tmp_path / "last.keras")
     script = ("import sys; from training.runtime import load_checkpoint; "
