@@ -104,7 +104,8 @@ def test_soft_targets_need_region_outputs_and_every_cases_fractions(tmp_path):
 
 @pytest.mark.slow
 def test_a_soft_target_run_trains_from_label_files_and_records_the_option(tmp_path):
-    """The CLI option reaches the sampler: a tiny run on phantom files, with the option in the manifest."""
+    """The CLI option reaches the sampler: a tiny run on phantom files, with the option in the manifest (at
+    4 mm, where validating a phantom takes a dozen windows of the tiny U-Net, not 80)."""
     pytest.importorskip("tensorflow")
     from brainscan.cli.main import main
     from brainscan.data.phantoms import write_brats_phantoms
@@ -113,7 +114,7 @@ def test_a_soft_target_run_trains_from_label_files_and_records_the_option(tmp_pa
     write_brats_phantoms(tmp_path / "data", n=3, seed=5, shape=(48, 48, 40))
     assert main(["train", "segmenter", "--data", str(tmp_path / "data"), "--arch", "unet3d", "--preset", "tiny",
                  "--epochs", "1", "--warmup-epochs", "0", "--steps-per-epoch", "2", "--val-cases", "1",
-                 "--target-spacing", "2", "--outputs", "regions", "--soft-targets", "--mixed-precision", "off",
+                 "--target-spacing", "4", "--outputs", "regions", "--soft-targets", "--mixed-precision", "off",
                  "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "models"), "--version", "soft-1"]) == 0
     manifest = read_manifest(tmp_path / "models" / "segmentation" / "unet3d" / "soft-1")
     assert manifest["training"]["config"]["soft_targets"] is True and manifest["training"]["epochs_run"] == 1
