@@ -8,12 +8,14 @@ from pathlib import Path
 
 def make_segmenter_bundle(path: Path, *, patch_size: Sequence[int] = (32, 32, 32), overlap: float = 0.5,
                           version: str = "test-1", seed: int = 0, regions: bool = False,
-                          postprocessing: dict | None = None, metrics: dict | None = None) -> Path:
+                          postprocessing: dict | None = None, metrics: dict | None = None,
+                          target_spacing: float = 2.0) -> Path:
     """Write a tiny, untrained (seeded) 3D U-Net segmentation bundle at ``path``.
 
     Plumbing tests need a real bundle that loads and predicts through the real code path, not a
     good model. ``divisor=8`` matches the tiny U-Net's 4 levels (3 poolings). ``regions=True``
-    makes the shipped models' kind: sigmoid WT/TC/ET outputs at 2 mm in LPS voxel order.
+    makes the shipped models' kind: sigmoid WT/TC/ET outputs at ``target_spacing`` mm (the shipped 2 mm
+    unless told) in LPS voxel order.
     """
     import keras
 
@@ -27,7 +29,7 @@ def make_segmenter_bundle(path: Path, *, patch_size: Sequence[int] = (32, 32, 32
     inference: dict = {"patch_size": list(patch_size), "overlap": overlap, "batch_size": 1}
     if regions:
         args.update(num_classes=3, output="sigmoid")
-        preprocessing = VolumePreprocessConfig(divisor=8, target_spacing=2.0, orientation="LPS")
+        preprocessing = VolumePreprocessConfig(divisor=8, target_spacing=target_spacing, orientation="LPS")
         inference.update(outputs="regions", postprocessing=postprocessing or {})
     return save_bundle(
         build_model("unet3d", args), path, task="segmentation", architecture="unet3d", architecture_args=args,

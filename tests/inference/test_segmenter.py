@@ -118,12 +118,18 @@ def test_true_regions_at_2mm_decode_back_to_the_1mm_mask(phantom_case):
         assert score > 0.85, f"{region} Dice {score:.3f} after a round trip through 2 mm"
 
 
+REGION_BUNDLE_SPACING = 4.0
+
+
 @pytest.fixture(scope="module")
 def region_bundle(tmp_path_factory) -> Path:
     pytest.importorskip("tensorflow")
     from tests.evaluation import make_segmenter_bundle
 
-    return make_segmenter_bundle(tmp_path_factory.mktemp("seg") / "unet3d-regions", regions=True)
+    # 4 mm: a phantom case is 12 windows of the tiny U-Net there, 80 at the shipped 2 mm (the geometry at
+    # 2 mm is test_true_regions_at_2mm_decode_back_to_the_1mm_mask's)
+    return make_segmenter_bundle(tmp_path_factory.mktemp("seg") / "unet3d-regions", regions=True,
+                                 target_spacing=REGION_BUNDLE_SPACING)
 
 
 def _write_reoriented(case: Path, out: Path, codes: tuple[str, str, str]) -> Path:
@@ -164,10 +170,11 @@ def test_region_bundle_manifest_round_trips_resolution_and_outputs(region_bundle
 
     bundle = load_bundle(region_bundle)
     manifest = json.loads((region_bundle / "manifest.json").read_text())
-    assert manifest["preprocessing"]["params"]["target_spacing"] == 2.0
+    assert manifest["preprocessing"]["params"]["target_spacing"] == REGION_BUNDLE_SPACING
     assert manifest["preprocessing"]["params"]["orientation"] == "LPS"
     assert manifest["inference"]["outputs"] == "regions"
-    assert bundle.preprocess_config == VolumePreprocessConfig(divisor=8, target_spacing=2.0, orientation="LPS")
+    assert bundle.preprocess_config == VolumePreprocessConfig(divisor=8, target_spacing=REGION_BUNDLE_SPACING,
+                                                              orientation="LPS")
     segmenter = Segmenter.from_bundle(bundle)
     assert (segmenter.outputs, segmenter.num_outputs, segmenter.patch_size) == ("regions", 3, (32, 32, 32))
     assert segmenter.manifest_inference()["postprocessing"] == PostprocessConfig().to_dict()
