@@ -192,8 +192,8 @@ def build_optimizer(model: Any) -> None:
 
     Left to Keras, the slots (and the weight averages) are created inside the first trace of the
     training step, and ``tf.function`` then traces that step a second time without variable
-    creation: every run set up its step twice. The values are the same either way: zeros, and the
-    weights as they are before the first step.
+    creation: every run set up its step twice. The run is the same either way (weights and their
+    averages; tests/training/test_runtime.py checks it).
     """
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
@@ -204,8 +204,7 @@ def load_checkpoint(path: Any) -> Any:
 
     Registers everything a checkpoint may name before loading: the custom layers of the
     architectures, the segmentation losses and metrics, the learning-rate schedule and the loss-scaled
-    optimizer. (A resumed
-    run is a new process; without this the ViT-CNN's ``ClassToken`` was unknown.)
+    optimizer. (A resumed run is a new process; without this the ViT-CNN's ``ClassToken`` was unknown.)
     """
     import keras
 
