@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
 
+    import brainscan  # noqa: F401, I001  (first: it sets TensorFlow's oneDNN default before keras loads TensorFlow)
     import keras
     import numpy as np
 

@@ -31,6 +31,8 @@ if "BRAINSCAN_PHASH_CACHE" not in os.environ:
 
     os.environ["BRAINSCAN_PHASH_CACHE"] = tempfile.mkdtemp(prefix="brainscan-phash-")
 
+import brainscan  # noqa: F401  (sets TF_ENABLE_ONEDNN_OPTS before any test module imports TensorFlow)
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     _workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     _threads = str(max(1, (os.cpu_count() or 1) // _workers))
