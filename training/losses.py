@@ -187,3 +187,32 @@ class RegionDice(ForegroundDice):
 
 
 __all__ = ["DiceCELoss", "ForegroundDice", "RegionDice", "RegionDiceBCELoss", "soft_dice_loss"]
+
+
+@keras.saving.register_keras_serializable(package="brainscan")
+class DownsampledLoss(keras.losses.Loss):
+    """``loss`` against the targets average-pooled by ``factor`` on each spatial axis: the loss of a deep-supervision
+    head that predicts at 1/``factor`` of the patch's resolution (:mod:`training.deep_supervision`). Pooled one-hot
+    or region masks become each coarse voxel's fraction of each class or region, as ``--soft-targets`` trains.
+
+    Args:
+        loss: the full-resolution loss (:class:`RegionDiceBCELoss` or :class:`DiceCELoss`), or its config.
+        factor: the pooling factor, a power of 2 (1 = the targets as they are).
+    """
+
+    def __init__(self, loss: keras.losses.Loss | dict, factor: int, *, name: str | None = None, **kwargs) -> None:
+        kwargs.pop("dtype", None)
+        super().__init__(name=name or f"downsampled_{factor}", dtype="float32", **kwargs)
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 or factor & (factor - 1):
+            raise ValueError(f"factor must be a power of 2, got {factor!r}")
+        self.loss = keras.saving.deserialize_keras_object(loss) if isinstance(loss, dict) else loss
+        self.factor = factor
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, "float32")
+        if self.factor > 1:
+            y_true = ops.average_pool(y_true, pool_size=self.factor, strides=self.factor, padding="valid")
+        return self.loss.call(y_true, y_pred)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "loss": keras.saving.serialize_keras_object(self.loss), "factor": self.factor}

@@ -132,6 +132,8 @@ def _callbacks(config: SegmenterTrainConfig, state: dict[str, Any], val_cases: l
     """Whole-volume validation + best weights + early stopping, checkpoint, TensorBoard, state.json."""
     import keras
 
+    from training.deep_supervision import served_network
+
     work = config.work_dir
     assert work is not None
 
@@ -142,6 +144,7 @@ def _callbacks(config: SegmenterTrainConfig, state: dict[str, Any], val_cases: l
         deadline: float | None = None
 
         def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            self.network = served_network(self.model)  # without deep-supervision heads: what the bundle serves
             if config.max_minutes is not None:
                 self.deadline = time.monotonic() + 60.0 * config.max_minutes
 
@@ -155,7 +158,7 @@ def _callbacks(config: SegmenterTrainConfig, state: dict[str, Any], val_cases: l
                 state["stopped_by_time_budget"] = True
             elif done % config.val_every and done != config.epochs:
                 return
-            segmenter = config.segmenter(self.model, self.predict_fn)
+            segmenter = config.segmenter(self.network, self.predict_fn)
             self.predict_fn = segmenter.predict_fn
             start = time.perf_counter()
             predicted = list(predict_cases(segmenter, val_cases, cache_dir=work / "cache"))
@@ -204,6 +207,7 @@ def _build_and_compile(config: SegmenterTrainConfig, arch_args: dict[str, Any], 
     import keras
 
     from brainscan.models.registry import build_model
+    from training.deep_supervision import head_losses, loss_weights, with_heads
     from training.losses import DiceCELoss, ForegroundDice, RegionDice, RegionDiceBCELoss
     from training.runtime import build_optimizer, cosine_schedule, wrap_optimizer
 
@@ -225,10 +229,16 @@ def _build_and_compile(config: SegmenterTrainConfig, arch_args: dict[str, Any], 
         loss, metric = RegionDiceBCELoss(), RegionDice()
     else:
         loss, metric = DiceCELoss(), ForegroundDice()
+    losses: dict[str, Any] = {"loss": loss, "metrics": [metric]}
+    if config.deep_supervision:
+        heads = config.deep_supervision
+        model = with_heads(model, heads)
+        losses = {"loss": head_losses(loss, heads), "loss_weights": loss_weights(heads),
+                  "metrics": [[metric], *([] for _ in range(heads))]}
     # TensorFlow: no XLA (it runs Conv3D 13-25x slower on CPU). Other backends (JAX on a GPU) must compile
     # their steps: without jit a JAX step dispatches every op one by one.
     jit = keras.backend.backend() != "tensorflow"
-    model.compile(optimizer=wrap_optimizer(optimizer, runtime), loss=loss, metrics=[metric], jit_compile=jit)
+    model.compile(optimizer=wrap_optimizer(optimizer, runtime), jit_compile=jit, **losses)
     build_optimizer(model)
     return model
 
@@ -264,6 +274,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     import training.losses  # noqa: F401  (registers the loss and metric that last.keras names)
     from brainscan.models.bundle import save_bundle
     from brainscan.models.store import ModelStore
+    from training.deep_supervision import served_network, with_target_copies
     from training.pack import is_pack
     from training.patches import PatchSampler, attach_soft_targets, dataset_fingerprint, prepare_cases
     from training.runtime import load_checkpoint, setup_runtime
@@ -320,6 +331,8 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
                                       processes=not threads)
             log.info("patches from %d worker %s (no tf.data under Keras backend %s)", workers,
                      "thread(s)" if threads else "process(es)", keras.backend.backend())
+        if config.deep_supervision:  # each head's loss pools the full-resolution targets
+            dataset = with_target_copies(dataset, 1 + config.deep_supervision)
         best_predictions: dict[str, Any] = {}  # {"epoch", "predicted"}: filled by the validation callback
         callbacks = _callbacks(config, state, val, preprocess_config, initial_epoch, best_predictions)
         start = time.perf_counter()
@@ -331,6 +344,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
 
         if best_path.exists():
             model.load_weights(best_path)
+        model = served_network(model)  # the bundle holds the network without deep-supervision heads
         # The served post-processing is chosen on the validation cases, with the served window settings.
         segmenter = config.segmenter(model)
         kept = (best_predictions.get("predicted")

@@ -95,6 +95,11 @@ class SegmenterTrainConfig:
                                             "fraction of each region (trilinear from the label file) instead of the "
                                             "nearest label, so that thin enhancing rims are not snapped to the coarse "
                                             "grid (bench/resolution_ceiling.py measures the ceiling of each)")
+    deep_supervision: int = option(0, metavar="N",
+                                   help="nnU-Net's deep supervision, in training only: a head on each of the N decoder "
+                                        "levels below full resolution (at most 2 for these 4-level U-Nets), trained on "
+                                        "the targets average-pooled to it, loss weights 1, 1/2, 1/4 normalised; the "
+                                        "bundle serves the network without the heads (default 0: off)")
     init_from: Path | None = option(None, metavar="BUNDLE",
                                     help="start from a segmentation bundle's weights (same --arch, --preset and "
                                          "--outputs), to continue training in stages")
@@ -133,6 +138,11 @@ class SegmenterTrainConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         divisor = spatial_divisor(PRESETS[self.preset]["levels"])
+        from training.deep_supervision import max_heads
+
+        if not 0 <= self.deep_supervision <= max_heads(PRESETS[self.preset]["levels"]):
+            raise ValueError(f"deep_supervision must be in [0, {max_heads(PRESETS[self.preset]['levels'])}] for the "
+                             f"{self.preset} preset, got {self.deep_supervision}")
         if self.patch_size < divisor or self.patch_size % divisor:
             raise ValueError(f"patch_size must be a positive multiple of {divisor} (the U-Net's downsampling), "
                              f"got {self.patch_size}")
