@@ -8,7 +8,7 @@ This runs each measurement in a fresh process with ``TF_ENABLE_ONEDNN_OPTS=0`` a
   48^3 windows, as the worker's sliding window runs it;
 - one training step of that U-Net (batch 2 of 48^3, the shipped recipe's patches), as
   ``bench/train_step.py``;
-- ResNet50 (the classifier's network) forward on a batch of 32 slices of 128 px;
+- ResNet50 (the classifier's network) forward, and one training step, on a batch of 32 slices of 128 px;
 
 and prints the medians, the speed-up, and the largest difference between the U-Net's probabilities with
 and without oneDNN (float32 round-off only). Not a test: it prints figures. Pin it to compare machines,
@@ -75,6 +75,9 @@ def _measure(repeats: int, out: Path) -> dict[str, float | bool]:
     slices = keras.ops.convert_to_tensor(rng.normal(size=(32, 128, 128, 3)).astype("float32"))
     resnet_fn = tf.function(lambda x: resnet(x, training=False))
     figures["resnet50_forward"] = timed(lambda: resnet_fn(slices).numpy())
+    resnet.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy", jit_compile=False)
+    labels = np.eye(4, dtype="float32")[rng.integers(0, 4, 32)]
+    figures["resnet50_train_step"] = timed(lambda: resnet.train_on_batch(slices, labels))
     return figures
 
 
@@ -108,6 +111,7 @@ def main() -> None:
         ("unet_forward", "small U-Net forward, 2 x 48^3 windows"),
         ("unet_train_step", "small U-Net train step, 2 x 48^3"),
         ("resnet50_forward", "ResNet50 forward, 32 x 128 px"),
+        ("resnet50_train_step", "ResNet50 train step, 32 x 128 px"),
     )
     for key, label in rows:
         print(f"{label:40s} oneDNN off {off[key]:7.3f} s | on {on[key]:7.3f} s | {off[key] / on[key]:5.2f}x")

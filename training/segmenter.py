@@ -307,6 +307,10 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
             if config.resume and last_path.exists() and state_path.exists():
                 model = load_checkpoint(last_path)
                 _check_schedule_matches(model, config)
+                if len(model.outputs) - 1 != config.deep_supervision:
+                    raise BrainscanError(f"the checkpoint in {config.work_dir} has {len(model.outputs) - 1} "
+                                         "deep-supervision head(s): resume it with --deep-supervision "
+                                         f"{len(model.outputs) - 1} (or start a new --work-dir)")
                 state.update({k: v for k, v in json.loads(state_path.read_text()).items() if k != "config"})
                 log.info("resuming from %s at epoch %d", last_path, state["epoch"])
             else:

@@ -14,6 +14,7 @@ pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
 from brainscan.data.phantoms import write_brats_phantoms  # noqa: E402
+from brainscan.errors import BrainscanError  # noqa: E402
 from brainscan.models.registry import build_model  # noqa: E402
 from training.deep_supervision import (  # noqa: E402
     head_losses,
@@ -105,6 +106,12 @@ def test_a_deep_supervision_run_checkpoints_the_heads_and_ships_the_network_with
     assert checkpoint.output_names == ["probabilities", "deep_supervision_1", "deep_supervision_2"]
     assert [getattr(loss, "factor", 1) for loss in checkpoint.loss] == [1, 2, 4]
     assert int(checkpoint.optimizer.iterations.numpy()) == 6
+
+    with pytest.raises(BrainscanError, match="--deep-supervision 2"):  # its heads cannot be dropped halfway
+        train_segmenter(SegmenterTrainConfig(
+            data=data, arch="attention_unet3d", out=tmp_path / "models", preset="tiny", patch_size=24, epochs=3,
+            steps_per_epoch=3, val_cases=1, outputs="regions", target_spacing=6.0, work_dir=tmp_path / "work",
+            progress="none", version="ds-2", resume=True))
 
     bundle = load_bundle(bundle_path)  # rebuilt from the manifest's architecture: the heads are not in it
     assert len(bundle.model.outputs) == 1
