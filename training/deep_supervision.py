@@ -98,5 +98,11 @@ def with_target_copies(data: Any, copies: int) -> Any:
                 x, y = inner[number]
                 return x, (y,) * copies
 
+            def on_epoch_begin(self) -> None:
+                inner.on_epoch_begin()
+
+            def on_epoch_end(self) -> None:
+                inner.on_epoch_end()
+
         return TargetCopies()
     return data.map(lambda x, y: (x, (y,) * copies))

@@ -56,7 +56,9 @@ def tqdm_callback(total: int, initial: int, desc: str) -> Any:
         def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
             self.bar.update(1)
             if logs and batch % 5 == 0:
-                shown = {k: f"{float(v):.3f}" for k, v in logs.items() if k in ("loss", "foreground_dice")}
+                # with deep supervision Keras names the metric after the output: probabilities_foreground_dice
+                shown = {k.removeprefix("probabilities_"): f"{float(v):.3f}" for k, v in logs.items()
+                         if k in ("loss", "foreground_dice", "probabilities_foreground_dice")}
                 self.bar.set_postfix(shown, refresh=False)
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:

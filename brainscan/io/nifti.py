@@ -327,7 +327,7 @@ def _parse(fileobj: io.IOBase, name: str, max_voxels: int, path: Path | None = N
         image_class = nib.Nifti2Image if head[4:8] in _NIFTI2_MAGICS else nib.Nifti1Image
         holder = nib.FileHolder(fileobj=fileobj)
         img = image_class.from_file_map({"header": holder, "image": holder})
-    except (EOFError, zlib.error, IsalError) as exc:  # the gzip stream ends or breaks (ISA-L inflates ahead)
+    except (EOFError, OSError, zlib.error, IsalError) as exc:  # the gzip stream ends or breaks (ISA-L reads ahead)
         raise CorruptFileError(f"{name} is truncated or damaged: {_reason(exc, path, name)}") from exc
     except Exception as exc:  # nibabel raises a zoo of types for bad headers
         raise CorruptFileError(f"{name} has an unreadable NIfTI header: {_reason(exc, path, name)}") from exc
@@ -386,8 +386,10 @@ def save_nifti(
     img.set_qform(np.asarray(affine), code=int(hdr["qform_code"]) if hdr is not None and hdr["qform_code"] > 0 else 1)
     img.set_sform(np.asarray(affine), code=int(hdr["sform_code"]) if hdr is not None and hdr["sform_code"] > 0 else 1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".gz":
-        path.write_bytes(igzip.compress(img.to_bytes(), compresslevel=1))
+    if path.suffix == ".gz":  # streamed, as nib.save does; no time stamp or file name in the gzip header
+        with path.open("wb") as raw, igzip.IGzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1,
+                                                     mtime=0) as stream:
+            img.to_file_map({"header": nib.FileHolder(fileobj=stream), "image": nib.FileHolder(fileobj=stream)})
     else:
         nib.save(img, str(path))
     return path

@@ -249,3 +249,17 @@ def test_load_options_and_missing_file(tmp_path: Path) -> None:
         read_nifti_header(path, max_voxels=10)
     with pytest.raises(FileNotFoundError):
         load_nifti(tmp_path / "absent.nii.gz")
+
+
+def test_gzip_output_is_deterministic_and_a_damaged_checksum_is_refused(tmp_path: Path) -> None:
+    data = (np.random.default_rng(3).random((20, 18, 16)) * 1000).astype(np.int16)
+    first = save_nifti(data, tmp_path / "a.nii.gz", affine=np.eye(4)).read_bytes()
+    second = save_nifti(data, tmp_path / "b.nii.gz", affine=np.eye(4)).read_bytes()
+    assert first == second  # no time stamp or name in the header: the same mask, the same bytes (and hash)
+    damaged = bytearray(first)
+    damaged[-8] ^= 0xFF  # the gzip trailer's CRC-32 of the voxel data
+    with pytest.raises(CorruptFileError, match="truncated or damaged"):
+        load_nifti_bytes(bytes(damaged), name="upload.nii.gz")
+    (tmp_path / "damaged.nii.gz").write_bytes(bytes(damaged))
+    with pytest.raises(CorruptFileError, match="damaged.nii.gz"):
+        load_nifti(tmp_path / "damaged.nii.gz")
