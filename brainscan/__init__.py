@@ -7,9 +7,9 @@ preprocessing path, metrics, model architectures, model bundles and the model st
 import os as _os
 
 # TensorFlow switches its oneDNN kernels on by itself only on CPUs with AVX-512 VNNI/BF16 or AMX. On
-# the AVX2-only CPUs of most laptops and many servers it falls back to Eigen, and these networks' Conv3D
-# and Conv2D then run 3-5x slower (a 48^3 window of the small U-Net: 0.23 s against 0.06 s on one AMD
-# EPYC core without AVX-512; `python bench/onednn.py` measures it). Set here, before any module of
+# the AVX2-only CPUs of most laptops and many servers it falls back to Eigen: the U-Nets' Conv3D then runs
+# about 4-5x slower, ResNet50's training step 2x (one AMD EPYC core without AVX-512; `python bench/onednn.py`
+# measures it). Set here, before any module of
 # brainscan, training or the services imports TensorFlow, so that the worker, `evaluate`, `predict`
 # and training all get it; an explicit TF_ENABLE_ONEDNN_OPTS=0 in the environment still turns it off.
 _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

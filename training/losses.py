@@ -186,9 +186,6 @@ class RegionDice(ForegroundDice):
         return {**config, "num_regions": self.num_regions}
 
 
-__all__ = ["DiceCELoss", "ForegroundDice", "RegionDice", "RegionDiceBCELoss", "soft_dice_loss"]
-
-
 @keras.saving.register_keras_serializable(package="brainscan")
 class DownsampledLoss(keras.losses.Loss):
     """``loss`` against the targets average-pooled by ``factor`` on each spatial axis: the loss of a deep-supervision
@@ -216,3 +213,6 @@ class DownsampledLoss(keras.losses.Loss):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "loss": keras.saving.serialize_keras_object(self.loss), "factor": self.factor}
+
+
+__all__ = ["DiceCELoss", "DownsampledLoss", "ForegroundDice", "RegionDice", "RegionDiceBCELoss", "soft_dice_loss"]

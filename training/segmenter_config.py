@@ -130,6 +130,7 @@ class SegmenterTrainConfig:
 
     def __post_init__(self) -> None:
         from brainscan.models.unet3d import PRESETS, spatial_divisor
+        from training.deep_supervision import max_heads
 
         check_choices(self)
         if self.other_scanners and not self.augment:
@@ -138,11 +139,10 @@ class SegmenterTrainConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         divisor = spatial_divisor(PRESETS[self.preset]["levels"])
-        from training.deep_supervision import max_heads
-
-        if not 0 <= self.deep_supervision <= max_heads(PRESETS[self.preset]["levels"]):
-            raise ValueError(f"deep_supervision must be in [0, {max_heads(PRESETS[self.preset]['levels'])}] for the "
-                             f"{self.preset} preset, got {self.deep_supervision}")
+        heads = max_heads(PRESETS[self.preset]["levels"])
+        if not 0 <= self.deep_supervision <= heads:
+            raise ValueError(f"deep_supervision must be in [0, {heads}] for the {self.preset} preset, "
+                             f"got {self.deep_supervision}")
         if self.patch_size < divisor or self.patch_size % divisor:
             raise ValueError(f"patch_size must be a positive multiple of {divisor} (the U-Net's downsampling), "
                              f"got {self.patch_size}")
