@@ -300,7 +300,8 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
     from brainscan.models.registry import build_model
     from brainscan.models.store import ModelStore
     from brainscan.preprocess.image2d import ImagePreprocessConfig
-    from training.runtime import build_optimizer, cosine_schedule, load_checkpoint, setup_runtime, wrap_optimizer
+    from training.runtime import (build_metrics, build_optimizer, cosine_schedule, load_checkpoint, setup_runtime,
+                                  wrap_optimizer)
 
     runtime = setup_runtime(config.seed, mixed_precision=config.mixed_precision)
     work = config.work_dir
@@ -385,6 +386,7 @@ def train_classifier(config: ClassifierTrainConfig) -> Path:
     fit_class_weight = weights if keras.backend.backend() == "tensorflow" else None
     start = time.perf_counter()
     if initial_epoch < config.epochs:
+        build_metrics(model, train_ds)
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
                   class_weight=fit_class_weight, callbacks=callbacks, shuffle=False,
                   verbose=1 if sys.stdout.isatty() else 2)

@@ -199,6 +199,25 @@ def build_optimizer(model: Any) -> None:
         model.optimizer.build(model.trainable_variables)
 
 
+def build_metrics(model: Any, dataset: Any) -> None:
+    """Create the compiled metrics' variables (and build the compiled loss) now, from the shapes of
+    ``dataset``'s batches, before ``fit`` traces the training step.
+
+    Keras builds them inside the first trace of the step unless the model was compiled under an explicit
+    distribution strategy (several replicas), and ``tf.function`` then traces the whole step a second
+    time without variable creation, as it did for the optimizer's slots (:func:`build_optimizer`). Only
+    the TensorFlow backend traces so; other backends, and data without an ``element_spec``, are left to
+    Keras.
+    """
+    import keras
+
+    spec = getattr(dataset, "element_spec", None)
+    if keras.backend.backend() != "tensorflow" or spec is None:
+        return
+    with model.distribute_strategy.scope():
+        model._symbolic_build(data_batch=spec)  # what Keras runs itself before fit under a strategy
+
+
 def load_checkpoint(path: Any) -> Any:
     """``keras.models.load_model(path)`` for a training checkpoint (``last.keras``), in a fresh process.
 

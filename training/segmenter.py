@@ -277,7 +277,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     from training.deep_supervision import served_network, with_target_copies
     from training.pack import is_pack
     from training.patches import PatchSampler, attach_soft_targets, dataset_fingerprint, prepare_cases
-    from training.runtime import load_checkpoint, setup_runtime
+    from training.runtime import build_metrics, load_checkpoint, setup_runtime
 
     previous_policy = keras.mixed_precision.global_policy()
     runtime = setup_runtime(config.seed, mixed_precision=config.mixed_precision)
@@ -342,6 +342,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         start = time.perf_counter()
         if initial_epoch < config.epochs:
             verbose = (1 if sys.stdout.isatty() else 2) if config.progress == "keras" else 0
+            build_metrics(model, dataset)
             model.fit(dataset, epochs=config.epochs, initial_epoch=initial_epoch,
                       steps_per_epoch=config.steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=verbose)
         train_seconds = time.perf_counter() - start

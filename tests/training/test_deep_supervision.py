@@ -87,10 +87,15 @@ def test_config_refuses_more_heads_than_decoder_levels(value, tmp_path):
         SegmenterTrainConfig(data=tmp_path, arch="unet3d", preset="tiny", deep_supervision=value)
 
 
-def test_a_deep_supervision_run_checkpoints_the_heads_and_ships_the_network_without_them(tmp_path):
+def test_a_deep_supervision_run_checkpoints_the_heads_and_ships_the_network_without_them(tmp_path, monkeypatch):
     from brainscan.models.bundle import load_bundle
     from training.runtime import load_checkpoint
 
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    traces = []
+    step = TensorFlowTrainer.train_step
+    monkeypatch.setattr(TensorFlowTrainer, "train_step", lambda self, data: traces.append(1) or step(self, data))
     data = tmp_path / "brats"
     write_brats_phantoms(data, n=4, seed=0, shape=(64, 64, 48))
     bundle_path = train_segmenter(SegmenterTrainConfig(
@@ -98,6 +103,7 @@ def test_a_deep_supervision_run_checkpoints_the_heads_and_ships_the_network_with
         steps_per_epoch=3, val_cases=1, val_every=2, warmup_epochs=0, outputs="regions", target_spacing=6.0,
         deep_supervision=2, work_dir=tmp_path / "work", progress="none", version="ds"))
 
+    assert len(traces) == 1  # the heads' metrics and losses were built before fit traced the step
     state = json.loads((tmp_path / "work" / "state.json").read_text())
     for epoch in state["history"]:  # each head's loss is trained and logged
         assert np.isfinite(epoch["deep_supervision_1_loss"]) and np.isfinite(epoch["deep_supervision_2_loss"])

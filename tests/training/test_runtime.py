@@ -132,6 +132,45 @@ def test_an_optimizer_built_before_fit_gets_its_training_step_traced_once() -> N
     assert int(model.optimizer.iterations.numpy()) == 6
 
 
+def test_metrics_built_before_fit_leave_one_trace_of_the_training_step() -> None:
+    """Compiled metrics are built inside the first trace of the step unless a strategy was given, and
+    tf.function then traces it again; build_metrics builds them from the dataset's spec first, same run."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from training.runtime import build_metrics, build_optimizer
+
+    traces = []
+
+    class Counting(keras.Sequential):
+        def train_step(self, data):  # runs once per trace
+            traces.append(1)
+            return super().train_step(data)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 4)).astype(np.float32)
+    y = np.eye(2, dtype=np.float32)[rng.integers(0, 2, 12)]
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)  # a last batch of 2: no retrace either
+    runs = {}
+    for early in (True, False):
+        keras.utils.set_random_seed(0)
+        traces.clear()
+        model = Counting([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+        model.compile(optimizer=keras.optimizers.AdamW(0.05), loss="categorical_crossentropy", metrics=["accuracy"])
+        build_optimizer(model)
+        if early:
+            build_metrics(model, dataset)
+            assert model._compile_metrics.built
+        history = model.fit(dataset, validation_data=dataset, epochs=2, verbose=0).history
+        runs[early] = (len(traces), history, model.get_weights())
+    assert runs[True][0] == 1 and runs[False][0] == 2
+    assert runs[True][1] == runs[False][1]
+    for a, b in zip(runs[True][2], runs[False][2]):
+        np.testing.assert_array_equal(a, b)
+    build_metrics(model, x)  # no element_spec (arrays, a PyDataset): left to Keras
+
+
 @pytest.mark.parametrize("arch, args", [
     ("resnet50", {"preset": "tiny", "input_size": 32}),
     ("vit_cnn", {"preset": "tiny", "input_size": 32}),
