@@ -96,6 +96,20 @@ def test_the_schedule_is_cosine_decay_computed_once_a_traced_step() -> None:
     assert schedule.get_config() == reference.get_config()
 
 
+def _counting_sequential() -> tuple[type, list[int]]:
+    """A Sequential subclass whose training step records each trace, and the list it records into."""
+    import keras
+
+    traces: list[int] = []
+
+    class Counting(keras.Sequential):
+        def train_step(self, data):  # runs once per trace
+            traces.append(1)
+            return super().train_step(data)
+
+    return Counting, traces
+
+
 def test_an_optimizer_built_before_fit_gets_its_training_step_traced_once() -> None:
     """Slots created inside the first trace make tf.function trace the step again; build_optimizer creates
     them first, and the run is the same (weights and their moving averages)."""
@@ -104,12 +118,7 @@ def test_an_optimizer_built_before_fit_gets_its_training_step_traced_once() -> N
 
     from training.runtime import build_optimizer
 
-    traces = []
-
-    class Counting(keras.Sequential):
-        def train_step(self, data):  # runs once per trace
-            traces.append(1)
-            return super().train_step(data)
+    Counting, traces = _counting_sequential()
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(12, 4)).astype(np.float32), rng.normal(size=(12, 2)).astype(np.float32)
@@ -141,12 +150,7 @@ def test_metrics_built_before_fit_leave_one_trace_of_the_training_step() -> None
 
     from training.runtime import build_metrics, build_optimizer
 
-    traces = []
-
-    class Counting(keras.Sequential):
-        def train_step(self, data):  # runs once per trace
-            traces.append(1)
-            return super().train_step(data)
+    Counting, traces = _counting_sequential()
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(12, 4)).astype(np.float32)
