@@ -175,31 +175,59 @@ def test_metrics_built_before_fit_leave_one_trace_of_the_training_step() -> None
     build_metrics(model, x)  # no element_spec (arrays, a PyDataset): left to Keras
 
 
-@pytest.mark.parametrize("arch, args", [
-    ("resnet50", {"preset": "tiny", "input_size": 32}),
-    ("vit_cnn", {"preset": "tiny", "input_size": 32}),
-    ("unet3d", {"preset": "tiny"}),
-    ("attention_unet3d", {"preset": "tiny"}),
-])
-def test_checkpoints_load_in_a_fresh_process(arch, args, tmp_path) -> None:
-    """What --resume does after a crash: a new interpreter loads last.keras (custom layers, loss, optimizer)."""
+CHECKPOINTED = {
+    "resnet50": {"preset": "tiny", "input_size": 32},
+    "vit_cnn": {"preset": "tiny", "input_size": 32},
+    "unet3d": {"preset": "tiny"},
+    "attention_unet3d": {"preset": "tiny"},
+}
+LOAD_IN_A_FRESH_PROCESS = """
+import json, sys, traceback
+from training.runtime import load_checkpoint
+for arch, path in json.loads(sys.argv[1]).items():
+    try:
+        print(json.dumps({arch: load_checkpoint(path).count_params()}))
+    except Exception:
+        print(json.dumps({arch: traceback.format_exc()[-3000:]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process_loads(tmp_path_factory) -> dict[str, tuple[int, object]]:
+    """Each architecture's checkpoint, saved here, then loaded by one new interpreter (one TensorFlow start
+    for the four): {arch: (parameters saved, parameters loaded or the load's traceback)}."""
     import keras
 
     from brainscan.models.registry import build_model
     from training.losses import DiceCELoss
     from training.runtime import Runtime, cosine_schedule, wrap_optimizer
 
-    model = build_model(arch, args)
-    loss = DiceCELoss() if "unet" in arch else "sparse_categorical_crossentropy"
-    # the trainers' learning-rate schedule, and the mixed-precision wrapper: a GPU run's checkpoint names it
-    schedule = cosine_schedule(initial_learning_rate=1e-5, decay_steps=10, warmup_target=1e-3, warmup_steps=2)
-    optimizer = wrap_optimizer(keras.optimizers.AdamW(schedule), Runtime(strategy=None, gpus=0, mixed_precision=True))
-    model.compile(optimizer=optimizer, loss=loss)
-    model.save(tmp_path / "last.keras")
-    script = ("import sys; from training.runtime import load_checkpoint; "
-              "model = load_checkpoint(sys.argv[1]); print(model.count_params())")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "last.keras")], cwd=REPO_ROOT,
+    folder = tmp_path_factory.mktemp("checkpoints")
+    saved, paths = {}, {}
+    for arch, args in CHECKPOINTED.items():
+        model = build_model(arch, args)
+        loss = DiceCELoss() if "unet" in arch else "sparse_categorical_crossentropy"
+        # the trainers' learning-rate schedule, and the mixed-precision wrapper: a GPU run's checkpoint names it
+        schedule = cosine_schedule(initial_learning_rate=1e-5, decay_steps=10, warmup_target=1e-3, warmup_steps=2)
+        optimizer = wrap_optimizer(keras.optimizers.AdamW(schedule),
+                                   Runtime(strategy=None, gpus=0, mixed_precision=True))
+        model.compile(optimizer=optimizer, loss=loss)
+        paths[arch] = str(folder / arch / "last.keras")
+        (folder / arch).mkdir()
+        model.save(paths[arch])
+        saved[arch] = model.count_params()
+    done = subprocess.run([sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, json.dumps(paths)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300,
                           env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "2"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert int(done.stdout.strip().splitlines()[-1]) == model.count_params()
+    loaded = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            loaded.update(json.loads(line))
+    return {arch: (saved[arch], loaded.get(arch, f"exit {done.returncode}: {done.stderr[-3000:]}")) for arch in saved}
+
+
+@pytest.mark.parametrize("arch", list(CHECKPOINTED))
+def test_checkpoints_load_in_a_fresh_process(arch, fresh_process_loads) -> None:
+    """What --resume does after a crash: a new interpreter loads last.keras (custom layers, loss, optimizer)."""
+    saved, loaded = fresh_process_loads[arch]
+    assert loaded == saved, loaded
