@@ -79,7 +79,12 @@ def cmdline_of(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
 
 
-def test_up_serves_and_ctrl_c_stops_everything(store: Path) -> None:
+def test_up_serves_restarts_a_redis_that_dies_and_ctrl_c_stops_everything(store: Path) -> None:
+    """One launched stack (each start loads TensorFlow in four processes): it serves the page, a
+    classification and a segmentation; Redis killed under a queued job comes back on its port while
+    nothing else stops and the job finishes once; Ctrl-C then stops every process, the new Redis too."""
+    import redis
+
     port = free_port()
     proc = launch("--port", str(port), "--models", str(store), "--workers", "2",
                   "--data-dir", str(store.parent / "var"), env=EXPORTED)
@@ -90,8 +95,9 @@ def test_up_serves_and_ctrl_c_stops_everything(store: Path) -> None:
         assert len(children) == 6, children  # redis, classifier, segmenter API, 2 workers, gateway
         worker_pools = [grandchild for pid in children for grandchild in children_of(pid)]
         run_secrets = check_trust_boundary(lines, children)
-        assert httpx.get(f"http://127.0.0.1:{port}/api/ready", timeout=10).status_code == 200
-        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/api/ready", timeout=10).status_code == 200
+        page = httpx.get(f"{base}/", timeout=10)
         assert page.status_code == 200 and "not for clinical use" in page.text.lower()
         image = next(KAGGLE_TRAINING.glob("glioma/*.jpg"), None) if KAGGLE_TRAINING.is_dir() else None
         if image is None:
@@ -101,18 +107,58 @@ def test_up_serves_and_ctrl_c_stops_everything(store: Path) -> None:
             raw = encode_jpeg(make_kaggle_phantom("glioma", seed=1))
         else:
             raw = image.read_bytes()
-        result = httpx.post(f"http://127.0.0.1:{port}/api/v1/classifications",
-                            files={"file": ("scan.jpg", raw, "image/jpeg")}, timeout=60)
+        result = httpx.post(f"{base}/api/v1/classifications", files={"file": ("scan.jpg", raw, "image/jpeg")},
+                            timeout=60)
         assert result.status_code == 200, result.text
         assert result.json()["label"] in ("glioma", "meningioma", "notumor", "pituitary")
-        segment_one_case(f"http://127.0.0.1:{port}", store.parent / "case")
+        segment_one_case(base, store.parent / "case")
+
+        # Redis dies under a queued job
+        redis_port = int(re.search(r"starting redis on 127\.0\.0\.1:(\d+)", "".join(lines)).group(1))
+        commands = {pid: cmdline_of(pid) for pid in children}
+        redis_pid = next(pid for pid, command in commands.items() if "redis-server" in command)
+        worker_pid = next(pid for pid, command in commands.items() if "celery" in command)
+        password = environ_of(worker_pid)["BRAINSCAN_REDIS_PASSWORD"]
+        others = sorted(set(children) - {redis_pid})
+        with httpx.Client(base_url=base, timeout=60) as client:  # keeps the session cookie: job ownership
+            job = client.post("/api/v1/segmentations", files=phantom_upload(store.parent / "redis-loss-case"))
+            assert job.status_code == 202, job.text
+            os.kill(redis_pid, signal.SIGKILL)
+            image = {"file": ("scan.jpg", slice_jpeg(), "image/jpeg")}
+            classified = client.post("/api/v1/classifications", files=image)
+            assert classified.status_code == 200, classified.text
+
+            deadline = time.monotonic() + 60
+            restarted = None
+            while time.monotonic() < deadline and restarted is None:
+                time.sleep(0.5)
+                fresh = [pid for pid in children_of(proc.pid)
+                         if pid not in children and "redis-server" in cmdline_of(pid)]
+                if fresh and redis.Redis(host="127.0.0.1", port=redis_port, password=password,
+                                         socket_timeout=2).ping():
+                    restarted = fresh[0]
+            assert restarted is not None, "the launcher did not start Redis again on its port"
+            assert [pid for pid in others if not alive(pid)] == [] and set(others) <= set(children_of(proc.pid))
+
+            body = job.json()
+            deadline = time.monotonic() + 240
+            while body["status"] in ("queued", "running") and time.monotonic() < deadline:
+                time.sleep(0.5)
+                body = client.get(f"/api/v1/segmentations/{body['id']}").json()
+            assert body["status"] == "succeeded" and body["attempts"] == 1, body
+            deadline = time.monotonic() + 60
+            while client.get("/api/ready").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert client.get("/api/ready").status_code == 200
     finally:
         out = stop_launcher(proc)
     assert proc.returncode == 0, out
     assert "stopping" in out
+    assert "redis stopped unexpectedly (status -9); restarting it in 1 s" in out, out
+    assert "restarted redis (restart 1 in a row)" in out
     assert not any(secret in "".join(lines) + out for secret in run_secrets)  # never printed
     time.sleep(0.5)
-    assert [pid for pid in children + worker_pools if alive(pid)] == []
+    assert [pid for pid in [*children, *worker_pools, restarted] if alive(pid)] == []
 
 
 def check_trust_boundary(lines: list[str], children: list[int]) -> tuple[str, str]:
@@ -283,59 +329,6 @@ def test_only_the_embedded_redis_is_restarted_and_its_appendonly_file_is_fsynced
     argv = services[0].argv
     assert argv is not None and argv[argv.index("--appendfsync") + 1] == "always"
     assert argv[argv.index("--appendonly") + 1] == "yes" and argv[argv.index("--dir") + 1] == str(tmp_path / "redis")
-
-
-def test_up_restarts_a_redis_that_dies_and_nothing_else_stops(store: Path) -> None:
-    import redis
-
-    port = free_port()
-    proc = launch("--port", str(port), "--models", str(store), "--workers", "1",
-                  "--data-dir", str(store.parent / "var-redis-loss"))
-    try:
-        lines = wait_for_launcher(proc)
-        redis_port = int(re.search(r"starting redis on 127\.0\.0\.1:(\d+)", "".join(lines)).group(1))
-        children = children_of(proc.pid)
-        commands = {pid: cmdline_of(pid) for pid in children}
-        redis_pid = next(pid for pid, command in commands.items() if "redis-server" in command)
-        worker_pid = next(pid for pid, command in commands.items() if "celery" in command)
-        password = environ_of(worker_pid)["BRAINSCAN_REDIS_PASSWORD"]
-        others = sorted(set(children) - {redis_pid})
-        base = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=base, timeout=60) as client:  # keeps the session cookie: job ownership
-            job = client.post("/api/v1/segmentations", files=phantom_upload(store.parent / "redis-loss-case"))
-            assert job.status_code == 202, job.text
-            os.kill(redis_pid, signal.SIGKILL)
-            image = {"file": ("scan.jpg", slice_jpeg(), "image/jpeg")}
-            classified = client.post("/api/v1/classifications", files=image)
-            assert classified.status_code == 200, classified.text
-
-            deadline = time.monotonic() + 60
-            restarted = None
-            while time.monotonic() < deadline and restarted is None:
-                time.sleep(0.5)
-                fresh = [pid for pid in children_of(proc.pid)
-                         if pid not in children and "redis-server" in cmdline_of(pid)]
-                if fresh and redis.Redis(host="127.0.0.1", port=redis_port, password=password,
-                                         socket_timeout=2).ping():
-                    restarted = fresh[0]
-            assert restarted is not None, "the launcher did not start Redis again on its port"
-            assert [pid for pid in others if not alive(pid)] == [] and set(others) <= set(children_of(proc.pid))
-
-            body = job.json()
-            deadline = time.monotonic() + 240
-            while body["status"] in ("queued", "running") and time.monotonic() < deadline:
-                time.sleep(0.5)
-                body = client.get(f"/api/v1/segmentations/{body['id']}").json()
-            assert body["status"] == "succeeded" and body["attempts"] == 1, body
-            deadline = time.monotonic() + 60
-            while client.get("/api/ready").status_code != 200 and time.monotonic() < deadline:
-                time.sleep(0.5)
-            assert client.get("/api/ready").status_code == 200
-    finally:
-        out = stop_launcher(proc)
-    assert proc.returncode == 0, out
-    assert "redis stopped unexpectedly (status -9); restarting it in 1 s" in out, out
-    assert "restarted redis (restart 1 in a row)" in out and password not in "".join(lines) + out
 
 
 def phantom_upload(folder: Path) -> dict[str, tuple[str, bytes, str]]:
