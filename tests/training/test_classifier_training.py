@@ -11,7 +11,6 @@ nor for model selection. Chance is 0.25 for four balanced classes.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -101,23 +100,18 @@ def test_bundle_manifest_records_training(trained, kaggle_phantoms):
 
 
 @pytest.mark.slow
-def test_resume_continues_from_checkpoint(trained, kaggle_phantoms, tmp_path):
-    """--resume in a new process (as after a crash): the checkpoint's custom layers must load there too."""
-    import subprocess
-    import sys
-
-    from tests.paths import REPO_ROOT
-
+def test_resume_continues_from_checkpoint(trained, kaggle_phantoms, tmp_path, caplog):
+    """--resume continues the run's checkpoint and history. (That a new interpreter loads each
+    architecture's checkpoint, as after a crash, is tests/training/test_runtime.py's fresh-process test.)"""
     arch, _, _, work = trained
     out = tmp_path / "models"
     before = json.loads((work / "state.json").read_text())["history"]
     command = train_command(kaggle_phantoms, arch, out, work, "--resume")
     epochs = EPOCHS[arch]
     command[command.index("--epochs") + 1] = str(epochs + 1)
-    done = subprocess.run([sys.executable, "-m", "brainscan.cli.main", *command], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resuming from {work / 'last.keras'} at epoch {epochs}" in done.stderr
+    with caplog.at_level("INFO", logger="training.classifier"):
+        assert main(command) == 0
+    assert f"resuming from {work / 'last.keras'} at epoch {epochs}" in caplog.text
     after = json.loads((work / "state.json").read_text())["history"]
     assert [h["epoch"] for h in after] == list(range(1, epochs + 2))
     assert after[:epochs] == before
