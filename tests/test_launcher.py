@@ -79,6 +79,7 @@ def cmdline_of(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
 
 
+@pytest.mark.timeout(1500)  # the waits of the two launches it replaces
 def test_up_serves_restarts_a_redis_that_dies_and_ctrl_c_stops_everything(store: Path) -> None:
     """One launched stack (each start loads TensorFlow in four processes): it serves the page, a
     classification and a segmentation; Redis killed under a queued job comes back on its port while
@@ -158,7 +159,8 @@ def test_up_serves_restarts_a_redis_that_dies_and_ctrl_c_stops_everything(store:
     assert "restarted redis (restart 1 in a row)" in out
     assert not any(secret in "".join(lines) + out for secret in run_secrets)  # never printed
     time.sleep(0.5)
-    assert [pid for pid in [*children, *worker_pools, restarted] if alive(pid)] == []
+    # the killed Redis was reaped at once: its pid may be a stranger's by now
+    assert [pid for pid in [*others, *worker_pools, restarted] if alive(pid)] == []
 
 
 def check_trust_boundary(lines: list[str], children: list[int]) -> tuple[str, str]:

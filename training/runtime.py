@@ -203,11 +203,12 @@ def build_metrics(model: Any, dataset: Any) -> None:
     """Create the compiled metrics' variables (and build the compiled loss) now, from the shapes of
     ``dataset``'s batches, before ``fit`` traces the training step.
 
-    Keras builds them inside the first trace of the step unless the model was compiled under an explicit
-    distribution strategy (several replicas), and ``tf.function`` then traces the whole step a second
-    time without variable creation, as it did for the optimizer's slots (:func:`build_optimizer`). Only
-    the TensorFlow backend traces so; other backends, and data without an ``element_spec``, are left to
-    Keras.
+    Keras builds them inside the first trace of the step unless the model runs under an explicit
+    distribution strategy (several replicas, or one device named by :data:`DEVICES_ENV`), and
+    ``tf.function`` then traces the whole step a second time without variable creation, as it did for
+    the optimizer's slots (:func:`build_optimizer`). Under a strategy Keras has built them itself and
+    this changes nothing. Only the TensorFlow backend traces so; other backends, and data without an
+    ``element_spec``, are left to Keras.
     """
     import keras
 

@@ -193,25 +193,29 @@ for arch, path in json.loads(sys.argv[1]).items():
 
 
 @pytest.fixture(scope="module")
-def fresh_process_loads(tmp_path_factory) -> dict[str, tuple[int, object]]:
-    """Each architecture's checkpoint, saved here, then loaded by one new interpreter (one TensorFlow start
-    for the four): {arch: (parameters saved, parameters loaded or the load's traceback)}."""
+def fresh_process_loads(tmp_path_factory) -> tuple[dict[str, tuple[int, object]], int, str]:
+    """Each architecture's checkpoint, compiled as its trainer compiles it and saved here, then loaded by one
+    new interpreter (one TensorFlow start for the four): ({arch: (parameters saved, parameters loaded or the
+    load's traceback)}, the interpreter's exit status, the end of its stderr)."""
     import keras
 
     from brainscan.models.registry import build_model
-    from training.losses import DiceCELoss
-    from training.runtime import Runtime, cosine_schedule, wrap_optimizer
+    from training.losses import DiceCELoss, ForegroundDice
+    from training.runtime import Runtime, build_optimizer, cosine_schedule, wrap_optimizer
 
     folder = tmp_path_factory.mktemp("checkpoints")
     saved, paths = {}, {}
     for arch, args in CHECKPOINTED.items():
         model = build_model(arch, args)
-        loss = DiceCELoss() if "unet" in arch else "sparse_categorical_crossentropy"
-        # the trainers' learning-rate schedule, and the mixed-precision wrapper: a GPU run's checkpoint names it
+        segmenter = "unet" in arch
+        # the trainers' learning-rate schedule, and the mixed-precision wrapper: a GPU run's checkpoint names it;
+        # a classifier's weight average (--ema) and clipping, its label-smoothed loss and accuracy
         schedule = cosine_schedule(initial_learning_rate=1e-5, decay_steps=10, warmup_target=1e-3, warmup_steps=2)
-        optimizer = wrap_optimizer(keras.optimizers.AdamW(schedule),
-                                   Runtime(strategy=None, gpus=0, mixed_precision=True))
-        model.compile(optimizer=optimizer, loss=loss)
+        optimizer = keras.optimizers.AdamW(schedule, clipnorm=1.0, use_ema=not segmenter, ema_momentum=0.9)
+        model.compile(optimizer=wrap_optimizer(optimizer, Runtime(strategy=None, gpus=0, mixed_precision=True)),
+                      loss=DiceCELoss() if segmenter else keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
+                      metrics=[ForegroundDice()] if segmenter else ["accuracy"])
+        build_optimizer(model)  # its slots (and averages) are in the checkpoint, as after fit
         paths[arch] = str(folder / arch / "last.keras")
         (folder / arch).mkdir()
         model.save(paths[arch])
@@ -223,11 +227,14 @@ def fresh_process_loads(tmp_path_factory) -> dict[str, tuple[int, object]]:
     for line in done.stdout.splitlines():
         if line.startswith("{"):
             loaded.update(json.loads(line))
-    return {arch: (saved[arch], loaded.get(arch, f"exit {done.returncode}: {done.stderr[-3000:]}")) for arch in saved}
+    results = {arch: (saved[arch], loaded.get(arch, f"not loaded: {done.stderr[-3000:]}")) for arch in saved}
+    return results, done.returncode, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("arch", list(CHECKPOINTED))
 def test_checkpoints_load_in_a_fresh_process(arch, fresh_process_loads) -> None:
     """What --resume does after a crash: a new interpreter loads last.keras (custom layers, loss, optimizer)."""
-    saved, loaded = fresh_process_loads[arch]
+    results, returncode, stderr = fresh_process_loads
+    saved, loaded = results[arch]
     assert loaded == saved, loaded
+    assert returncode == 0, stderr
