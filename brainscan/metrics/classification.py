@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from brainscan.errors import EmptyInputError, NonFiniteError
 
@@ -155,6 +154,8 @@ def expected_calibration_error(
 
 def _roc_auc(y_true: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict[str, Any]:
     """One-vs-rest ROC-AUC per class; a class lacking positives or negatives gets ``None``."""
+    from sklearn.metrics import roc_auc_score  # here: scikit-learn costs seconds to import, see classification_report
+
     per_class: dict[str, float | None] = {}
     undefined: dict[str, str] = {}
     for k, name in enumerate(class_names):
@@ -225,6 +226,10 @@ def classification_report(
         pred = probs.argmax(axis=1)
     else:
         pred = _to_indices(scores, names, "y_pred")
+
+    # Imported here, not at the top: scikit-learn (with SciPy's stats and pandas, which it loads) takes 2-3 CPU-s
+    # to import, and every process that imports brainscan.metrics for the segmentation scores would pay it.
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     labels = list(range(len(names)))
     precision, recall, f1, support = precision_recall_fscore_support(
