@@ -16,7 +16,7 @@ _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 # TensorFlow and Keras import JAX, pandas, scikit-learn and matplotlib at start-up for features brainscan does not
 # use (TF Lite's JAX converter, DataFrame inputs, scikit-learn wrappers, plotting): about 40 % of TensorFlow's
-# import time and 250 MB of every process that loads it. Declined here, before anything imports TensorFlow
+# import CPU time and 250 MB of every process that loads it. Declined here, before anything imports TensorFlow
 # (brainscan/lean_imports.py; BRAINSCAN_LEAN_IMPORTS=0 turns it off).
 from brainscan import lean_imports as _lean_imports  # noqa: E402
 
