@@ -1,4 +1,4 @@
-"""argparse value types shared by the commands: numbers with bounds, and a clear message when not."""
+"""argparse helpers shared by the commands: a command group, and numbers with bounds and a clear message when not."""
 
 from __future__ import annotations
 
@@ -30,3 +30,11 @@ non_negative_int = number(int, "an integer >= 0", lambda v: v >= 0)
 positive_float = number(float, "a positive number", lambda v: v > 0)
 non_negative_float = number(float, "a number >= 0", lambda v: v >= 0)
 overlap_fraction = number(float, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+
+
+def command_group(subparsers: argparse._SubParsersAction, name: str, *, help: str, description: str,
+                  **parser_options) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """``brainscan NAME COMMAND``: the group's parser and the action its commands are added to."""
+    group = subparsers.add_parser(name, help=help, description=description, **parser_options)
+    commands = group.add_subparsers(title=f"{name} commands", metavar="COMMAND", required=True)
+    return group, commands

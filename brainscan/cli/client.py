@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from brainscan.cli.arguments import non_negative_float, non_negative_int, positive_float
+from brainscan.cli.arguments import command_group, non_negative_float, non_negative_int, positive_float
 from brainscan.cli.output import fmt, print_json, progress_bar, table
 from brainscan.client import BrainscanClient, ClientError
 from brainscan.errors import BrainscanError
@@ -35,12 +35,11 @@ EXIT_CODES_HELP = """exit status:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    client = subparsers.add_parser(
-        "client", help="use a running brainscan server (brainscan up) over HTTP",
+    _, commands = command_group(
+        subparsers, "client", help="use a running brainscan server (brainscan up) over HTTP",
         description="Send images or BraTS cases to a brainscan server's /api/v1. Research software: NOT for "
                     "clinical use.",
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = client.add_subparsers(title="client commands", metavar="COMMAND", required=True)
 
     classify = commands.add_parser(
         "classify", help="tumour class of 2D MRI slices, computed by the server",

@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from brainscan.cli.arguments import command_group
 from brainscan.cli.output import fmt, print_json, table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    data = subparsers.add_parser("data", help="inspect datasets, write synthetic phantoms",
-                                 description="Inspect dataset folders and write synthetic phantom datasets.")
-    commands = data.add_subparsers(title="data commands", metavar="COMMAND", required=True)
+    _, commands = command_group(subparsers, "data", help="inspect datasets, write synthetic phantoms",
+                                description="Inspect dataset folders and write synthetic phantom datasets.")
 
     inspect = commands.add_parser(
         "inspect",

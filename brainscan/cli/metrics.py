@@ -7,15 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
+from brainscan.cli.arguments import command_group
 from brainscan.cli.output import fmt, print_json, table
 from brainscan.errors import InvalidLabelsError, VolumeMismatchError
 from brainscan.labels import BRATS2021, LABEL_CONVENTIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    metrics = subparsers.add_parser("metrics", help="compute evaluation metrics",
-                                    description="Compute evaluation metrics for predictions.")
-    commands = metrics.add_subparsers(title="metrics commands", metavar="COMMAND", required=True)
+    _, commands = command_group(subparsers, "metrics", help="compute evaluation metrics",
+                                description="Compute evaluation metrics for predictions.")
     seg = commands.add_parser(
         "segmentation",
         help="Dice, IoU, HD95 and volumes of a predicted mask against a BraTS seg file",

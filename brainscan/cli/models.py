@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from brainscan.cli.arguments import command_group
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    models = subparsers.add_parser("models", help="list model bundles, promote a version",
-                                   description="Work with the model store models/<task>/<arch>/<version>/.")
+    models, commands = command_group(subparsers, "models", help="list model bundles, promote a version",
+                                     description="Work with the model store models/<task>/<arch>/<version>/.")
     models.add_argument("--root", type=Path, default=None,
                         help="model store folder (default: $BRAINSCAN_MODELS or ./models)")
-    commands = models.add_subparsers(title="models commands", metavar="COMMAND", required=True)
     listing = commands.add_parser("list", help="list every bundle with its version, demo flag and metrics",
                                   description="List every bundle in the model store; '*' marks the current version.")
     listing.add_argument("--json", action="store_true", help="print JSON")

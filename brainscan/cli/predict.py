@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from brainscan.cli.arguments import overlap_fraction, positive_int
+from brainscan.cli.arguments import command_group, overlap_fraction, positive_int
 from brainscan.errors import BrainscanError
 from brainscan.models.precision import PRECISIONS
 from brainscan.models.store import resolve_bundle
@@ -24,10 +24,9 @@ SKULL_STRIPS = ("auto", "on", "off")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    predict = subparsers.add_parser(
-        "predict", help="classify images or segment a BraTS case with a model bundle",
+    _, commands = command_group(
+        subparsers, "predict", help="classify images or segment a BraTS case with a model bundle",
         description="Run a model bundle on your own files. Research software: NOT for clinical use.")
-    commands = predict.add_subparsers(title="predict commands", metavar="COMMAND", required=True)
 
     classify = commands.add_parser(
         "classify", help="tumour class and probabilities of 2D MRI slices (JPEG, PNG, ...)",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from brainscan.cli.arguments import command_group
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    train = subparsers.add_parser("train", help="train a classifier or a segmenter and write a model bundle",
-                                  description="Train a model from scratch and write a bundle into the model store.")
-    commands = train.add_subparsers(title="train commands", metavar="COMMAND", required=True)
+    _, commands = command_group(subparsers, "train",
+                                help="train a classifier or a segmenter and write a model bundle",
+                                description="Train a model from scratch and write a bundle into the model store.")
 
     # Each trainer's options are its config dataclass's fields (training.options builds both parsers).
     from training.classifier_cli import add_classifier_parser
