@@ -22,7 +22,10 @@ validation cases, so the "none" row repeats its manifest; what matters is the dr
 Usage:
   .venv/bin/python bench/robustness.py models/segmentation/unet3d/3 --data runs/data/brats19
       [--cases ID ...] [--shifts thick_slices bias_field ...] [--seed 0]
-Without ``--cases`` it uses the manifest's ``training.validation_case_ids``.
+      [--mirror-axes AXIS ...] [--min-enhancing-mm3 V]
+Without ``--cases`` it uses the manifest's ``training.validation_case_ids``. ``--mirror-axes`` (none
+given: one pass) and ``--min-enhancing-mm3`` try the bundle with other settings than its manifest's, to
+compare two bundles at the same mirroring or post-processing; the header line says what was used.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="*", default=None, help="case ids (default: the manifest's validation cases)")
     parser.add_argument("--shifts", nargs="*", default=list(SHIFTS), choices=list(SHIFTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mirror-axes", type=int, nargs="*", default=None, choices=(0, 1, 2),
+                        help="test-time mirroring instead of the manifest's (no axis: one pass)")
+    parser.add_argument("--min-enhancing-mm3", type=float, default=None,
+                        help="post-processing's minimum enhancing tumour instead of the manifest's")
     args = parser.parse_args(argv)
 
     bundle = load_bundle(args.bundle)
@@ -128,9 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         print(f"none of the cases {wanted} is under {args.data}", file=sys.stderr)
         return 2
-    segmenter = Segmenter.from_bundle(bundle)
+    segmenter = Segmenter.from_bundle(bundle, None if args.mirror_axes is None
+                                      else {"mirror_axes": tuple(sorted(set(args.mirror_axes)))})
+    if args.min_enhancing_mm3 is not None:
+        segmenter.postprocessing = replace(segmenter.postprocessing, min_enhancing_mm3=args.min_enhancing_mm3)
     print(f"{args.bundle} ({bundle.architecture} {bundle.version}), {len(cases)} cases: "
-          f"{', '.join(c.case_id for c in cases)}")
+          f"{', '.join(c.case_id for c in cases)}; mirroring {list(segmenter.mirror_axes)}, "
+          f"post-processing {segmenter.postprocessing.to_dict()}")
     print(f"{'shift':<14} " + " ".join(f"{r:>6}" for r in (*REGIONS, "mean")) + "   s/case")
     loaded = [load_case(case) for case in cases]
     for name in args.shifts:

@@ -113,10 +113,9 @@ def write_ensemble(bundle_paths: list[Path], data: Path, out: Path, version: str
     from brainscan.models.bundle import save_bundle
     from brainscan.models.store import ModelStore
     from training.segmenter_validation import (
-        predict_cases,
         region_dice,
         select_mirroring_pooled,
-        select_postprocessing,
+        select_postprocessing_pooled,
         validation_metrics,
     )
 
@@ -126,14 +125,12 @@ def write_ensemble(bundle_paths: list[Path], data: Path, out: Path, version: str
     ordered = [case for cases in groups for case in cases]
     log.info("ensemble of %d folds: predicting each of %d cases with the fold that validated on it",
              len(bundles), len(ordered))
-    pooled = [item for segmenter, cases in zip(segmenters, groups) for item in predict_cases(segmenter, cases)]
-    postprocessing, per_case, selection = select_postprocessing(segmenters[0], ordered, predicted=pooled)
-    del pooled
-    for segmenter in segmenters:
-        segmenter.postprocessing = postprocessing
+    _, per_case, selection = select_postprocessing_pooled(list(zip(segmenters, groups)))
     mirror_selection = None
     if select_tta:
-        _, per_case, mirror_selection = select_mirroring_pooled(list(zip(segmenters, groups)))
+        axes, per_case, mirror_selection = select_mirroring_pooled(list(zip(segmenters, groups)))
+        if axes:  # the post-processing is chosen again on the mirrored predictions, which are served
+            _, per_case, selection = select_postprocessing_pooled(list(zip(segmenters, groups)))
     scores = region_dice(per_case)
     log.info("pooled cross-validation Dice with the chosen settings: WT %.3f TC %.3f ET %.3f (%d cases)",
              scores["WT"], scores["TC"], scores["ET"], len(per_case))

@@ -38,6 +38,7 @@ from training.segmenter_validation import (
     score_predictions,
     select_mirroring,
     select_postprocessing,
+    select_postprocessing_pooled,
     validation_metrics,
 )
 from training.segmenter_callbacks import timed_cosine_callback, tqdm_callback
@@ -359,7 +360,9 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         best_predictions.clear()
         mirror_selection = None
         if config.select_tta:
-            _, per_case, mirror_selection = select_mirroring(segmenter, val, work / "cache")
+            axes, per_case, mirror_selection = select_mirroring(segmenter, val, work / "cache")
+            if axes:  # the post-processing is chosen again on the mirrored predictions, which are served
+                _, per_case, selection = select_postprocessing_pooled([(segmenter, val)], work / "cache")
         scores = region_dice(per_case)
         log.info("validation Dice of the bundled weights: WT %.3f TC %.3f ET %.3f (%d cases)",
                  scores["WT"], scores["TC"], scores["ET"], len(per_case))

@@ -4,7 +4,8 @@
   :class:`~brainscan.inference.segmenter.Segmenter` the bundle will serve, score them on their
   own label files;
 - :func:`select_postprocessing` and :func:`select_mirroring`: the post-processing and mirroring
-  TTA a bundle records, each kept only where it measurably helps on validation;
+  TTA a bundle records, each kept only where it measurably helps on validation (the post-processing
+  chosen again, :func:`select_postprocessing_pooled`, once a mirroring is chosen);
 - :func:`cross_validation_summary`: per-region Dice and HD95 over the bundles of a K-fold run.
 """
 
@@ -119,6 +120,24 @@ def select_postprocessing(segmenter: Any, cases: list[Any], cache_dir: Path | No
     assert best is not None
     return best[0], best[1], table
 
+
+
+def select_postprocessing_pooled(groups: list[tuple[Any, list[Any]]], cache_dir: Path | None = None,
+                                 candidates: tuple[dict[str, float], ...] = POSTPROCESSING_CANDIDATES,
+                                 ) -> tuple[Any, dict[str, dict], list[dict[str, Any]]]:
+    """:func:`select_postprocessing` over several ``(segmenter, its cases)`` groups scored as one set, each
+    case predicted by its group's segmenter with that segmenter's window settings and mirroring (the folds
+    of a cross-validation; one group for a single run). Every segmenter is left with the choice.
+
+    Called again once a mirroring is chosen: mirroring moves the probabilities (a few hundred mm^3 of
+    enhancing tumour can come or go), so the post-processing is chosen on the predictions that are served.
+    """
+    ordered = [case for _, cases in groups for case in cases]
+    predicted = [item for segmenter, cases in groups for item in predict_cases(segmenter, cases, cache_dir)]
+    config, per_case, table = select_postprocessing(groups[0][0], ordered, predicted=predicted, candidates=candidates)
+    for segmenter, _ in groups:
+        segmenter.postprocessing = config
+    return config, per_case, table
 
 #: Mirroring candidates of :func:`select_mirroring`, cheapest first: none, left-right (2 passes), all
 #: three axes (8 passes).
@@ -263,5 +282,5 @@ def cross_validation_summary(bundle_paths: list[Path]) -> dict[str, Any]:
 __all__ = [
     "MEASURABLE_GAIN", "MIRROR_CANDIDATES", "MIRROR_GAIN", "POSTPROCESSING_CANDIDATES", "cross_validation_summary",
     "evaluate_cases", "finite_or_none", "predict_cases", "region_dice", "select_mirroring", "select_mirroring_pooled",
-    "select_postprocessing", "validation_metrics",
+    "select_postprocessing", "select_postprocessing_pooled", "validation_metrics",
 ]

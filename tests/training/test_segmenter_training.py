@@ -517,6 +517,28 @@ def test_select_mirroring_measures_each_candidate_and_pays_only_for_a_gain(regio
 
 
 @pytest.mark.slow
+def test_post_processing_is_chosen_again_on_mirrored_predictions(region_run):
+    """What a run does once --select-tta chose mirroring: every candidate decoded from the mirrored
+    predictions, the segmenter left with the best, and its per-case figures those of serving it."""
+    from brainscan.inference.segmenter import Segmenter
+    from brainscan.models.bundle import load_bundle
+    from training import segmenter as trainer
+    from training import segmenter_validation as validation
+
+    bundle_path, config = region_run
+    _, val = split_cases(trainer.labelled_cases(config.data, None, config.seed), val_fraction=config.val_fraction,
+                         val_cases=config.val_cases, seed=config.seed)
+    segmenter = Segmenter.from_bundle(load_bundle(bundle_path), {"mirror_axes": (0,)})
+    chosen, per_case, table = validation.select_postprocessing_pooled([(segmenter, val)])
+    assert segmenter.postprocessing == chosen and segmenter.mirror_axes == (0,)
+    assert len(table) == len(validation.POSTPROCESSING_CANDIDATES)
+    served = validation.evaluate_cases(segmenter, val)
+    assert validation.region_dice(per_case) == pytest.approx(validation.region_dice(served), abs=1e-9)
+    row = next(r for r in table if r["postprocessing"] == chosen.to_dict())
+    assert row["dice"] == pytest.approx(validation.region_dice(served), abs=1e-9)
+
+
+@pytest.mark.slow
 def test_post_processing_choice_reuses_the_best_epochs_predictions_and_checks_them(region_run, monkeypatch):
     """The final choice decodes what the validation of the best epoch predicted: the same scores as
     predicting again, no second pass over the cases, and predictions of other cases are refused."""
