@@ -121,7 +121,6 @@ def select_postprocessing(segmenter: Any, cases: list[Any], cache_dir: Path | No
     return best[0], best[1], table
 
 
-
 def select_postprocessing_pooled(groups: list[tuple[Any, list[Any]]], cache_dir: Path | None = None,
                                  candidates: tuple[dict[str, float], ...] = POSTPROCESSING_CANDIDATES,
                                  ) -> tuple[Any, dict[str, dict], list[dict[str, Any]]]:
@@ -138,6 +137,7 @@ def select_postprocessing_pooled(groups: list[tuple[Any, list[Any]]], cache_dir:
     for segmenter, _ in groups:
         segmenter.postprocessing = config
     return config, per_case, table
+
 
 #: Mirroring candidates of :func:`select_mirroring`, cheapest first: none, left-right (2 passes), all
 #: three axes (8 passes).
