@@ -18,6 +18,7 @@ import numpy as np
 from brainscan.errors import DatasetLayoutError
 from brainscan.labels import KAGGLE_CLASSES
 from training.distill import distilled_targets
+from training.runtime import without_autotune
 
 log = logging.getLogger("training.classifier")  # the trainer's: its dataset warnings read as before
 
@@ -108,7 +109,7 @@ def make_dataset(records: list[Any], preprocess_config: Any, *, batch_size: int,
             dataset = dataset.map(distil)
     else:
         dataset = dataset.batch(batch_size)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return without_autotune(dataset.prefetch(tf.data.AUTOTUNE))
 
 
 def one_hot_labels(records: list[Any]) -> np.ndarray:

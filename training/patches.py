@@ -38,6 +38,7 @@ from brainscan.errors import DatasetLayoutError
 from brainscan.labels import BRATS_LABELS, brats_to_index
 from brainscan.preprocess.volume3d import CropInfo, VolumePreprocessConfig, crop_like, preprocess_case
 from training.augment import AugmentConfig, augment_patch, spatial_transform, transform_patch
+from training.runtime import without_autotune
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,7 @@ class PatchSampler:
             return image, labels
 
         dataset = tf.data.Dataset.counter(start).map(cut, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        return without_autotune(dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
 
     def batch(self, batch_size: int, number: int, *, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Batch ``number`` of the stream that :meth:`dataset` yields (same patches, same targets)."""

@@ -31,6 +31,21 @@ class Runtime:
         return int(self.strategy.num_replicas_in_sync)
 
 
+def without_autotune(dataset: Any) -> Any:
+    """``dataset`` (a ``tf.data.Dataset``) with tf.data's autotuning turned off.
+
+    Its ``AUTOTUNE`` parallelism then means one call per core, and prefetching keeps its own buffer tuning.
+    With autotuning on, every iterator Keras drops (the training one at each epoch's end, the validation
+    one after each evaluation) waits for the autotuner's sleeping thread: a 12-epoch tiny ViT-CNN run on
+    one core spent 44 s (12 s idle) against 32 s without it, to the same weights and accuracy.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+
 def setup_runtime(seed: int, *, mixed_precision: str = "auto") -> Runtime:
     """Seed every generator and pick the precision and distribution strategy.
 

@@ -13,20 +13,23 @@ from brainscan.errors import InvalidLabelsError, VolumeMismatchError
 from brainscan.labels import BRATS2021, LABEL_CONVENTIONS
 
 
+_SEGMENTATION_DESCRIPTION = (
+    "Compare a predicted mask with the ground-truth segmentation (both NIfTI with BraTS labels "
+    "0/1/2/4 on the same grid). Prints, for the regions WT (whole tumour: 1,2,4), TC (tumour "
+    "core: 1,4) and ET (enhancing tumour: 4) and for each label: Dice (1.0 when both are "
+    "empty, as BraTS scores it), IoU, sensitivity, specificity, HD95 in mm (from the voxel "
+    "spacing; n/a when exactly one side is empty) and volumes in mL. Files of the BraTS 2023-2024 "
+    "convention (enhancing tumour 3) are scored alike: see --label-convention."
+)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     _, commands = command_group(subparsers, "metrics", help="compute evaluation metrics",
                                 description="Compute evaluation metrics for predictions.")
     seg = commands.add_parser(
         "segmentation",
         help="Dice, IoU, HD95 and volumes of a predicted mask against a BraTS seg file",
-        description=(
-            "Compare a predicted mask with the ground-truth segmentation (both NIfTI with BraTS labels "
-            "0/1/2/4 on the same grid). Prints, for the regions WT (whole tumour: 1,2,4), TC (tumour "
-            "core: 1,4) and ET (enhancing tumour: 4) and for each label: Dice (1.0 when both are "
-            "empty, as BraTS scores it), IoU, sensitivity, specificity, HD95 in mm (from the voxel "
-            "spacing; n/a when exactly one side is empty) and volumes in mL. Files of the BraTS 2023-2024 "
-            "convention (enhancing tumour 3) are scored alike: see --label-convention."
-        ),
+        description=_SEGMENTATION_DESCRIPTION,
     )
     seg.add_argument("--pred", type=Path, required=True, help="predicted mask (.nii or .nii.gz)")
     seg.add_argument("--truth", type=Path, required=True, help="ground truth, e.g. <case>_seg.nii.gz")
