@@ -335,7 +335,7 @@ def test_mixed_precision_training_across_two_replicas(arch, extra, kaggle_phanto
     from training.runtime import DEVICES_ENV
 
     command = train_command(kaggle_phantoms, arch, tmp_path / "models", tmp_path / "work", "--mixed-precision", "on",
-                            "--max-per-class", "16", *extra)
+                            "--max-per-class", "8", *extra)
     command[command.index("--epochs") + 1] = "2"
     command[command.index("--input-size") + 1] = "32"
     env = {**os.environ, DEVICES_ENV: "/cpu:0,/cpu:1", "PYTHONPATH": str(REPO_ROOT)}
@@ -371,7 +371,7 @@ def test_training_under_the_jax_backend_gives_a_bundle_tensorflow_serves_as_meas
 
     env = jax_cpu_env()
     command = [sys.executable, "-m", "brainscan", *train_command(kaggle_phantoms, "resnet50", tmp_path / "models",
-                                                     tmp_path / "work", "--max-per-class", "40", "--ema", "0.9",
+                                                     tmp_path / "work", "--max-per-class", "16", "--ema", "0.9",
                                                      "--mixup", "0.2", "--cutmix", "1.0")]
     command[command.index("--epochs") + 1] = "2"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
