@@ -34,11 +34,11 @@ class Runtime:
 def without_autotune(dataset: Any) -> Any:
     """``dataset`` (a ``tf.data.Dataset``) with tf.data's autotuning turned off.
 
-    Its ``AUTOTUNE`` parallel calls then run one per schedulable core, and ``prefetch(AUTOTUNE)`` still works
-    ahead of the consumer (60 elements of 20 ms to make and 20 ms to use: 1.3 s either way, not 2.4 s).
-    With autotuning on, every iterator Keras drops (the training one at each epoch's end, the validation
-    one after each evaluation) waits for the autotuner's sleeping thread: a 12-epoch tiny ViT-CNN run on
-    one core spent 44 s (12 s idle) against 32 s without it, to the same weights and accuracy.
+    Its ``AUTOTUNE`` parallel calls then run one per schedulable core, and ``prefetch(AUTOTUNE)`` still fills
+    its buffer ahead of the consumer. With autotuning on, every iterator Keras drops (the training one at
+    each epoch's end, the validation one after each evaluation) waits for the autotuner's sleeping thread,
+    idle time that made up about a third of the tiny training runs in the tests (bench/README.md,
+    ``suite_cpu.py``); the weights and accuracy are the same either way.
     """
     import tensorflow as tf
 
