@@ -99,6 +99,12 @@ def mutual_information(sampling: float | Sequence[float], seed: int = _SEED) -> 
     else:
         method.SetMetricSamplingPercentagePerLevel([float(v) for v in sampling], seed)
     method.SetInterpolator(sitk.sitkLinear)
+    # Gradients at the sampled points only (finite differences of the interpolated moving image),
+    # not smoothed gradient images of both whole volumes at every level: the fixed image's was never
+    # used, the moving image's took a third of each registration. Time and accuracy, before and
+    # after: bench/README.md (registration.py, skullstrip.py).
+    method.MetricUseFixedImageGradientFilterOff()
+    method.MetricUseMovingImageGradientFilterOff()
     return method
 
 

@@ -17,11 +17,11 @@ Fixtures and what they stand for:
   every series images the same T1 head because no T2 or FLAIR head ships anywhere: that test
   checks the plumbing (decision, mask applied, transforms.json), not contrast.
 
-Measured on this machine's CPU, one ITK thread, the other core busy: one extraction takes 5-12 s
-(two registrations on 2 mm copies; loading the template ~1 s once per process). Over 18 random
-poses (rotations up to 20 degrees, shifts up to 30 mm, scales 0.85-1.15) the extracted brain
-matched FSL's mask with Dice 0.961-0.966; a registration caught in the wrong optimum (template
-brain stretched over the whole head) scores 0.76-0.77, so the threshold 0.93 tells them apart.
+Measured with ``bench/skullstrip.py`` (one core, 2026-12-07): one extraction takes 3.4-9.0 s (two
+registrations on 2 mm copies; loading the template ~1 s once per process). Over 18 random poses
+(rotations up to 20 degrees, shifts up to 30 mm, scales 0.85-1.15) the extracted brain matched FSL's
+mask with Dice 0.961-0.968; a registration caught in the wrong optimum (template brain stretched over
+the whole head) scores 0.76-0.77, so the threshold 0.93 tells them apart.
 """
 
 from __future__ import annotations
