@@ -272,8 +272,8 @@ def test_progress_written_to_a_log_is_a_few_lines_not_one_per_update(tmp_path: P
               "from brainscan.cli.evaluate import _Progress\n"
               "p = _Progress(quiet=False)\n"
               "for case in range(3):\n"
-              "    for patch in range(1, 1001):\n"
-              "        p.cases(case, 3, patch, 1000)\n"
+              "    for patch in range(1, 301):\n"
+              "        p.cases(case, 3, patch, 300)\n"
               "        time.sleep(0.001)\n"
               "p.close()\n")
     def redraws(redraw_s: str) -> tuple[int, str]:
@@ -286,4 +286,4 @@ def test_progress_written_to_a_log_is_a_few_lines_not_one_per_update(tmp_path: P
     count, text = redraws(str(LOG_REDRAW_S))
     assert 0 < count < 10, text[:2000]
     assert "3/3" in text  # the final state is still written when the bar closes
-    assert redraws("0.1")[0] > 3 * count  # a terminal's redraw rate would have flooded the log
+    assert redraws("0.02")[0] > 3 * count  # a terminal's redraw rate would have flooded the log
