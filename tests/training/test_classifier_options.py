@@ -365,19 +365,23 @@ def test_training_under_the_jax_backend_gives_a_bundle_tensorflow_serves_as_meas
                                                                                     capsys):
     """What a lent GPU machine without TensorFlow runs: batches from memory instead of tf.data (mixed by
     mixup and cutmix in turn), the class weights as sample weights, the weight average's batch-norm
-    statistics read from JAX's state."""
+    statistics read from JAX's state.
+
+    The ViT-CNN: its custom layers (patch tokens, position table, attention) are where a backend could
+    differ, and its CNN stem has the batch-norm statistics; ResNet50 is stock Keras layers only, and
+    XLA compiles its step 8 s longer on one core."""
     from brainscan.models.bundle import read_manifest
     from tests.jax_backend import jax_cpu_env
 
     env = jax_cpu_env()
-    command = [sys.executable, "-m", "brainscan", *train_command(kaggle_phantoms, "resnet50", tmp_path / "models",
+    command = [sys.executable, "-m", "brainscan", *train_command(kaggle_phantoms, "vit_cnn", tmp_path / "models",
                                                      tmp_path / "work", "--max-per-class", "16", "--ema", "0.9",
                                                      "--mixup", "0.2", "--cutmix", "1.0")]
     command[command.index("--epochs") + 1] = "2"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Keras backend jax" in done.stderr
-    bundle = tmp_path / "models" / "classification" / "resnet50" / "test-1"
+    bundle = tmp_path / "models" / "classification" / "vit_cnn" / "test-1"
     manifest = read_manifest(bundle)
     assert manifest["training"]["epochs_run"] == 2 and manifest["training"]["config"]["ema"] == 0.9
     # TensorFlow, here, serves the JAX-trained weights and measures what the JAX run measured.
