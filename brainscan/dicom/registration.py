@@ -7,8 +7,9 @@ for a small rigid correction: Euler3D (3 rotations, 3 translations), Mattes mutu
 modalities differ in contrast), regular-step gradient descent over three resolutions (shrink 4, 2,
 1; smoothing 2, 1, 0 mm), a fixed seed for the metric's random samples so results repeat. Series
 without a shared frame of reference start from their centres of mass instead. Both the DICOM and the
-NIfTI path register isotropic copies at :data:`REGISTRATION_SPACING_MM` and resample the full-resolution
-volume with the transform found.
+NIfTI path register copies no finer than :data:`REGISTRATION_SPACING_MM` on any axis (finer axes
+smoothed and resampled to it, coarser ones, such as thick slices, kept as they are) and resample the
+full-resolution volume with the transform found.
 
 The result is kept only if it is plausible: the metric must improve on the starting geometry and,
 for a shared frame of reference, the correction must stay within :data:`MAX_ROTATION_DEG` and
@@ -205,8 +206,9 @@ def align_volumes(volumes: Mapping[str, tuple[np.ndarray, np.ndarray]], *, metho
         reference: the modality whose grid the others are brought onto (t1ce).
         same_frame: whether each modality shares the reference's world frame (one bool for all, or per
             modality): see :func:`register_rigid`.
-        registration_spacing_mm: register on isotropic copies at this spacing (e.g. 2 mm: seconds,
-            not minutes, for 1 mm volumes); ``None`` registers the volumes as they are. The transform
+        registration_spacing_mm: register on copies no finer than this on any axis (e.g. 2 mm: seconds,
+            not minutes, for 1 mm volumes; thick slices keep their thickness); ``None`` registers the
+            volumes as they are. The transform
             found is physical, so resampling is always from the full-resolution volume.
         describe: per modality, fields that open its record (e.g. the series' UID).
 
@@ -230,9 +232,9 @@ def align_volumes(volumes: Mapping[str, tuple[np.ndarray, np.ndarray]], *, metho
     fixed = to_sitk(*volumes[reference])
     fixed_small = fixed
     if registration_spacing_mm is not None and method == "rigid":
-        from brainscan.dicom.skullstrip import isotropic  # skullstrip imports this module
+        from brainscan.dicom.skullstrip import no_finer  # skullstrip imports this module
 
-        fixed_small = isotropic(fixed, registration_spacing_mm)
+        fixed_small = no_finer(fixed, registration_spacing_mm)
     channels, transforms = [], []
     for modality in MODALITIES:
         data, affine = volumes[modality]
@@ -245,7 +247,7 @@ def align_volumes(volumes: Mapping[str, tuple[np.ndarray, np.ndarray]], *, metho
         moving = to_sitk(data, affine)
         shared = same_frame if isinstance(same_frame, bool) else bool(same_frame.get(modality, False))
         if method == "rigid":
-            moving_small = moving if fixed_small is fixed else isotropic(moving, registration_spacing_mm)
+            moving_small = moving if fixed_small is fixed else no_finer(moving, registration_spacing_mm)
             transform, found = register_rigid(fixed_small, moving_small, same_frame=shared)
             found["registration"]["spacing_mm"] = registration_spacing_mm
         else:

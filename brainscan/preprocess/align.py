@@ -36,11 +36,12 @@ REFERENCE = "t1ce"
 #: a volume must cover at least this fraction of the smaller of its and the t1ce's world extent
 #: (their bounding boxes): series of one brain share most of it, whatever their field of view
 MIN_OVERLAP = 0.25
-#: Rigid alignment (DICOM studies, NIfTI uploads, and the skull stripper's template registration) runs
-#: on isotropic copies at this spacing. `bench/registration.py` (a real BraTS case acquired with 0.9 mm
-#: pixels and 3-5 mm slices, one core, 2026-12-07): t1, t2 and flair in 6.4 s at 2 mm against 24.4 s on
-#: the series' own grids, with t2's known movement found about as closely (largest error at the brain's
-#: corners 1.16 mm against 1.10 mm); at 3 mm the error grows to 1.9 mm.
+#: Rigid alignment (DICOM studies, NIfTI uploads) runs on copies no finer than this spacing on any axis
+#: (thick slices keep their thickness); the skull stripper's template registration on isotropic copies at
+#: it. `bench/registration.py` (a real BraTS case acquired with 0.9 mm pixels and 3-5 mm slices, one core,
+#: 2026-12-07): t1, t2 and flair in 4.6 s at 2 mm against 23.9 s on the series' own grids, with t2's known
+#: movement found about as closely (largest error at the brain's corners 1.35 mm against 1.10 mm); at 3 mm
+#: the error grows to 1.9 mm.
 REGISTRATION_SPACING_MM = 2.0
 
 Grid = tuple[Sequence[int], np.ndarray]

@@ -39,6 +39,20 @@ def _brain_corners(source: SourceCase) -> np.ndarray:
     return (LPS_TO_RAS @ source.affine @ corners.T).T
 
 
+def test_registration_copies_are_no_finer_than_the_registration_spacing() -> None:
+    """Fine axes are resampled to 2 mm, thick slices keep their spacing; the copy covers the same box."""
+    from brainscan.dicom.skullstrip import no_finer
+
+    affine = LPS_TO_RAS @ np.array([[0, 0, -4.0, 90], [0.9, 0, 0, -100], [0, -0.9, 0, 80], [0, 0, 0, 1]])
+    image = to_sitk(np.ones((200, 180, 20), dtype=np.float32), affine)  # 0.9 x 0.9 x 4 mm
+    copy = no_finer(image, 2.0)
+    assert copy.GetSpacing() == pytest.approx((2.0, 2.0, 4.0))
+    assert copy.GetSize() == (90, 81, 20)
+    assert copy.GetDirection() == pytest.approx(image.GetDirection()) and copy.GetOrigin() == image.GetOrigin()
+    coarse = to_sitk(np.ones((30, 30, 20), dtype=np.float32), np.diag([3.6, 3.6, 5.0, 1.0]))
+    assert no_finer(coarse, 2.0).GetSize() == (30, 30, 20)  # nothing finer than 2 mm: as it was
+
+
 def test_to_sitk_keeps_the_geometry() -> None:
     affine = LPS_TO_RAS @ np.array([[0, 0, -4.0, 90], [0.9, 0, 0, -100], [0, -0.9, 0, 80], [0, 0, 0, 1]])
     data = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
