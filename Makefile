@@ -44,6 +44,8 @@ run:
 
 # One worker per core (at most 4: each holds TensorFlow and the servers its files start), whole
 # files per worker so that a module's servers start once; tests/conftest.py sorts the long files first.
+# More workers than cores is slower, not faster: on 2 cores (2026-12-07) -n 3 took 769 s and 1,416 CPU-s,
+# -n 2 694 s and 1,225 CPU-s (the waits it could fill cost less than the contention it adds).
 PYTEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
 
 test:
