@@ -66,6 +66,30 @@ def from_sitk(image: Any) -> np.ndarray:
     return np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
 
 
+def isotropic(image: Any, spacing: float = REGISTRATION_SPACING_MM) -> Any:
+    """``image`` smoothed (where its voxels are finer) and resampled to ``spacing`` mm, same direction."""
+    return _resampled(image, [float(spacing)] * 3)
+
+
+def no_finer(image: Any, spacing: float = REGISTRATION_SPACING_MM) -> Any:
+    """``image`` on a grid no finer than ``spacing`` mm: axes with finer voxels are smoothed and resampled
+    to ``spacing``, coarser ones keep their own spacing (resampling them finer adds voxels to the
+    registration's work, not information)."""
+    return _resampled(image, [max(float(spacing), float(s)) for s in image.GetSpacing()])
+
+
+def _resampled(image: Any, target: list[float]) -> Any:
+    import SimpleITK as sitk
+
+    old = np.asarray(image.GetSpacing(), dtype=np.float64)
+    # Anti-aliasing where voxels are finer than the target; a floor, as ITK's filter needs sigma > 0.
+    sigma = [max(0.5 * float(np.sqrt(max(t ** 2 - s ** 2, 0.0))), 0.1 * float(s)) for s, t in zip(old, target)]
+    smoothed = sitk.SmoothingRecursiveGaussian(image, sigma)
+    size = [max(int(np.ceil(n * s / t)), 1) for n, s, t in zip(image.GetSize(), old, target, strict=True)]
+    return sitk.Resample(smoothed, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), target,
+                         image.GetDirection(), 0.0, sitk.sitkFloat32)
+
+
 def _matrix(transform: Any) -> np.ndarray:
     """4x4 matrix of an ITK rigid transform: fixed (t1ce) LPS point -> moving series' LPS point."""
     rotation = np.asarray(transform.GetMatrix(), dtype=np.float64).reshape(3, 3)
@@ -232,8 +256,6 @@ def align_volumes(volumes: Mapping[str, tuple[np.ndarray, np.ndarray]], *, metho
     fixed = to_sitk(*volumes[reference])
     fixed_small = fixed
     if registration_spacing_mm is not None and method == "rigid":
-        from brainscan.dicom.skullstrip import no_finer  # skullstrip imports this module
-
         fixed_small = no_finer(fixed, registration_spacing_mm)
     channels, transforms = [], []
     for modality in MODALITIES:
@@ -250,6 +272,9 @@ def align_volumes(volumes: Mapping[str, tuple[np.ndarray, np.ndarray]], *, metho
             moving_small = moving if fixed_small is fixed else no_finer(moving, registration_spacing_mm)
             transform, found = register_rigid(fixed_small, moving_small, same_frame=shared)
             found["registration"]["spacing_mm"] = registration_spacing_mm
+            found["registration"]["grid_mm"] = {  # per axis, as registered (thick slices keep theirs)
+                "reference": [round(s, 4) for s in fixed_small.GetSpacing()],
+                "moving": [round(s, 4) for s in moving_small.GetSpacing()]}
         else:
             transform = sitk.Euler3DTransform()
             found = {"method": "geometry", "matrix_lps": np.eye(4).tolist()}
@@ -292,4 +317,4 @@ def align_to_reference(volumes: Mapping[str, SeriesVolume], *, method: str = "ri
 
 
 __all__ = ["MAX_ROTATION_DEG", "MAX_TRANSLATION_MM", "METHODS", "align_to_reference", "align_volumes", "from_sitk",
-           "gradient_descent", "mutual_information", "register_rigid", "to_sitk"]
+           "gradient_descent", "isotropic", "mutual_information", "no_finer", "register_rigid", "to_sitk"]

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from brainscan.dicom.registration import from_sitk, gradient_descent, mutual_information, to_sitk
+from brainscan.dicom.registration import from_sitk, gradient_descent, isotropic, mutual_information, to_sitk
 from brainscan.errors import BrainscanError
 from brainscan.preprocess.align import REGISTRATION_SPACING_MM
 
@@ -75,30 +75,6 @@ def template_images() -> tuple[Any, Any]:
     t1 = sitk.BinShrink(to_sitk(template.t1, template.affine), factor)
     brain = sitk.BinShrink(to_sitk(template.brain.astype(np.float32), template.affine), factor)
     return t1, brain
-
-
-def isotropic(image: Any, spacing: float = REGISTRATION_SPACING_MM) -> Any:
-    """``image`` smoothed (where its voxels are finer) and resampled to ``spacing`` mm, same direction."""
-    return _resampled(image, [float(spacing)] * 3)
-
-
-def no_finer(image: Any, spacing: float = REGISTRATION_SPACING_MM) -> Any:
-    """``image`` on a grid no finer than ``spacing`` mm: axes with finer voxels are smoothed and resampled
-    to ``spacing``, coarser ones keep their own spacing (resampling them finer adds voxels to the
-    registration's work, not information)."""
-    return _resampled(image, [max(float(spacing), float(s)) for s in image.GetSpacing()])
-
-
-def _resampled(image: Any, target: list[float]) -> Any:
-    import SimpleITK as sitk
-
-    old = np.asarray(image.GetSpacing(), dtype=np.float64)
-    # Anti-aliasing where voxels are finer than the target; a floor, as ITK's filter needs sigma > 0.
-    sigma = [max(0.5 * float(np.sqrt(max(t ** 2 - s ** 2, 0.0))), 0.1 * float(s)) for s, t in zip(old, target)]
-    smoothed = sitk.SmoothingRecursiveGaussian(image, sigma)
-    size = [max(int(np.ceil(n * s / t)), 1) for n, s, t in zip(image.GetSize(), old, target, strict=True)]
-    return sitk.Resample(smoothed, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), target,
-                         image.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
 def _method(fixed_mask: Any, iterations: int, levels: slice) -> Any:
@@ -357,5 +333,5 @@ def extract_brain(intensity: np.ndarray, affine: np.ndarray, *, mode: str = "aut
     return mask, record
 
 
-__all__ = ["MODES", "isotropic", "no_finer", "refine", "register_template", "extract_brain", "stripped_statistics",
+__all__ = ["MODES", "isotropic", "refine", "register_template", "extract_brain", "stripped_statistics",
            "template_images", "warp_brain"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from brainscan.dicom import registration
-from brainscan.dicom.registration import from_sitk, register_rigid, to_sitk
+from brainscan.dicom.registration import from_sitk, no_finer, register_rigid, to_sitk
 from brainscan.dicom.volume import LPS_TO_RAS
 from tests.dicom.studies import CLINICAL_PROTOCOL, SourceCase, acquire, motion_matrix, phantom_source
 
@@ -41,8 +41,6 @@ def _brain_corners(source: SourceCase) -> np.ndarray:
 
 def test_registration_copies_are_no_finer_than_the_registration_spacing() -> None:
     """Fine axes are resampled to 2 mm, thick slices keep their spacing; the copy covers the same box."""
-    from brainscan.dicom.skullstrip import no_finer
-
     affine = LPS_TO_RAS @ np.array([[0, 0, -4.0, 90], [0.9, 0, 0, -100], [0, -0.9, 0, 80], [0, 0, 0, 1]])
     image = to_sitk(np.ones((200, 180, 20), dtype=np.float32), affine)  # 0.9 x 0.9 x 4 mm
     copy = no_finer(image, 2.0)

@@ -109,6 +109,9 @@ def test_the_core_puts_clinical_grids_back_on_the_t1ce_grid(source: SourceCase, 
     assert records["t1ce"]["method"] == "reference" and records["t1ce"]["file"] == "t1ce"
     assert all(records[m]["method"] == "rigid" and records[m]["registration"]["spacing_mm"] == 2.0
                for m in CLINICAL)
+    # registered on copies no finer than 2 mm, the thick slices at their own thickness
+    assert all(min(records[m]["registration"]["grid_mm"][side]) >= 2.0
+               for m in CLINICAL for side in ("reference", "moving"))
     # t2 shows at p the anatomy t1ce shows at motion(p): the transform found must be motion^-1
     expected = np.linalg.inv(motion_matrix(MOTION, source.brain_centre_lps()))
     lps = np.diag([-1.0, -1.0, 1.0, 1.0])
