@@ -189,6 +189,14 @@ class JobLinks(Body):
     inputs: dict[str, str]
 
 
+class TumourCentre(Body):
+    """The whole tumour's centre of mass: where the previews' three planes cross and the page's viewer opens."""
+
+    voxel: list[int] = Field(description="voxel indices (i, j, k) on the mask's grid, in the file's axis order")
+    mm: list[float] = Field(description="world coordinates (x, y, z) in mm: the mask's affine applied to voxel "
+                            "(NIfTI RAS+ scanner space)")
+
+
 class JobResult(Body):
     """A succeeded job's outputs; a DICOM job adds ``seg_url`` and ``transforms_url``, a PACS job ``pacs``."""
 
@@ -196,6 +204,8 @@ class JobResult(Body):
     volumes_ml: dict[str, float] = Field(description="region -> volume in mL")
     previews: dict[str, str] = Field(description="plane -> PNG URL")
     labels: dict[str, str] = Field(description="label value -> region")
+    tumour_centre: TumourCentre | None = Field(default=None, description="the tumour's centre of mass; null when "
+                                               "nothing was segmented")
     precision: str | None = Field(default=None, description="the arithmetic the network ran in: float32 or "
                                   "bfloat16 (SEGMENTER_PRECISION)")
 

@@ -79,7 +79,7 @@ export class SegmentationViewer {
     this.el.container.hidden = false;
     try {
       if (!this.nv) this.nv = await this.createNiivue();
-      await this.load();
+      await this.load({ atTumour: true });
       this.setStatus(`Showing ${MODALITY_NAMES[this.modality]} with the tumour outline. Click a slice or use the sliders to move.`);
     } catch (error) {
       console.warn("3D viewer failed; showing previews", error);
@@ -113,8 +113,11 @@ export class SegmentationViewer {
     return this.buffers.get(url).slice(0);
   }
 
-  /** (Re)load the background scan of the chosen modality and the mask, keeping the crosshair. */
-  async load() {
+  /**
+   * (Re)load the background scan of the chosen modality and the mask, keeping the crosshair; with
+   * `atTumour` (a new job) the crosshair goes to the tumour's centre, where the previews' planes cross.
+   */
+  async load({ atTumour = false } = {}) {
     const scanUrl = this.job.links.inputs[this.modality];
     const maskUrl = this.job.result.mask_url;
     const [scan, mask] = await Promise.all([this.fetchBuffer(scanUrl), this.fetchBuffer(maskUrl)]);
@@ -128,7 +131,9 @@ export class SegmentationViewer {
     this.nv.setOpacity(1, this.opacity);
     this.nv.updateGLVolume();
     this.configureSliders();
-    if (keep) this.nv.scene.crosshairPos = keep;
+    const centre = this.job.result.tumour_centre;
+    if (atTumour && centre) this.nv.scene.crosshairPos = this.nv.mm2frac(centre.mm);
+    else if (keep) this.nv.scene.crosshairPos = keep;
     this.nv.drawScene();
     this.syncSliders();
   }

@@ -128,7 +128,8 @@ SEGMENTATION_DONE_EXAMPLE = {
     "result": {"mask_url": f"{_JOB_URL}/files/mask.nii.gz",
                "volumes_ml": {"WT": 61.2, "TC": 24.8, "ET": 14.1, "NCR": 10.7, "ED": 36.4},
                "previews": {plane: f"{_JOB_URL}/files/preview_{plane}.png" for plane in ("axial", "coronal", "sagittal")},
-               "labels": {"1": "NCR", "2": "ED", "4": "ET"}},
+               "labels": {"1": "NCR", "2": "ED", "4": "ET"},
+               "tumour_centre": {"voxel": [152, 131, 84], "mm": [-152.0, 108.0, 84.0]}},
 }
 SEGMENTER_ERRORS: dict[int | str, dict[str, Any]] = {
     401: CLASSIFIER_ERRORS[401],

@@ -165,7 +165,7 @@ class JobRunner:
         from brainscan.io.nifti import save_like
         from brainscan.labels import to_convention
         from brainscan.metrics.segmentation import volumes_ml
-        from services.segmenter.previews import render_previews
+        from services.segmenter.previews import render_previews, tumour_centre_record
 
         started = time.perf_counter()
         dicom = job.input.get("source") == "dicom"
@@ -219,7 +219,8 @@ class JobRunner:
             "total_s": round(written - started, 3),
         }
         result = {**files, "files": list(files.values()), "volumes_ml": {k: round(v, 3) for k, v in volumes.items()},
-                  "previews": dict(PREVIEW_FILES), "labels": result_labels(convention)}
+                  "previews": dict(PREVIEW_FILES), "labels": result_labels(convention),
+                  "tumour_centre": tumour_centre_record(mask, reference.affine)}
         precision = getattr(model.bundle, "precision", None)  # the arithmetic the network ran in
         if precision is not None:
             result["precision"] = precision

@@ -316,6 +316,7 @@ def public_view(job: Mapping[str, Any], prefix: str = "/v1/jobs") -> dict[str, A
         "volumes_ml": result["volumes_ml"],
         "previews": {plane: f"{base}/files/{name}" for plane, name in result["previews"].items()},
         "labels": result["labels"],
+        "tumour_centre": result.get("tumour_centre"),  # None: nothing segmented (or a job of an older worker)
         "precision": result.get("precision"),  # the network's arithmetic (jobs of older workers: none)
         # every downloadable output by name; a DICOM job adds seg.dcm and transforms.json, a NIfTI job
         # aligned to t1ce transforms.json

@@ -56,6 +56,25 @@ def tumour_centre(mask: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(min(max(round(c), 0), s - 1)) for c, s in zip(centre, mask.shape))  # type: ignore[return-value]
 
 
+def tumour_centre_record(mask: np.ndarray, affine: np.ndarray) -> dict[str, list] | None:
+    """Where the tumour is, for the job's result: the same centre of mass as the previews, as voxel
+    indices on the mask's grid (the file's axis order) and as world coordinates in mm (the affine's
+    RAS+ scanner space, which NIfTI viewers such as the page's NiiVue place the crosshair in).
+
+    Args:
+        mask: BraTS label map ``(X, Y, Z)`` on the grid of ``affine``.
+        affine: its 4x4 voxel-to-world matrix.
+
+    Returns:
+        ``{"voxel": [i, j, k], "mm": [x, y, z]}``, or ``None`` when nothing was segmented.
+    """
+    if not np.any(mask):
+        return None
+    voxel = tumour_centre(mask)
+    world = np.asarray(affine, dtype=np.float64) @ np.array([*voxel, 1.0])
+    return {"voxel": [int(v) for v in voxel], "mm": [round(float(c), 2) for c in world[:3]]}
+
+
 def window(image: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0) -> tuple[float, float]:
     """Grey window ``(low, high)``: percentiles of the non-zero voxels (all voxels if none)."""
     if not 0 <= low_pct < high_pct <= 100:

@@ -123,6 +123,17 @@ RECORD_PROGRESS = """() => {
 }"""
 
 
+def ras_voxel(voxel, image: nib.Nifti1Image) -> tuple[list[int], list[int]]:
+    """``voxel`` (file axis order) as RAS+ voxel indices of ``image``'s grid (flips and transposes only),
+    and the grid's size along each RAS+ axis: what NiiVue's sliders show."""
+    index, size = [0, 0, 0], [0, 0, 0]
+    for file_axis, (ras_axis, flip) in enumerate(nib.orientations.io_orientation(image.affine)):
+        n = image.shape[file_axis]
+        index[int(ras_axis)] = n - 1 - voxel[file_axis] if flip < 0 else voxel[file_axis]
+        size[int(ras_axis)] = n
+    return index, size
+
+
 def job_of(page) -> dict:
     """The job the page shows, asked from the API with the page's own session cookie."""
     mask_url = page.get_attribute("#seg-download", "href")
@@ -196,6 +207,17 @@ def test_case_upload_progress_viewer_volumes_and_download(open_segmentation, sta
     if job["result"]["volumes_ml"]["WT"] > 0:
         assert coloured > 0.001, f"no overlay colour in the canvas ({coloured:.2%})"
     page.screenshot(path=str(tmp_path / "segmentation-page.png"), full_page=True)
+
+    # The viewer opens at the tumour's centre (where the previews' planes cross), not the volume's middle:
+    # the sliders give it in NiiVue's RAS voxel order.
+    centre = job["result"]["tumour_centre"]
+    if job["result"]["volumes_ml"]["WT"] > 0:
+        expected, size = ras_voxel(centre["voxel"], nib.load(stack.case_files["flair"]))
+        assert expected != [(n - 1) // 2 for n in size], "the tumour is at the middle: this check would prove nothing"
+        shown = [page.inner_text(f"#seg-slice-{plane}-value") for plane in ("sagittal", "coronal", "axial")]
+        assert shown == [f"{v + 1} of {n}" for v, n in zip(expected, size)], (shown, expected)
+    else:
+        assert centre is None
 
     # The sliders follow NiiVue's crosshair, and move it.
     axial = page.locator("#seg-slice-axial")

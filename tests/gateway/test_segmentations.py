@@ -240,6 +240,7 @@ def test_phantom_case_through_the_gateway_gives_a_mask_on_the_input_grid(finishe
     assert image.shape == reference.shape == PHANTOM_SHAPE
     np.testing.assert_allclose(image.affine, reference.affine, atol=1e-4)
     assert set(np.unique(np.asarray(image.dataobj))) <= {0, 1, 2, 4}
+    assert_tumour_centre(job["result"]["tumour_centre"], image)
 
     for plane, url in job["result"]["previews"].items():
         preview = client.get(url)
@@ -267,6 +268,20 @@ def test_real_brats_case_through_the_gateway_lands_on_its_grid(stack, browser_se
     np.testing.assert_allclose(image.affine, reference.affine, atol=1e-4)
     assert set(np.unique(np.asarray(image.dataobj))) <= {0, 1, 2, 4}
     assert set(job["result"]["volumes_ml"]) == {"WT", "TC", "ET", "NCR", "ED"}
+    assert_tumour_centre(job["result"]["tumour_centre"], image)
+
+
+def assert_tumour_centre(centre: dict | None, mask: nib.Nifti1Image) -> None:
+    """The result's tumour centre is the returned mask's centre of mass, in voxels and in world mm."""
+    labels = np.asarray(mask.dataobj)
+    if not labels.any():
+        assert centre is None
+        return
+    from scipy import ndimage
+
+    expected = np.rint(ndimage.center_of_mass(labels > 0))
+    np.testing.assert_array_equal(centre["voxel"], expected)
+    np.testing.assert_allclose(centre["mm"], nib.affines.apply_affine(mask.affine, expected), atol=0.01)
 
 
 @needs_redis

@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from brainscan.labels import BRATS2021, BRATS2023, BRATS2023_MODALITIES, MODALITIES
 from services.segmenter.app import ServiceUnavailableError, create_app
 from services.segmenter.jobs import owner_digest
-from services.segmenter.previews import render_previews, tumour_centre
+from services.segmenter.previews import render_previews, tumour_centre, tumour_centre_record
 from services.segmenter.settings import Settings
 from services.segmenter.store import LocalJobStore
 from services.segmenter.model_cache import LoadedSegmenter, ModelCache
@@ -784,6 +784,16 @@ def test_tumour_centre_is_ndimage_centre_of_mass() -> None:
         centre = ndimage.center_of_mass(mask > 0)
         assert tumour_centre(np.asfortranarray(mask)) == tuple(
             int(min(max(round(c), 0), s - 1)) for c, s in zip(centre, mask.shape))
+
+
+def test_tumour_centre_record_gives_voxel_and_world_position() -> None:
+    mask = np.zeros((10, 12, 8), np.uint8)
+    assert tumour_centre_record(mask, np.eye(4)) is None  # nothing segmented: no centre
+    mask[6:9, 2:5, 1:4] = 2
+    affine = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239], [0, 0, 2.5, -40], [0, 0, 0, 1]])  # BraTS-like LPS, 2.5 mm slices
+    record = tumour_centre_record(mask, affine)
+    assert record == {"voxel": [7, 3, 2], "mm": [-7.0, 236.0, -35.0]}
+    json.dumps(record)  # plain JSON for the job record
 
 
 def test_job_record_is_plain_json(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore]) -> None:
