@@ -259,6 +259,9 @@ def run_segment(args: argparse.Namespace) -> int:
     volumes = job["result"].get("volumes_ml") or {}
     print(table(["region", "volume_ml"], [[r, fmt(volumes.get(r), 2)] for r in ("WT", "TC", "ET", "NCR", "ED")]))
     model = job.get("model") or {}
+    centre = job["result"].get("tumour_centre")
+    if centre:  # where to look first: the tumour's centre of mass
+        print("tumour centre: voxel ({}, {}, {}), ({:.1f}, {:.1f}, {:.1f}) mm".format(*centre["voxel"], *centre["mm"]))
     print(f"mask: {mask}")
     if "seg" in files:
         print(f"DICOM SEG: {files['seg']}, transforms: {files['transforms']}")

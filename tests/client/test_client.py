@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import time
@@ -254,6 +255,18 @@ def test_segment_writes_the_mask_on_the_input_grid(server: str, tmp_path: Path,
     spacing = float(np.prod(reference.header.get_zooms()[:3])) / 1000.0
     labels = np.asarray(mask.dataobj)
     assert float(rows["WT"]) == pytest.approx(np.isin(labels, (1, 2, 4)).sum() * spacing, abs=0.01)
+    if labels.any():  # the tumour's centre of mass, on the mask's grid and in its world mm
+        from scipy import ndimage
+
+        centre = np.rint(ndimage.center_of_mass(labels > 0)).astype(int)
+        world = nib.affines.apply_affine(mask.affine, centre)
+        shown = re.search(r"tumour centre: voxel \((\d+), (\d+), (\d+)\), \(([-\d.]+), ([-\d.]+), ([-\d.]+)\) mm",
+                          printed.out)
+        assert shown is not None, printed.out
+        assert [int(v) for v in shown.groups()[:3]] == centre.tolist()
+        assert [float(v) for v in shown.groups()[3:]] == pytest.approx(world, abs=0.06)
+    else:
+        assert "tumour centre" not in printed.out
     job_id = printed.out.split("job: ")[1].split()[0]
     assert job_id in printed.err  # "job <id> queued" on stderr
     with BrainscanClient(server, api_key=API_KEY) as client:
