@@ -136,8 +136,12 @@ def test_a_killed_worker_is_replaced_without_waiting_for_the_visibility_timeout(
             final = poll(client, job_id, second)
             assert final["status"] == "succeeded" and final["attempts"] == 2, (final, second.log_tail())
             np.testing.assert_array_equal(download_mask(client, final), long_case_mask)
-            record = client.app.state.store.get(job_id)
-            assert [h["status"] for h in record["history"]].count("queued") == 2  # submitted, then worker lost
+            history = [(h["status"], h["stage"]) for h in client.app.state.store.get(job_id)["history"]]
+            # Two attempts started. In between, the reconciler usually queued the job again ("no heartbeat");
+            # on a loaded machine the first worker's main process may outlive its pool process by a moment and
+            # hand the message back (reject_on_worker_lost), and the new worker then takes over the dead
+            # attempt directly: both are the recovery this test is about.
+            assert history.count(("running", "preprocessing")) == 2, history
     finally:
         for worker in (first, second):
             if worker is not None:
