@@ -205,7 +205,9 @@ class JobRunner:
         for name in files.values():
             self.store.commit_file(job_id, name)
         volumes = volumes_ml(mask, reference.spacing)
-        previews = render_previews(case.channels[3], mask, reference.affine, reference.spacing)
+        centre = tumour_centre_record(mask, reference.affine)
+        previews = render_previews(case.channels[3], mask, reference.affine, reference.spacing,
+                                   centre=centre["voxel"] if centre else None)
         for plane, name in PREVIEW_FILES.items():
             self.store.path_for(job_id, name).write_bytes(previews[plane])
             self.store.commit_file(job_id, name)
@@ -220,7 +222,7 @@ class JobRunner:
         }
         result = {**files, "files": list(files.values()), "volumes_ml": {k: round(v, 3) for k, v in volumes.items()},
                   "previews": dict(PREVIEW_FILES), "labels": result_labels(convention),
-                  "tumour_centre": tumour_centre_record(mask, reference.affine)}
+                  "tumour_centre": centre}
         precision = getattr(model.bundle, "precision", None)  # the arithmetic the network ran in
         if precision is not None:
             result["precision"] = precision

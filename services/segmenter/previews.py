@@ -153,7 +153,7 @@ def render_plane(flair_slice: np.ndarray, label_slice: np.ndarray, grey_window: 
 
 
 def render_previews(flair: np.ndarray, mask: np.ndarray, affine: np.ndarray,
-                    spacing: Sequence[float]) -> dict[str, bytes]:
+                    spacing: Sequence[float], centre: Sequence[int] | None = None) -> dict[str, bytes]:
     """PNG previews in the three planes through the tumour (see the module docstring).
 
     Args:
@@ -161,6 +161,8 @@ def render_previews(flair: np.ndarray, mask: np.ndarray, affine: np.ndarray,
         mask: ``(X, Y, Z)`` BraTS labels on the same grid.
         affine: the file's 4x4 affine (decides the orientation).
         spacing: voxel size in mm along the file's axes.
+        centre: the point the planes go through, as voxel indices in the file's order; default
+            :func:`tumour_centre` of ``mask`` (pass it when already computed, as the worker does).
 
     Returns:
         ``{"axial": png, "coronal": png, "sagittal": png}``.
@@ -178,7 +180,12 @@ def render_previews(flair: np.ndarray, mask: np.ndarray, affine: np.ndarray,
     for file_axis, (ras_axis, _) in enumerate(orientation.to_ras):
         spacing_ras[int(ras_axis)] = float(spacing[file_axis])
     grey_window = window(flair_ras)
-    point = tumour_centre(mask_ras)
+    if centre is None:
+        centre = tumour_centre(mask)
+    point = [0, 0, 0]  # the same voxel in RAS+ order
+    for file_axis, (ras_axis, flip) in enumerate(orientation.to_ras):
+        size = mask.shape[file_axis]
+        point[int(ras_axis)] = size - 1 - int(centre[file_axis]) if flip < 0 else int(centre[file_axis])
     flair_planes = plane_slices(flair_ras, point)
     label_planes = plane_slices(mask_ras, point)
     plane_mm = _plane_spacing(spacing_ras)

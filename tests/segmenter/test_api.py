@@ -796,6 +796,19 @@ def test_tumour_centre_record_gives_voxel_and_world_position() -> None:
     json.dumps(record)  # plain JSON for the job record
 
 
+def test_previews_cut_through_the_given_centre_in_the_files_voxel_order() -> None:
+    rng = np.random.default_rng(3)
+    flair = rng.random((20, 24, 16)).astype(np.float32)
+    mask = np.zeros((20, 24, 16), np.uint8)
+    mask[3:7, 15:20, 2:6] = 2
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])  # x and y flipped on the way to RAS+
+    default = render_previews(flair, mask, lps, (1.0, 1.0, 1.0))
+    record = tumour_centre_record(mask, lps)
+    assert render_previews(flair, mask, lps, (1.0, 1.0, 1.0), centre=record["voxel"]) == default
+    elsewhere = render_previews(flair, mask, lps, (1.0, 1.0, 1.0), centre=(15, 5, 12))
+    assert all(elsewhere[plane] != default[plane] for plane in default)
+
+
 def test_job_record_is_plain_json(app_parts: tuple[TestClient, RecordingQueue, LocalJobStore]) -> None:
     client, _, store = app_parts
     job = submit(client).json()
