@@ -7,6 +7,10 @@ their mean) at every epoch where it was measured. Not a test: it asserts nothing
 manifests recorded. It refuses bundles that were validated on different cases, which would not be
 comparable. ``--matched-from EPOCH`` prints instead, per bundle, the mean Dice over the validated
 epochs from EPOCH on that every bundle has (an A/B of two recipes on one split, at matched epochs).
+``--final`` prints each bundle's recorded validation Dice as served (post-processing and mirroring
+chosen, ``metrics.dice``) and per case, and pools the cases of the bundles trained on the same
+number of cases; there the bundles may be folds with different validation cases (compare a fold's
+bundles trained on N and on all of its training cases).
 
 Example::
 
@@ -14,6 +18,8 @@ Example::
         runs/models-lc/segmentation/unet3d/lc10 models/segmentation/unet3d/1
     python bench/learning_curve.py staging/segmentation/unet3d/cv5-0 staging/segmentation/unet3d/soft-f0 \\
         --matched-from 80
+    python bench/learning_curve.py --final staging/segmentation/unet3d/soft-ds-f0 \
+        staging/segmentation/unet3d/soft-ds-lc8-f0
 """
 
 from __future__ import annotations
@@ -45,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bundles", nargs="+", type=Path, help="segmentation bundle folders")
     parser.add_argument("--matched-from", type=int, default=None, metavar="EPOCH",
                         help="print each bundle's mean Dice over the validated epochs >= EPOCH common to all")
+    parser.add_argument("--final", action="store_true",
+                        help="print each bundle's validation Dice as served, per case, pooled by training cases")
     args = parser.parse_args(argv)
+    if args.final:
+        return print_final(args.bundles)
     curves = [(path, *curve_rows(path)) for path in args.bundles]
     validation = {tuple(v) for _, _, v, _ in curves}
     if len(validation) != 1:
@@ -58,6 +68,32 @@ def main(argv: list[str] | None = None) -> int:
     for path, n_cases, _, rows in sorted(curves, key=lambda c: c[1]):
         for epoch, dice in rows:
             print(f"{str(path):<50} {n_cases:>5} {epoch:>5} " + " ".join(f"{dice[r]:6.3f}" for r in REGIONS))
+    return 0
+
+
+def print_final(bundles: list[Path]) -> int:
+    """Per bundle its served validation Dice and per-case Dice; then per number of training cases, pooled."""
+    pooled: dict[int, list[dict[str, float]]] = {}
+    print(f"{'bundle':<50} {'cases':>5} {'case':<24} " + " ".join(f"{r:>6}" for r in REGIONS))
+    for path in bundles:
+        spec = read_spec(path)
+        n_cases = len(spec.training.get("training_case_ids") or [])
+        metrics = spec.metrics or {}
+        per_case = metrics.get("validation_per_case") or {}
+        if not per_case:
+            print(f"{path}: no per-case validation Dice recorded", file=sys.stderr)
+            return 2
+        for case, dice in sorted(per_case.items()):
+            row = {r: float(dice[r]) for r in REGIONS[:3]}
+            row["mean"] = sum(row.values()) / 3
+            pooled.setdefault(n_cases, []).append(row)
+            print(f"{str(path):<50} {n_cases:>5} {case:<24} " + " ".join(f"{row[r]:6.3f}" for r in REGIONS))
+        served = metrics.get("dice") or {}
+        print(f"{str(path):<50} {n_cases:>5} {'(bundle)':<24} " + " ".join(f"{float(served[r]):6.3f}" for r in REGIONS))
+    print("pooled over the bundles' validation cases, by number of training cases:")
+    for n_cases, rows in sorted(pooled.items()):
+        print(f"{n_cases:>5} training cases, {len(rows):>3} validation cases: "
+              + " ".join(f"{r} {sum(row[r] for row in rows) / len(rows):.3f}" for r in REGIONS))
     return 0
 
 
