@@ -18,7 +18,7 @@ Example::
         runs/models-lc/segmentation/unet3d/lc10 models/segmentation/unet3d/1
     python bench/learning_curve.py staging/segmentation/unet3d/cv5-0 staging/segmentation/unet3d/soft-f0 \\
         --matched-from 80
-    python bench/learning_curve.py --final staging/segmentation/unet3d/soft-ds-f0 \
+    python bench/learning_curve.py --final staging/segmentation/unet3d/soft-ds-f0 \\
         staging/segmentation/unet3d/soft-ds-lc8-f0
 """
 
@@ -89,7 +89,8 @@ def print_final(bundles: list[Path]) -> int:
             pooled.setdefault(n_cases, []).append(row)
             print(f"{str(path):<50} {n_cases:>5} {case:<24} " + " ".join(f"{row[r]:6.3f}" for r in REGIONS))
         served = metrics.get("dice") or {}
-        print(f"{str(path):<50} {n_cases:>5} {'(bundle)':<24} " + " ".join(f"{float(served[r]):6.3f}" for r in REGIONS))
+        print(f"{str(path):<50} {n_cases:>5} {'(bundle)':<24} "
+              + " ".join(f"{float(served[r]):6.3f}" if r in served else f"{'-':>6}" for r in REGIONS))
     print("pooled over the bundles' validation cases, by number of training cases:")
     for n_cases, rows in sorted(pooled.items()):
         print(f"{n_cases:>5} training cases, {len(rows):>3} validation cases: "

@@ -9,11 +9,11 @@ versions that ``CURRENT`` names. No TensorFlow: this reads text and JSON.
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 
+from brainscan.models.bundle import read_spec
 from tests.paths import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
@@ -60,12 +60,11 @@ def test_the_table_names_shipped_bundles() -> None:
 @pytest.mark.parametrize(("bundle", "current", "cells"), ROWS, ids=[r[0] for r in ROWS])
 def test_each_row_quotes_its_manifest(bundle: str, current: bool, cells: str) -> None:
     folder = MODELS / bundle
-    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    metrics = read_spec(folder).metrics
     named = (folder.parent / "CURRENT").read_text(encoding="utf-8").strip()
     assert current == (named == folder.name), (
         f"{bundle}: the README {'marks' if current else 'does not mark'} it current, CURRENT names {named}"
     )
-    metrics = manifest["metrics"]
     if bundle.startswith("classification/"):
         quoted = _quoted(cells, "accuracy")
         assert quoted is not None, f"{bundle}: no 'accuracy' figure in its row"
